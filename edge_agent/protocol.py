@@ -1,0 +1,264 @@
+"""The MQTT wire format (DESIGN section 3): topics and typed payloads, shared by agent and server.
+
+Every payload is JSON with a `v` field. Decoding validates types and sizes; anything that does
+not decode is a `ProtocolError` with a short `reason` the server counts rejects by.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+MAX_PAYLOAD_BYTES = 256 * 1024  # larger messages are rejected unread
+TOPIC_ROOT = "ef"
+
+TopicKind = Literal["desired", "reported", "status", "telemetry", "events"]
+DEVICE_TOPICS: tuple[str, ...] = ("reported", "status", "telemetry", "events")
+SERVER_TOPICS: tuple[str, ...] = ("desired",)
+
+# Fleet and device ids appear in topics, file names and URLs: keep them to a safe alphabet.
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# Fixed latency histogram edges (milliseconds, right-closed like every other bin here) so that
+# histograms from any device and window add up. The last bin is (1000, +inf).
+LATENCY_EDGES_MS: tuple[float, ...] = (
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0,
+)
+
+UpdateMode = Literal["live", "shadow"]
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; `reason` is a short countable key."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def valid_id(value: str) -> bool:
+    return bool(ID_PATTERN.match(value))
+
+
+def topic(fleet: str, device: str, kind: TopicKind) -> str:
+    """`ef/{fleet}/d/{device}/{kind}`; ids are checked so that no wildcard or slash slips in."""
+    if not valid_id(fleet) or not valid_id(device):
+        raise ProtocolError("bad_id", f"fleet {fleet!r} / device {device!r}")
+    return f"{TOPIC_ROOT}/{fleet}/d/{device}/{kind}"
+
+
+def parse_topic(name: str) -> tuple[str, str, str]:
+    """Split a device topic into (fleet, device, kind) or raise ProtocolError('foreign_topic')."""
+    parts = name.split("/")
+    if (
+        len(parts) != 5
+        or parts[0] != TOPIC_ROOT
+        or parts[2] != "d"
+        or not valid_id(parts[1])
+        or not valid_id(parts[3])
+        or parts[4] not in DEVICE_TOPICS + SERVER_TOPICS
+    ):
+        raise ProtocolError("foreign_topic", name[:200])
+    return parts[1], parts[3], parts[4]
+
+
+def subscription(fleet: str = "+", kind: str = "+", shared_group: str | None = None) -> str:
+    """A subscription filter for device topics, optionally as an MQTT 5 shared subscription."""
+    flt = f"{TOPIC_ROOT}/{fleet}/d/+/{kind}"
+    return f"$share/{shared_group}/{flt}" if shared_group else flt
+
+
+# ---------------------------------------------------------------- server -> device
+
+
+class DesiredState(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """The model a device should run (retained on `desired`). Reconciled, not a command."""
+
+    v: int = PROTOCOL_VERSION
+    model: str  # bundle name
+    version: str  # bundle version
+    url: str  # download URL (the device authenticates with its credentials)
+    sha256: str  # of the whole .efb file
+    size: int  # bytes of the .efb file
+    mode: UpdateMode = "live"
+    rollout_id: str | None = None
+    allow_downgrade: bool = False  # replaying an older version needs the rollout to ask for it
+    issued_at: float = 0.0
+
+
+# ---------------------------------------------------------------- device -> server
+
+
+class Hardware(msgspec.Struct, kw_only=True):
+    arch: str = ""
+    ram_mb: int = 0
+    cpu_count: int = 0
+    cpu_model: str = ""
+    profile: str = ""  # simulated hardware profile name, empty on real devices
+
+
+class ReportedState(msgspec.Struct, kw_only=True):
+    """What a device runs and where its update is (retained on `reported`)."""
+
+    v: int = PROTOCOL_VERSION
+    device: str
+    ts: float
+    model: str | None = None
+    active_version: str | None = None
+    previous_version: str | None = None
+    candidate_version: str | None = None  # being installed, or running in shadow
+    mode: UpdateMode | None = None  # mode of the candidate
+    rollout_id: str | None = None
+    update_state: str = "idle"
+    update_outcome: str | None = None  # success / failure / rolled_back / rollback_failed
+    last_error: str | None = None
+    agent_version: str = ""
+    hardware: Hardware = Hardware()
+    uptime_s: float = 0.0
+
+
+class Status(msgspec.Struct, kw_only=True):
+    """`online` / `offline` (retained; `offline` is also the MQTT last will)."""
+
+    v: int = PROTOCOL_VERSION
+    device: str
+    state: Literal["online", "offline"]
+    ts: float
+
+
+class Histogram(msgspec.Struct, kw_only=True):
+    """Counts over LATENCY_EDGES_MS (len(edges) + 1 bins)."""
+
+    counts: list[int]
+    sum_ms: float = 0.0
+
+
+class FeatureCounts(msgspec.Struct, kw_only=True, array_like=True):
+    """One feature's window counts in the bundle's reference bins (array-like on the wire).
+
+    `bins` aligns with the profile's bins (numeric: len(edges)+1; categorical: len(categories)+1
+    with "other" last). `unseen` counts categories never seen in training (also in "other").
+    """
+
+    bins: list[int]
+    nan: int = 0
+    below_min: int = 0
+    above_max: int = 0
+    unseen: int = 0
+
+
+class ShadowCounts(msgspec.Struct, kw_only=True):
+    """A shadow candidate beside the active model on the same live requests."""
+
+    version: str
+    compared: int = 0
+    agreed: int = 0  # same label (classification) or within tolerance (regression)
+    errors: int = 0
+    latency: Histogram | None = None
+    prediction: FeatureCounts | None = None  # candidate's predictions in the profile's bins
+
+
+class SampleRow(msgspec.Struct, kw_only=True, array_like=True):
+    """One reservoir-sampled (input, output) pair; features turned off for privacy are null."""
+
+    x: list[float | str | None]
+    y: float | str | int | None
+
+
+class Resources(msgspec.Struct, kw_only=True):
+    cpu_s: float = 0.0
+    rss_bytes: int = 0
+    disk_free_bytes: int = 0
+
+
+class Feedback(msgspec.Struct, kw_only=True):
+    """Ground truth joined with predictions in this window (mergeable counts)."""
+
+    joined: int = 0
+    late: int = 0
+    unknown: int = 0
+    duplicate: int = 0
+    confusion: list[list[int]] | None = None  # [true class][predicted class], classes order
+    abs_error_sum: float = 0.0
+    sq_error_sum: float = 0.0
+    error_bins: list[int] | None = None
+    calibration_counts: list[int] | None = None  # predictions per probability decile
+    calibration_hits: list[int] | None = None  # of those, how many were right
+
+
+class TelemetryWindow(msgspec.Struct, kw_only=True):
+    """One window of a device's serving, summarised into mergeable counts."""
+
+    v: int = PROTOCOL_VERSION
+    device: str
+    seq: int
+    model: str | None
+    model_version: str | None
+    window_start: float
+    window_end: float
+    sent_at: float = 0.0
+    predictions: int = 0  # rows predicted
+    requests: int = 0
+    errors: dict[str, int] = {}  # validation and runtime errors by kind
+    latency: Histogram
+    features: list[FeatureCounts] = []  # aligned with the manifest's inputs
+    prediction: FeatureCounts | None = None  # aligned with the profile's prediction bins
+    shadow: ShadowCounts | None = None
+    sample: list[SampleRow] = []
+    feedback: Feedback | None = None
+    resources: Resources = Resources()
+    dropped_total: int = 0  # outbox messages this device dropped since it was installed
+
+
+class UpdateEvent(msgspec.Struct, kw_only=True):
+    """One transition of the update state machine, or a refusal, with its reason."""
+
+    v: int = PROTOCOL_VERSION
+    device: str
+    seq: int
+    ts: float
+    kind: Literal["transition", "refused", "outcome"] = "transition"
+    from_state: str | None = None
+    to_state: str | None = None
+    event: str | None = None  # success / failure / nothing_to_do
+    version: str | None = None
+    rollout_id: str | None = None
+    outcome: str | None = None
+    reason: str | None = None
+
+
+_MESSAGE_TYPES: dict[str, type[msgspec.Struct]] = {
+    "desired": DesiredState,
+    "reported": ReportedState,
+    "status": Status,
+    "telemetry": TelemetryWindow,
+    "events": UpdateEvent,
+}
+_decoders = {kind: msgspec.json.Decoder(t) for kind, t in _MESSAGE_TYPES.items()}
+_encoder = msgspec.json.Encoder()
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(kind: str, payload: bytes) -> msgspec.Struct:
+    """Decode and validate a payload of the given topic kind, or raise ProtocolError."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError("oversized", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        raise ProtocolError("foreign_topic", kind)
+    try:
+        message = decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise ProtocolError("invalid", str(exc)[:200]) from exc
+    except msgspec.DecodeError as exc:
+        raise ProtocolError("malformed", str(exc)[:200]) from exc
+    if message.v != PROTOCOL_VERSION:
+        raise ProtocolError("unsupported_version", f"v={message.v}")
+    return message
