@@ -42,7 +42,7 @@ class OutputSpec(msgspec.Struct, kw_only=True):
     label: str | None = None  # output name of the predicted label (classification, anomaly)
     probabilities: str | None = None  # output name of the [N, n_classes] matrix (zipmap off)
     value: str | None = None  # output name of the regression value or anomaly score
-    classes: list[str] | list[int] | None = None  # class labels, column order of probabilities
+    classes: list[str | int] | None = None  # class labels, column order of probabilities
 
 
 class BinnedDistribution(msgspec.Struct, kw_only=True):
@@ -112,7 +112,7 @@ class Manifest(msgspec.Struct, kw_only=True):
     lineage: dict[str, Any] = {}
     profile: ReferenceProfile
     budget: RuntimeBudget
-    golden_tolerance: GoldenTolerance = GoldenTolerance()
+    golden_tolerance: GoldenTolerance = msgspec.field(default_factory=GoldenTolerance)
 
     @property
     def feature_names(self) -> list[str]:
