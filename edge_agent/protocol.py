@@ -117,7 +117,7 @@ class ReportedState(msgspec.Struct, kw_only=True):
     update_outcome: str | None = None  # success / failure / rolled_back / rollback_failed
     last_error: str | None = None
     agent_version: str = ""
-    hardware: Hardware = Hardware()
+    hardware: Hardware = msgspec.field(default_factory=Hardware)
     uptime_s: float = 0.0
 
 
@@ -210,7 +210,7 @@ class TelemetryWindow(msgspec.Struct, kw_only=True):
     shadow: ShadowCounts | None = None
     sample: list[SampleRow] = []
     feedback: Feedback | None = None
-    resources: Resources = Resources()
+    resources: Resources = msgspec.field(default_factory=Resources)
     dropped_total: int = 0  # outbox messages this device dropped since it was installed
 
 
