@@ -1,0 +1,129 @@
+"""Ed25519 keys and signatures for bundles (stdlib + cryptography only: devices import it)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from model_tools.errors import SignatureError
+
+__all__ = [
+    "SignatureError",
+    "generate_keypair",
+    "key_id",
+    "load_private_key",
+    "load_public_key",
+    "load_public_keys",
+    "save_private_key",
+    "save_public_key",
+    "sign",
+    "verify_signature",
+]
+
+
+def generate_keypair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
+    """A fresh Ed25519 key pair."""
+    private = Ed25519PrivateKey.generate()
+    return private, private.public_key()
+
+
+def save_private_key(key: Ed25519PrivateKey, path: str | os.PathLike[str]) -> Path:
+    """Write the private key as unencrypted PKCS#8 PEM, readable by the owner only (0600)."""
+    path = Path(path)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    # Create with 0600 from the start: a chmod after writing leaves a window where it is readable.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+    os.chmod(path, 0o600)
+    return path
+
+
+def save_public_key(key: Ed25519PublicKey, path: str | os.PathLike[str]) -> Path:
+    """Write the public key as SubjectPublicKeyInfo PEM."""
+    path = Path(path)
+    path.write_bytes(
+        key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return path
+
+
+def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
+    """Read a PEM private key written by `save_private_key` (or `openssl genpkey -algorithm ed25519`)."""
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SignatureError(
+            f"cannot read private key {path}: {exc}; create one with 'edgefleet model keygen'"
+        ) from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SignatureError(f"{path} is not an Ed25519 private key; create one with 'edgefleet model keygen'")
+    return key
+
+
+def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
+    """Read a PEM public key written by `save_public_key`."""
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except (OSError, ValueError, TypeError) as exc:
+        raise SignatureError(
+            f"cannot read public key {path}: {exc}; pass the .pub file written by 'edgefleet model keygen'"
+        ) from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise SignatureError(f"{path} is not an Ed25519 public key")
+    return key
+
+
+def load_public_keys(paths: Iterable[str | os.PathLike[str]]) -> list[Ed25519PublicKey]:
+    """Read several public keys (a device may trust more than one, e.g. during key rotation)."""
+    return [load_public_key(p) for p in paths]
+
+
+def key_id(public_key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
+    """Short, stable id of a key: the first 16 hex digits of sha256 over the raw public bytes."""
+    if isinstance(public_key, Ed25519PrivateKey):
+        public_key = public_key.public_key()
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def sign(private_key: Ed25519PrivateKey, data: bytes) -> bytes:
+    """Ed25519 signature (64 bytes) over `data`."""
+    return private_key.sign(data)
+
+
+def verify_signature(
+    public_keys: Iterable[Ed25519PublicKey], data: bytes, signature: bytes
+) -> str:
+    """Return the key_id of the trusted key that verifies `signature`; raise SignatureError otherwise."""
+    keys = list(public_keys or [])
+    if not keys:
+        raise SignatureError(
+            "no trusted public key given: pass the signer's public key (e.g. --public-key edgefleet.pub)"
+        )
+    if not signature:
+        raise SignatureError("the bundle is not signed: sign it with --sign-key when converting")
+    for key in keys:
+        try:
+            key.verify(signature, data)
+        except InvalidSignature:
+            continue
+        return key_id(key)
+    ids = ", ".join(key_id(k) for k in keys)
+    raise SignatureError(
+        f"signature does not verify with any trusted key ({ids}): the manifest was changed "
+        "after signing or it was signed by another key; rebuild or re-sign the bundle with a trusted key"
+    )
