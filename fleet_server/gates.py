@@ -1,0 +1,133 @@
+"""Rollout gates: the canary cohort against the control cohort over the same window. Pure.
+
+Every gate reports its measured value, its threshold and its sample size; a gate whose sample
+is still too small is `pending`, never passed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edge_agent.protocol import LATENCY_EDGES_MS
+from fleet_server.drift import js_distance, latency_percentile
+from fleet_server.rollout_model import RolloutSpec
+
+
+@dataclass
+class CohortStats:
+    """What a cohort's devices reported during the stage, summed."""
+
+    devices: int = 0  # devices in the cohort
+    updated: int = 0  # reported the stage's version (active, or candidate in shadow)
+    update_failed: int = 0  # reported a failed or rolled-back update to the stage's version
+    timed_out: int = 0  # said nothing within the device timeout
+    predictions: int = 0
+    errors: int = 0
+    latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_EDGES_MS) + 1))
+    prediction_counts: list[int] = field(default_factory=list)
+    # shadow stages: the candidate beside the active model on the same requests
+    shadow_compared: int = 0
+    shadow_agreed: int = 0
+    shadow_latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_EDGES_MS) + 1))
+    shadow_prediction_counts: list[int] = field(default_factory=list)
+    max_feature_psi: float | None = None  # worst input drift against the reference profile
+
+
+@dataclass
+class GateResult:
+    name: str
+    status: str  # "pass" | "fail" | "pending" | "skipped" (not applicable: counts as passed)
+    value: float | None
+    threshold: float
+    comparison: str  # "<=" or ">="
+    sample: int
+    min_sample: int
+    unit: str
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _p95(hist: list[int]) -> float | None:
+    if sum(hist) == 0:
+        return None
+    return latency_percentile(np.asarray(hist), LATENCY_EDGES_MS, 0.95)
+
+
+def _result(name: str, settings: dict[str, Any], value: float | None, sample: int,
+            detail: str = "", skipped: bool = False) -> GateResult:
+    comparison = ">=" if "min" in settings and "max" not in settings else "<="
+    threshold = float(settings["min"] if comparison == ">=" else settings["max"])
+    min_sample = int(settings.get("min_sample", 1))
+    if skipped:
+        status = "skipped"
+    elif value is None or sample < min_sample:
+        status = "pending"
+    elif comparison == "<=":
+        status = "pass" if value <= threshold else "fail"
+    else:
+        status = "pass" if value >= threshold else "fail"
+    return GateResult(name, status, value, threshold, comparison, sample, min_sample,
+                      settings.get("unit", ""), detail)
+
+
+def evaluate_gates(spec: RolloutSpec, mode: str, canary: CohortStats,
+                   control: CohortStats) -> list[GateResult]:
+    """Evaluate every enabled gate for a stage in `mode` ("shadow" or "live")."""
+    results: list[GateResult] = []
+    enabled = spec.enabled_gates()
+    shadow = mode == "shadow"
+
+    def add(name: str, value: float | None, sample: int, detail: str = "",
+            skipped: bool = False) -> None:
+        if name in enabled:
+            results.append(_result(name, spec.gate(name), value, sample, detail, skipped))
+
+    attempts = canary.updated + canary.update_failed
+    add("update_failure_rate", canary.update_failed / attempts if attempts else None, attempts,
+        f"{canary.update_failed} of {attempts} devices failed to install or self-test")
+
+    if shadow:
+        add("shadow_agreement",
+            canary.shadow_agreed / canary.shadow_compared if canary.shadow_compared else None,
+            canary.shadow_compared, "candidate's answer equals the active model's")
+        cand, base = _p95(canary.shadow_latency), _p95(canary.latency)
+        add("p95_latency_ratio", cand / base if cand and base else None,
+            int(sum(canary.shadow_latency)), "candidate p95 / active p95 on the same devices")
+        cand_pred, base_pred = canary.shadow_prediction_counts, canary.prediction_counts
+        sample = min(sum(cand_pred), sum(base_pred)) if cand_pred and base_pred else 0
+        add("prediction_js", js_distance(cand_pred, base_pred) if sample else None, sample,
+            "candidate vs active predictions on the same requests")
+    else:
+        # A 100 % stage has no control cohort: the comparisons were made in earlier stages.
+        alone = control.devices == 0
+        why = "no control cohort left (every target device is in the canary)" if alone else ""
+        c_rate = canary.errors / canary.predictions if canary.predictions else None
+        k_rate = control.errors / control.predictions if control.predictions else 0.0
+        add("error_rate_delta", c_rate - k_rate if c_rate is not None else None,
+            canary.predictions, why or f"canary {c_rate} vs control {k_rate}", alone)
+        cand, base = _p95(canary.latency), _p95(control.latency)
+        add("p95_latency_ratio", cand / base if cand and base else None, canary.predictions,
+            why or f"canary p95 {cand} ms vs control p95 {base} ms", alone)
+        a, b = canary.prediction_counts, control.prediction_counts
+        sample = min(sum(a), sum(b)) if a and b else 0
+        add("prediction_js", js_distance(a, b) if sample else None, sample,
+            why or "canary vs control prediction distributions", alone)
+    add("input_drift_psi", canary.max_feature_psi, canary.predictions,
+        "worst feature PSI of the canary cohort against the reference")
+    population = canary.devices
+    add("timeout_share", canary.timed_out / population if population else None, population,
+        f"{canary.timed_out} of {population} devices timed out")
+    return results
+
+
+def verdict(results: list[GateResult]) -> str:
+    """'fail' if any gate failed, 'pass' if all passed, else 'pending'."""
+    statuses = {r.status for r in results}
+    if "fail" in statuses:
+        return "fail"
+    return "pass" if statuses <= {"pass", "skipped"} else "pending"
