@@ -10,7 +10,7 @@ STAMP := $(VENV)/.edgefleet-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := mosquitto chromium python3-venv
 
-.PHONY: setup system-deps demo test test-fast bench chaos lint clean
+.PHONY: setup system-deps demo test test-fast bench chaos lint clean vendor
 
 setup: system-deps $(STAMP)
 
@@ -50,3 +50,14 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info .demo test-artifacts
+
+# The console's chart library, from the npm registry, served by the fleet server itself
+# (factory LANs have no internet). The files are committed; this target refreshes them.
+CHARTJS_VERSION := 4.6.1
+MATRIX_VERSION := 3.1.0
+vendor:
+	d=$$(mktemp -d) && cd $$d && npm pack --silent chart.js@$(CHARTJS_VERSION) chartjs-chart-matrix@$(MATRIX_VERSION) && \
+	for f in *.tgz; do mkdir $${f%.tgz} && tar xzf $$f -C $${f%.tgz}; done && \
+	cp chart.js-$(CHARTJS_VERSION)/package/dist/chart.umd.min.js $(CURDIR)/fleet_server/console/static/vendor/ && \
+	cp chartjs-chart-matrix-$(MATRIX_VERSION)/package/dist/chartjs-chart-matrix.min.js $(CURDIR)/fleet_server/console/static/vendor/ && \
+	sed -i 's#//\# sourceMappingURL=.*##' $(CURDIR)/fleet_server/console/static/vendor/*.js && rm -rf $$d
