@@ -1,0 +1,229 @@
+"""The agent's configuration: one TOML file, parsed into typed dataclasses.
+
+Unknown keys are errors (a typo must not silently fall back to a default); every key is
+documented in docs/device.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+from urllib.parse import urlsplit
+
+from edge_agent.protocol import valid_id
+
+MiB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, not TOML, or has a wrong key or value."""
+
+
+@dataclass
+class MqttConfig:
+    url: str = ""  # mqtt://host:port or mqtts://host:port; empty: no MQTT link
+    username: str = ""
+    password: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    keepalive: int = 30
+    clean_start: bool = False
+
+    @property
+    def tls(self) -> bool:
+        return self.url.startswith("mqtts://")
+
+    def host_port(self) -> tuple[str, int]:
+        parts = urlsplit(self.url)
+        return parts.hostname or "localhost", parts.port or (8883 if self.tls else 1883)
+
+
+@dataclass
+class ServerConfig:
+    url: str = ""
+
+
+@dataclass
+class TrustConfig:
+    public_keys: list[str] = field(default_factory=list)
+    public_keys_pem: list[str] = field(default_factory=list)
+
+
+@dataclass
+class HttpConfig:
+    listen: str = "127.0.0.1:8470"
+    unix_socket: str = ""
+    token: str = ""
+    max_body_bytes: int = 1 * MiB
+    max_rows: int = 1000
+
+
+@dataclass
+class RuntimeConfig:
+    intra_op_threads: int = 1
+
+
+@dataclass
+class TelemetryConfig:
+    window_s: float = 60.0
+    sample_rows: int = 16
+    sample_exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OutboxConfig:
+    max_bytes: int = 16 * MiB
+
+
+@dataclass
+class UpdateConfig:
+    probation_predictions: int = 200
+    probation_s: float = 300.0
+    probation_max_error_rate: float = 0.05
+    probation_latency_factor: float = 3.0
+    download_timeout_s: float = 300.0
+    max_download_bytes: int = 256 * MiB
+    min_free_disk_bytes: int = 64 * MiB
+    keep_versions: int = 2
+
+
+@dataclass
+class AgentConfig:
+    """Everything an agent needs; build it with `load_config` or directly (tests, simulator)."""
+
+    device_id: str
+    data_dir: str
+    fleet: str = "default"
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+
+    def __post_init__(self) -> None:
+        if not valid_id(self.device_id):
+            raise ConfigError(
+                f"device_id {self.device_id!r} is not valid: use 1-64 letters, digits, '.', '_' or '-'"
+            )
+        if not valid_id(self.fleet):
+            raise ConfigError(f"fleet {self.fleet!r} is not valid: use letters, digits, '.', '_' or '-'")
+        if self.mqtt.url and urlsplit(self.mqtt.url).scheme not in ("mqtt", "mqtts"):
+            raise ConfigError(f"[mqtt] url {self.mqtt.url!r} must start with mqtt:// or mqtts://")
+        if self.telemetry.window_s <= 0:
+            raise ConfigError("[telemetry] window_s must be positive")
+        if self.runtime.intra_op_threads < 1:
+            raise ConfigError("[runtime] intra_op_threads must be at least 1")
+        if self.update.keep_versions < 2:
+            raise ConfigError("[update] keep_versions must be at least 2 (active and previous)")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.data_dir)
+
+
+SECTIONS: dict[str, type] = {
+    "mqtt": MqttConfig,
+    "server": ServerConfig,
+    "trust": TrustConfig,
+    "http": HttpConfig,
+    "runtime": RuntimeConfig,
+    "telemetry": TelemetryConfig,
+    "outbox": OutboxConfig,
+    "update": UpdateConfig,
+}
+TOP_LEVEL = ("device_id", "fleet", "data_dir")
+
+
+def _check_type(where: str, value: Any, hint: Any) -> Any:
+    expected = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}.get(hint)
+    if expected is not None:
+        if isinstance(value, bool) and hint is not bool:
+            raise ConfigError(f"{where} must be a {hint.__name__}, not a boolean")
+        if not isinstance(value, expected):
+            raise ConfigError(f"{where} must be a {hint.__name__}, got {value!r}")
+        return float(value) if hint is float else value
+    # list[str]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+    return list(value)
+
+
+def _section(name: str, cls: type, table: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(
+                f"unknown key {key!r} in [{name}]; known keys: {', '.join(sorted(known))}"
+            )
+        kwargs[key] = _check_type(f"[{name}] {key}", value, _plain(hints[key]))
+    return cls(**kwargs)
+
+
+def _plain(hint: Any) -> Any:
+    return list if str(hint).startswith("list") else hint
+
+
+def config_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> AgentConfig:
+    """Build an AgentConfig from parsed TOML; relative paths resolve against `base_dir`."""
+    for key in data:
+        if key not in TOP_LEVEL and key not in SECTIONS:
+            raise ConfigError(
+                f"unknown key {key!r} at the top level; known: "
+                f"{', '.join(TOP_LEVEL)} and sections {', '.join(f'[{s}]' for s in SECTIONS)}"
+            )
+    for key in ("device_id", "data_dir"):
+        if key not in data:
+            raise ConfigError(f"missing required key {key!r} at the top level")
+        _check_type(key, data[key], str)
+    sections = {name: _section(name, cls, data.get(name, {})) for name, cls in SECTIONS.items()}
+    base = base_dir or Path.cwd()
+
+    def resolve(p: str) -> str:
+        return str(base / p) if p and not os.path.isabs(p) else p
+
+    trust = sections["trust"]
+    trust.public_keys = [resolve(p) for p in trust.public_keys]
+    mqtt = sections["mqtt"]
+    mqtt.ca_file, mqtt.cert_file, mqtt.key_file = (
+        resolve(mqtt.ca_file), resolve(mqtt.cert_file), resolve(mqtt.key_file)
+    )
+    fleet = data.get("fleet", "default")
+    _check_type("fleet", fleet, str)
+    return AgentConfig(
+        device_id=data["device_id"],
+        fleet=fleet,
+        data_dir=resolve(data["data_dir"]),
+        **sections,
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> AgentConfig:
+    """Read and validate the agent's TOML configuration file."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"configuration file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    return config_from_dict(data, base_dir=path.resolve().parent)
+
+
+def all_keys() -> list[str]:
+    """Every configuration key as `key` or `section.key` (the docs test checks each one)."""
+    keys = list(TOP_LEVEL)
+    for name, cls in SECTIONS.items():
+        keys += [f"{name}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys

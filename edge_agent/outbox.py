@@ -1,0 +1,141 @@
+"""Store-and-forward outbox in SQLite: every telemetry window and event waits here for its PUBACK.
+
+`seq` is one per-device counter over all queued messages. synchronous=FULL because a power
+cut must never roll `seq` back: a reused seq would be dropped by the server as a duplicate.
+Acks are deleted in batches, so a week of backlog drains without an fsync per message.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    size INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+@dataclass
+class Message:
+    seq: int
+    kind: str
+    payload: bytes
+
+
+class Outbox:
+    """A bounded, persistent FIFO of outgoing messages keyed by `seq`."""
+
+    def __init__(self, path: str | Path, max_bytes: int = 16 * 1024 * 1024) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._next_seq = self._meta("next_seq", 0)
+        last = self._db.execute("SELECT MAX(seq) FROM messages").fetchone()[0]
+        if last is not None and last >= self._next_seq:
+            self._next_seq = last + 1
+        self.dropped_total = self._meta("dropped_total", 0)
+        self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM messages").fetchone()[0]
+        self._acked: list[int] = []
+
+    def _meta(self, key: str, default: int) -> int:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return int(row[0]) if row else default
+
+    def append(self, kind: str, build: Callable[[int], bytes]) -> int:
+        """Queue a message; `build(seq)` makes its payload with the seq it is given."""
+        with self._lock:
+            seq = self._next_seq
+            payload = build(seq)
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(
+                    "INSERT INTO messages (seq, kind, payload, size) VALUES (?, ?, ?, ?)",
+                    (seq, kind, payload, len(payload)),
+                )
+                self._bytes += len(payload)
+                dropped = 0
+                while self._bytes > self.max_bytes:
+                    # Drop the oldest: recent windows matter more to the server than stale ones.
+                    row = db.execute("SELECT seq, size FROM messages ORDER BY seq LIMIT 1").fetchone()
+                    if row is None or row[0] == seq:
+                        break
+                    db.execute("DELETE FROM messages WHERE seq = ?", (row[0],))
+                    self._bytes -= row[1]
+                    dropped += 1
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?)", (seq + 1,)
+                )
+                if dropped:
+                    db.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('dropped_total', ?)",
+                        (self.dropped_total + dropped,),
+                    )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            self._next_seq = seq + 1
+            self.dropped_total += dropped
+            return seq
+
+    def pending(self, after: int = -1, limit: int = 100) -> list[Message]:
+        """Oldest queued messages with seq > `after` (not yet acknowledged)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, kind, payload FROM messages WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [Message(seq, kind, bytes(payload)) for seq, kind, payload in rows]
+
+    def ack(self, seq: int) -> None:
+        """Mark a message delivered (PUBACK); deleted at the next `commit_acks`."""
+        with self._lock:
+            self._acked.append(seq)
+
+    def commit_acks(self) -> int:
+        with self._lock:
+            acked, self._acked = self._acked, []
+            if not acked:
+                return 0
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            total = 0
+            for seq in acked:
+                row = db.execute("SELECT size FROM messages WHERE seq = ?", (seq,)).fetchone()
+                if row is not None:
+                    total += row[0]
+                    db.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+            db.execute("COMMIT")
+            self._bytes -= total
+            return len(acked)
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    @property
+    def next_seq(self) -> int:
+        return self._next_seq
+
+    def close(self) -> None:
+        self.commit_acks()
+        with self._lock:
+            self._db.close()

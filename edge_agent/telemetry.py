@@ -1,0 +1,286 @@
+"""Telemetry windows: mergeable counts of one window of serving (DESIGN section 3).
+
+Counts go into the bundle's fixed reference bins with `bisect` on Python lists (right-closed,
+like `np.searchsorted(edges, x, side="left")` in `model_tools.binning`), so a single-row
+record costs a few microseconds and windows from any device add up exactly.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from edge_agent.protocol import (
+    LATENCY_EDGES_MS,
+    FeatureCounts,
+    Histogram,
+    Resources,
+    SampleRow,
+    ShadowCounts,
+    TelemetryWindow,
+)
+from model_tools.manifest import BinnedDistribution, Manifest
+
+_LAT_EDGES = list(LATENCY_EDGES_MS)
+_LAT_EDGES_NP = np.asarray(LATENCY_EDGES_MS)
+
+
+class Binner:
+    """One feature's (or the prediction's) reference bins, compiled for fast counting."""
+
+    def __init__(self, dist: BinnedDistribution | None, vmin: float | None = None, vmax: float | None = None):
+        self.edges = list(dist.edges) if dist is not None and dist.edges is not None else None
+        self.edges_np = np.asarray(self.edges) if self.edges is not None else None
+        cats = dist.categories if dist is not None and dist.categories is not None else None
+        self.index = {str(c): i for i, c in enumerate(cats)} if cats is not None else None
+        self.size = (
+            len(self.edges) + 1 if self.edges is not None
+            else len(cats) + 1 if cats is not None
+            else 0
+        )
+        self.vmin = vmin
+        self.vmax = vmax
+
+
+class Counts:
+    """Counters of one FeatureCounts in the making."""
+
+    __slots__ = ("bins", "nan", "below", "above", "unseen")
+
+    def __init__(self, size: int) -> None:
+        self.bins = [0] * size
+        self.nan = self.below = self.above = self.unseen = 0
+
+    def add(self, b: Binner, v: Any) -> None:
+        if b.edges is not None:
+            if v is None or v != v:
+                self.nan += 1
+                return
+            self.bins[bisect_left(b.edges, v)] += 1
+            if b.vmin is not None and v < b.vmin:
+                self.below += 1
+            elif b.vmax is not None and v > b.vmax:
+                self.above += 1
+        elif b.index is not None:
+            if v is None or v == "" or (type(v) is float and v != v):
+                self.nan += 1
+            else:
+                self.bins[b.index.get(str(v), b.size - 1)] += 1
+
+    def add_many(self, b: Binner, values: Sequence[Any]) -> None:
+        if b.edges_np is not None and len(values) > 8:
+            arr = np.asarray(values, dtype=np.float64)
+            nan = np.isnan(arr)
+            finite = arr[~nan]
+            for i, c in enumerate(np.bincount(np.searchsorted(b.edges_np, finite, side="left"), minlength=b.size)):
+                self.bins[i] += int(c)
+            self.nan += int(nan.sum())
+            if b.vmin is not None:
+                self.below += int((finite < b.vmin).sum())
+            if b.vmax is not None:
+                self.above += int((finite > b.vmax).sum())
+        else:
+            for v in values:
+                self.add(b, v)
+
+    def freeze(self) -> FeatureCounts:
+        return FeatureCounts(bins=self.bins, nan=self.nan, below_min=self.below, above_max=self.above, unseen=self.unseen)
+
+
+class _Window:
+    """The mutable counters of the current window (swapped out whole on flush)."""
+
+    def __init__(self, start: float, features: list[Binner], prediction: Binner | None, version: str | None):
+        self.start = start
+        self.version = version
+        self.requests = 0
+        self.predictions = 0
+        self.errors: dict[str, int] = {}
+        self.lat = [0] * (len(_LAT_EDGES) + 1)
+        self.lat_sum = 0.0
+        self.features = [Counts(b.size) for b in features]
+        self.prediction = Counts(prediction.size) if prediction is not None else None
+        self.sample: list[SampleRow] = []
+        self.seen = 0
+        self.shadow_version: str | None = None
+        self.sh_compared = self.sh_agreed = self.sh_errors = 0
+        self.sh_lat = [0] * (len(_LAT_EDGES) + 1)
+        self.sh_lat_sum = 0.0
+        self.sh_pred: Counts | None = None
+
+
+class Telemetry:
+    """Accumulates the current window; thread-safe; `flush(now)` returns a TelemetryWindow."""
+
+    def __init__(
+        self,
+        device: str,
+        clock: Callable[[], float],
+        window_s: float = 60.0,
+        sample_rows: int = 16,
+        sample_exclude: Sequence[str] = (),
+        rng: random.Random | None = None,
+    ) -> None:
+        self.device = device
+        self.clock = clock
+        self.window_s = window_s
+        self.sample_rows = sample_rows
+        self.sample_exclude = set(sample_exclude)
+        self.rng = rng or random.Random()
+        self._lock = threading.Lock()
+        self._model: Manifest | None = None
+        self._features: list[Binner] = []
+        self._prediction: Binner | None = None
+        self._keep: list[bool] = []
+        self._w = _Window(clock(), [], None, None)
+        # Cumulative totals since start, for /metrics (never reset).
+        self.total_predictions = 0
+        self.total_requests = 0
+        self.total_errors: dict[str, int] = {}
+        self.total_lat = [0] * (len(_LAT_EDGES) + 1)
+        self.total_lat_sum = 0.0
+
+    # ------------------------------------------------------------------ model
+
+    def set_model(self, manifest: Manifest | None) -> None:
+        """Bins follow the active model; call `flush` first so a window has one model version."""
+        with self._lock:
+            self._model = manifest
+            if manifest is None:
+                self._features, self._prediction, self._keep = [], None, []
+            else:
+                profiles = {p.name: p for p in manifest.profile.features}
+                self._features = []
+                for spec in manifest.inputs:
+                    p = profiles.get(spec.name)
+                    self._features.append(Binner(p.distribution if p else None, spec.min, spec.max))
+                self._prediction = Binner(manifest.profile.prediction)
+                self._keep = [spec.name not in self.sample_exclude for spec in manifest.inputs]
+            self._w = _Window(self._w.start, self._features, self._prediction, manifest.version if manifest else None)
+
+    # ------------------------------------------------------------------ recording
+
+    def record(self, rows: list[list[Any]], primary: list[Any], latency_s: float) -> None:
+        """One served request: validated rows, their predictions, and the model latency."""
+        ms = latency_s * 1000.0
+        with self._lock:
+            w = self._w
+            n = len(rows)
+            w.requests += 1
+            w.predictions += n
+            w.lat[bisect_left(_LAT_EDGES, ms)] += 1
+            w.lat_sum += ms
+            feats = self._features
+            if n == 1:
+                row = rows[0]
+                for c, b, v in zip(w.features, feats, row, strict=False):
+                    c.add(b, v)
+                if w.prediction is not None:
+                    w.prediction.add(self._prediction, primary[0])
+            else:
+                for j, (c, b) in enumerate(zip(w.features, feats, strict=False)):
+                    c.add_many(b, [r[j] for r in rows])
+                if w.prediction is not None:
+                    w.prediction.add_many(self._prediction, primary)
+            k = self.sample_rows
+            if k:
+                for row, y in zip(rows, primary, strict=False):
+                    w.seen += 1
+                    # Algorithm R: every row of the window is equally likely to be kept.
+                    if len(w.sample) < k:
+                        w.sample.append(self._sample_row(row, y))
+                    else:
+                        r = int(self.rng.random() * w.seen)
+                        if r < k:
+                            w.sample[r] = self._sample_row(row, y)
+            self.total_requests += 1
+            self.total_predictions += n
+            self.total_lat[bisect_left(_LAT_EDGES, ms)] += 1
+            self.total_lat_sum += ms
+
+    def _sample_row(self, row: list[Any], y: Any) -> SampleRow:
+        keep = self._keep
+        return SampleRow(x=[v if keep[j] else None for j, v in enumerate(row)], y=y)
+
+    def record_error(self, kind: str, feature: str | None = None) -> None:
+        with self._lock:
+            w = self._w
+            w.requests += 1
+            w.errors[kind] = w.errors.get(kind, 0) + 1
+            self.total_requests += 1
+            self.total_errors[kind] = self.total_errors.get(kind, 0) + 1
+            if kind == "unknown_category" and feature is not None and self._model is not None:
+                # Refused rows are not binned, but a new category is a drift signal worth counting.
+                for j, spec in enumerate(self._model.inputs):
+                    if spec.name == feature:
+                        w.features[j].unseen += 1
+
+    def record_shadow(
+        self, version: str, compared: int, agreed: int, errors: int, latency_s: float, primary: list[Any]
+    ) -> None:
+        ms = latency_s * 1000.0
+        with self._lock:
+            w = self._w
+            if w.shadow_version != version:
+                w.shadow_version = version
+                w.sh_compared = w.sh_agreed = w.sh_errors = 0
+                w.sh_lat = [0] * (len(_LAT_EDGES) + 1)
+                w.sh_lat_sum = 0.0
+                w.sh_pred = Counts(self._prediction.size) if self._prediction is not None else None
+            w.sh_compared += compared
+            w.sh_agreed += agreed
+            w.sh_errors += errors
+            if not errors:
+                w.sh_lat[bisect_left(_LAT_EDGES, ms)] += 1
+                w.sh_lat_sum += ms
+                if w.sh_pred is not None:
+                    w.sh_pred.add_many(self._prediction, primary)
+
+    # ------------------------------------------------------------------ windows
+
+    def due(self, now: float) -> bool:
+        return now >= self._w.start + self.window_s
+
+    @property
+    def window_start(self) -> float:
+        return self._w.start
+
+    def flush(self, now: float, seq: int, resources: Resources, dropped_total: int, model: str | None) -> TelemetryWindow:
+        """Close the current window at `now` and start the next one."""
+        with self._lock:
+            w = self._w
+            self._w = _Window(now, self._features, self._prediction, self._model.version if self._model else None)
+        shadow = None
+        if w.shadow_version is not None:
+            shadow = ShadowCounts(
+                version=w.shadow_version,
+                compared=w.sh_compared,
+                agreed=w.sh_agreed,
+                errors=w.sh_errors,
+                latency=Histogram(counts=w.sh_lat, sum_ms=round(w.sh_lat_sum, 6)),
+                prediction=w.sh_pred.freeze() if w.sh_pred is not None else None,
+            )
+        return TelemetryWindow(
+            device=self.device,
+            seq=seq,
+            model=model,
+            model_version=w.version,
+            window_start=w.start,
+            window_end=now,
+            sent_at=now,
+            predictions=w.predictions,
+            requests=w.requests,
+            errors=w.errors,
+            latency=Histogram(counts=w.lat, sum_ms=round(w.lat_sum, 6)),
+            features=[c.freeze() for c in w.features],
+            prediction=w.prediction.freeze() if w.prediction is not None else None,
+            shadow=shadow,
+            sample=w.sample,
+            resources=resources,
+            dropped_total=dropped_total,
+        )

@@ -1,0 +1,325 @@
+"""The update machine: runs states, persists each one before it acts, and reports transitions.
+
+Blocking work (download, verify, self-test) runs on an executor the host provides, never on
+the predict path. After a restart the saved state maps to a safe re-entry (`RESTART_ENTRY`).
+
+Testing hook: the environment variable EDGEFLEET_FAULT (e.g. "crash_in=Install" or
+"fail_in=SelfTest", comma-separated) makes the machine kill its own process with SIGKILL right
+after saving the named state, or post `failure` from it. Never set it in production.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import msgspec
+
+from edge_agent.protocol import DesiredState
+from edge_agent.store import DataDir, atomic_write_bytes, read_json
+from edge_agent.update.events import (
+    LIVE_STATES,
+    RESTART_ENTRY,
+    Event,
+    Outcome,
+    State,
+    next_state,
+    reduce_outcome,
+)
+from edge_agent.update.states import HANDLERS, desired_key
+
+log = logging.getLogger("edge_agent.update")
+
+MAX_SAVES = 64  # saves within one update; more means a loop
+
+
+class UpdateHost(Protocol):
+    """What the machine needs from the agent."""
+
+    config: Any
+    data: DataDir
+    clock: Callable[[], float]
+
+    def desired(self) -> DesiredState | None: ...
+    def active_version(self) -> str | None: ...
+    def active_manifest(self) -> Any: ...
+    def trusted_keys(self) -> list[Any]: ...
+    def load_runtime(self, bundle: Any) -> Any: ...
+    def set_shadow(self, runtime: Any) -> None: ...
+    def activate(self, runtime: Any) -> None: ...
+    def start_probation(self) -> None: ...
+    def probation_stats(self) -> tuple[int, int, float | None]: ...
+    def commit(self, version: str, previous: str | None) -> None: ...
+    def rollback(self, previous: str | None) -> None: ...
+    def prune_versions(self) -> None: ...
+    def emit(self, **fields: Any) -> None: ...
+    def state_changed(self) -> None: ...
+    def submit(self, fn: Callable[[], None]) -> None: ...
+
+
+@dataclass
+class UpdateContext:
+    """The persisted part of the machine (update.json)."""
+
+    state: State = State.IDLE
+    desired: DesiredState | None = None
+    previous_version: str | None = None
+    outcome: Outcome | None = None
+    last_error: str | None = None
+    final: bool = False  # the failure will not go away by retrying
+    went_live: bool = False
+    activated_at: float | None = None
+    selftest_p50_ms: float | None = None
+    save_count: int = 0
+    attempts: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        data["state"] = self.state.value
+        data["outcome"] = self.outcome.value if self.outcome else None
+        data["desired"] = msgspec.to_builtins(self.desired) if self.desired else None
+        return json.dumps(data).encode()
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> UpdateContext:
+        ctx = cls()
+        try:
+            ctx.state = State(data.get("state", "Idle"))
+            ctx.desired = msgspec.convert(data["desired"], DesiredState) if data.get("desired") else None
+            ctx.previous_version = data.get("previous_version")
+            ctx.outcome = Outcome(data["outcome"]) if data.get("outcome") else None
+            ctx.last_error = data.get("last_error")
+            ctx.final = bool(data.get("final"))
+            ctx.went_live = bool(data.get("went_live"))
+            ctx.activated_at = data.get("activated_at")
+            ctx.selftest_p50_ms = data.get("selftest_p50_ms")
+            ctx.save_count = int(data.get("save_count", 0))
+            ctx.attempts = {str(k): int(v) for k, v in (data.get("attempts") or {}).items()}
+        except (ValueError, KeyError, TypeError, msgspec.ValidationError):
+            log.warning("update.json is unreadable; starting idle")
+            return cls()
+        return ctx
+
+
+def parse_faults(spec: str | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in (spec or "").split(","):
+        if "=" in part:
+            k, v = part.split("=", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+class UpdateMachine:
+    """Drives UpdateContext through TRANSITIONS; thread-safe; one run at a time."""
+
+    def __init__(self, host: UpdateHost, faults: dict[str, str] | None = None) -> None:
+        self.host = host
+        self.faults = faults or {}
+        self.ctx = UpdateContext()
+        self.candidate: Any = None  # the loaded candidate runtime (memory only)
+        self._lock = threading.RLock()
+        self._pending: Event | None = None
+        self._running = False
+        self._again = False
+        self._history: list[tuple[str, str, str]] = []
+
+    # ------------------------------------------------------------------ persistence
+
+    def _save(self) -> bool:
+        self.ctx.save_count += 1
+        atomic_write_bytes(self.host.data.update_file, self.ctx.to_json())
+        return self.ctx.save_count <= MAX_SAVES
+
+    def recover(self) -> None:
+        """Load update.json after a (re)start and move to the safe re-entry state."""
+        data = read_json(self.host.data.update_file)
+        if data is None:
+            return
+        saved = UpdateContext.from_json(data)
+        self.ctx = saved
+        entry = RESTART_ENTRY[saved.state]
+        if entry is not saved.state:
+            if saved.state in LIVE_STATES:
+                self.ctx.went_live = True
+            self.ctx.last_error = f"interrupted in {saved.state.value} (agent restarted)"
+            self.host.emit(
+                kind="transition",
+                from_state=saved.state.value,
+                to_state=entry.value,
+                event="restart",
+                reason=self.ctx.last_error,
+            )
+            self.ctx.state = entry
+
+    # ------------------------------------------------------------------ driving
+
+    @property
+    def state(self) -> State:
+        return self.ctx.state
+
+    @property
+    def busy(self) -> bool:
+        return self.ctx.state is not State.IDLE
+
+    def kick(self) -> None:
+        """Schedule a run on the host's executor (desired changed, restart, verdict posted)."""
+        with self._lock:
+            if self._running:
+                self._again = True
+                return
+            self._running = True
+            self._again = False
+        self.host.submit(self._run_guarded)
+
+    def post(self, event: Event) -> None:
+        """Deliver an event to a waiting state (Probation verdict, Shadow switch)."""
+        with self._lock:
+            self._pending = event
+        self.kick()
+
+    def _run_guarded(self) -> None:
+        try:
+            while True:
+                self.run()
+                with self._lock:
+                    if not self._again:
+                        self._running = False
+                        return
+                    self._again = False
+        except Exception:
+            log.exception("update machine crashed")
+            with self._lock:
+                self._running = False
+
+    def run(self) -> None:
+        """Enter states until one waits (returns None). Call from a worker thread."""
+        while True:
+            with self._lock:
+                event, self._pending = self._pending, None
+            if event is None:
+                event = self._enter(self.ctx.state)
+            if event is None:
+                return
+            self._transition(event)
+
+    def _enter(self, state: State) -> Event | None:
+        if state is State.IDLE:
+            self.ctx.save_count = 0
+            return HANDLERS[state](self)
+        if state is State.ACTIVATE:
+            self.ctx.went_live = True  # saved with the state: a crash from here on rolls back
+        if not self._save():
+            self.ctx.last_error = f"loop detected in {state.value} after {MAX_SAVES} saves"
+            return Event.LOOP_DETECTED
+        self.host.state_changed()
+        if self.faults.get("crash_in") == state.value:
+            log.warning("EDGEFLEET_FAULT: killing the agent in %s", state.value)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.faults.get("fail_in") == state.value:
+            return self.fail(f"{state.value.lower()}: injected failure (EDGEFLEET_FAULT)", final=True)
+        return HANDLERS[state](self)
+
+    def _transition(self, event: Event) -> None:
+        old = self.ctx.state
+        new = next_state(old, event)
+        self.ctx.outcome = reduce_outcome(self.ctx.outcome, old, event)
+        self.ctx.state = new
+        self._history.append((old.value, event.value, new.value))
+        d = self.ctx.desired
+        self.host.emit(
+            kind="transition",
+            from_state=old.value,
+            to_state=new.value,
+            event=event.value,
+            version=d.version if d else None,
+            rollout_id=d.rollout_id if d else None,
+            reason=self.ctx.last_error if event in (Event.FAILURE, Event.LOOP_DETECTED) else None,
+        )
+        if new is State.IDLE:
+            self.host.emit(
+                kind="outcome",
+                version=d.version if d else None,
+                rollout_id=d.rollout_id if d else None,
+                outcome=self.ctx.outcome.value if self.ctx.outcome else None,
+                reason=self.ctx.last_error if self.ctx.outcome is not Outcome.SUCCESS else None,
+            )
+            self._save()
+        self.host.state_changed()
+
+    # ------------------------------------------------------------------ used by states
+
+    def begin(self, d: DesiredState) -> None:
+        attempts = self.ctx.attempts
+        # Keep attempts of the current desired only, so the file stays small.
+        keep = {k: v for k, v in attempts.items() if k == desired_key(d)}
+        self.ctx = UpdateContext(
+            desired=d, previous_version=self.host.active_version(), attempts=keep
+        )
+
+    def fail(self, reason: str, final: bool = True) -> Event:
+        log.warning("update failed: %s", reason)
+        self.ctx.last_error = reason
+        self.ctx.final = final
+        return Event.FAILURE
+
+    def refuse(self, d: DesiredState | None, reason: str) -> None:
+        log.warning("refusing desired: %s", reason)
+        self.ctx.last_error = reason
+        self.host.emit(
+            kind="refused",
+            version=d.version if d else None,
+            rollout_id=d.rollout_id if d else None,
+            reason=reason,
+        )
+        self.host.state_changed()
+
+    # ------------------------------------------------------------------ called from tick / desired
+
+    def on_desired(self) -> None:
+        """Desired changed: start from Idle, or tell a waiting Shadow."""
+        state = self.ctx.state
+        if state is State.IDLE:
+            self.kick()
+        elif state is State.SHADOW:
+            d, mine = self.host.desired(), self.ctx.desired
+            if d is None or mine is None or d.version != mine.version or d.sha256 != mine.sha256:
+                self.post(Event.NOTHING_TO_DO)
+            elif d.mode == "live":
+                self.post(Event.SUCCESS)
+
+    def check_probation(self, now: float) -> None:
+        """Post the Probation verdict once enough predictions or time have passed."""
+        if self.ctx.state is not State.PROBATION or self._pending is not None or self._running:
+            return
+        cfg = self.host.config.update
+        predictions, errors, p50 = self.host.probation_stats()
+        elapsed = now - (self.ctx.activated_at or now)
+        total = predictions + errors
+        error_limit = cfg.probation_max_error_rate * max(total, cfg.probation_predictions)
+        if errors > error_limit and total >= min(20, cfg.probation_predictions):
+            self.fail(f"probation: {errors} errors in {total} predictions (limit {cfg.probation_max_error_rate:.1%})")
+            self.post(Event.FAILURE)
+            return
+        if predictions < cfg.probation_predictions and elapsed < cfg.probation_s:
+            return
+        if total and errors / total > cfg.probation_max_error_rate:
+            self.fail(f"probation: error rate {errors / total:.1%} over {cfg.probation_max_error_rate:.1%}")
+            self.post(Event.FAILURE)
+            return
+        budget = self.host.active_manifest().budget
+        limit = max(
+            (self.ctx.selftest_p50_ms or 0.0) * cfg.probation_latency_factor,
+            budget.latency_ms_p50 * budget.latency_tolerance,
+        )
+        if p50 is not None and p50 > limit:
+            self.fail(f"probation: median latency {p50:.3f} ms over {limit:.3f} ms")
+            self.post(Event.FAILURE)
+            return
+        self.post(Event.SUCCESS)

@@ -1,0 +1,255 @@
+"""What each update state does on entry. Each returns an Event, or None to wait.
+
+States touch the device only through the `UpdateHost` the machine is given (the Agent), so a
+simulator drives the same code with its own host, clock and files.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from edge_agent.download import DownloadError, DownloadRequest, download, file_sha256
+from edge_agent.protocol import DesiredState
+from edge_agent.store import SAFE_VERSION, is_downgrade
+from edge_agent.update.events import LIVE_STATES, Event, State
+from model_tools.bundle import extract_bundle, load_extracted, read_bundle
+from model_tools.errors import BundleError
+from model_tools.manifest import Manifest
+
+if TYPE_CHECKING:
+    from edge_agent.update.machine import UpdateMachine
+
+MAX_ATTEMPTS = 3  # transient failures (network, restarts) of one desired before giving up
+
+
+def desired_key(d: DesiredState) -> str:
+    return f"{d.version}:{d.sha256}:{d.rollout_id or ''}"
+
+
+def schema_problem(active: Manifest, candidate: Manifest) -> str | None:
+    """Why `candidate` would break local apps built for `active`, or None when compatible."""
+    a, c = active.inputs, candidate.inputs
+    if [f.name for f in a] != [f.name for f in c]:
+        return f"input features differ: active {[f.name for f in a][:8]}, candidate {[f.name for f in c][:8]}"
+    for fa, fc in zip(a, c, strict=True):
+        if (fa.kind, fa.dtype) != (fc.kind, fc.dtype):
+            return f"feature {fa.name!r} changes from {fa.kind}/{fa.dtype} to {fc.kind}/{fc.dtype}"
+        if fa.allow_nan and not fc.allow_nan:
+            return f"feature {fa.name!r} no longer accepts missing values"
+        missing = set(fa.categories or ()) - set(fc.categories or ())
+        if fa.kind == "categorical" and missing:
+            return f"feature {fa.name!r} drops categories {sorted(missing)[:5]}"
+    return None
+
+
+def refusal(m: UpdateMachine, d: DesiredState) -> str | None:
+    """Reasons to refuse a desired state without starting (checked in Idle)."""
+    if not SAFE_VERSION.match(d.version):
+        return f"version {d.version[:80]!r} is not a safe version name"
+    active = m.host.active_version()
+    if is_downgrade(d.version, active) and not d.allow_downgrade:
+        return f"refusing downgrade from {active} to {d.version} (desired.allow_downgrade is not set)"
+    if d.size <= 0 or len(d.sha256) != 64:
+        return "desired has no valid size/sha256"
+    return None
+
+
+def idle(m: UpdateMachine) -> Event | None:
+    d = m.host.desired()
+    if d is None or d.version == m.host.active_version():
+        return None
+    key = desired_key(d)
+    attempts = m.ctx.attempts.get(key, 0)
+    if attempts >= MAX_ATTEMPTS:
+        return None  # already failed for good: wait for a new desired
+    reason = refusal(m, d)
+    if reason:
+        m.ctx.attempts[key] = MAX_ATTEMPTS
+        m.refuse(d, reason)
+        return None
+    m.begin(d)
+    return Event.SUCCESS
+
+
+def _still_wanted(m: UpdateMachine) -> bool:
+    d, mine = m.host.desired(), m.ctx.desired
+    return d is not None and mine is not None and d.version == mine.version and d.sha256 == mine.sha256
+
+
+def download_state(m: UpdateMachine) -> Event | None:
+    d = m.ctx.desired
+    assert d is not None
+    cfg = m.host.config
+    url = d.url if "://" in d.url else cfg.server.url.rstrip("/") + "/" + d.url.lstrip("/")
+    req = DownloadRequest(
+        url=url,
+        dest=m.host.data.downloads / f"{d.sha256}.efb",
+        size=d.size,
+        sha256=d.sha256,
+        username=cfg.device_id,
+        password=cfg.mqtt.password,
+        ca_file=cfg.mqtt.ca_file,
+        timeout_s=cfg.update.download_timeout_s,
+        max_bytes=cfg.update.max_download_bytes,
+        min_free_disk_bytes=cfg.update.min_free_disk_bytes,
+    )
+    try:
+        download(req, cancelled=lambda: not _still_wanted(m))
+    except DownloadError as exc:
+        if not _still_wanted(m):
+            return Event.NOTHING_TO_DO
+        return m.fail(f"download: {exc}", final=not exc.transient)
+    return Event.SUCCESS if _still_wanted(m) else Event.NOTHING_TO_DO
+
+
+def verify(m: UpdateMachine) -> Event | None:
+    d = m.ctx.desired
+    assert d is not None
+    path = m.host.data.downloads / f"{d.sha256}.efb"
+    if not path.exists() or path.stat().st_size != d.size:
+        return m.fail(f"verify: downloaded file is missing or not {d.size} bytes", final=False)
+    actual = file_sha256(path)
+    if actual != d.sha256:
+        path.unlink(missing_ok=True)  # a corrupt file must not be resumed
+        return m.fail(f"verify: sha256 of the download is {actual[:12]}..., desired says {d.sha256[:12]}...")
+    try:
+        bundle = read_bundle(path, m.host.trusted_keys())
+    except BundleError as exc:
+        return m.fail(f"verify: {exc}")
+    manifest = bundle.manifest
+    if manifest.name != d.model or manifest.version != d.version:
+        return m.fail(
+            f"verify: bundle is {manifest.name} {manifest.version}, desired names {d.model} {d.version}"
+        )
+    active = m.host.active_manifest()
+    if active is not None and not d.allow_schema_change:
+        problem = schema_problem(active, manifest)
+        if problem:
+            return m.fail(f"verify: incompatible input schema: {problem} (desired.allow_schema_change is not set)")
+    return Event.SUCCESS if _still_wanted(m) else Event.NOTHING_TO_DO
+
+
+def install(m: UpdateMachine) -> Event | None:
+    d = m.ctx.desired
+    assert d is not None
+    try:
+        extract_bundle(
+            m.host.data.downloads / f"{d.sha256}.efb",
+            m.host.data.version_dir(d.version),
+            m.host.trusted_keys(),
+            overwrite=True,
+        )
+    except (BundleError, OSError) as exc:
+        return m.fail(f"install: {exc}")
+    return Event.SUCCESS
+
+
+def selftest(m: UpdateMachine) -> Event | None:
+    d = m.ctx.desired
+    assert d is not None
+    try:
+        bundle = load_extracted(m.host.data.version_dir(d.version), m.host.trusted_keys())
+        runtime = m.host.load_runtime(bundle)
+    except Exception as exc:  # a model onnxruntime cannot load is a failed self-test
+        return m.fail(f"selftest: cannot load the model: {exc}")
+    result = runtime.self_test()
+    if not result.ok:
+        return m.fail(f"selftest: {result.reason}")
+    m.candidate = runtime
+    m.ctx.selftest_p50_ms = result.latency_ms_p50
+    return Event.SUCCESS if _still_wanted(m) else Event.NOTHING_TO_DO
+
+
+def shadow(m: UpdateMachine) -> Event | None:
+    d = m.host.desired()
+    if not _still_wanted(m):
+        m.host.set_shadow(None)
+        return Event.NOTHING_TO_DO
+    assert d is not None
+    if d.mode == "live":
+        m.host.set_shadow(None)
+        m.ctx.desired = d
+        return Event.SUCCESS
+    if m.candidate is None:
+        return m.fail("shadow: the candidate is not loaded", final=False)
+    m.host.set_shadow(m.candidate)
+    return None  # wait for desired to switch to live or move on
+
+
+def activate(m: UpdateMachine) -> Event | None:
+    if m.candidate is None:
+        return m.fail("activate: the candidate is not loaded", final=False)
+    m.host.activate(m.candidate)
+    m.ctx.activated_at = m.host.clock()
+    return Event.SUCCESS
+
+
+def probation(m: UpdateMachine) -> Event | None:
+    m.host.start_probation()
+    return None  # `UpdateMachine.check_probation` posts the verdict from tick
+
+
+def commit(m: UpdateMachine) -> Event | None:
+    d = m.ctx.desired
+    assert d is not None
+    try:
+        m.host.commit(d.version, m.ctx.previous_version)
+    except OSError as exc:
+        return m.fail(f"commit: {exc}", final=False)
+    return Event.SUCCESS
+
+
+def check_rollback(m: UpdateMachine) -> Event | None:
+    return Event.SUCCESS if m.ctx.went_live else Event.NOTHING_TO_DO
+
+
+def rollback(m: UpdateMachine) -> Event | None:
+    try:
+        m.host.rollback(m.ctx.previous_version)
+    except Exception as exc:
+        m.ctx.last_error = f"rollback: {exc}"
+        return Event.FAILURE
+    return Event.SUCCESS
+
+
+def failed(m: UpdateMachine) -> Event | None:
+    d = m.ctx.desired
+    if d is not None:
+        key = desired_key(d)
+        m.ctx.attempts[key] = MAX_ATTEMPTS if m.ctx.final else m.ctx.attempts.get(key, 0) + 1
+    return Event.SUCCESS
+
+
+def cleanup(m: UpdateMachine) -> Event | None:
+    m.host.set_shadow(None)
+    m.candidate = None
+    d = m.ctx.desired
+    try:
+        if d is not None:
+            done = m.ctx.outcome is not None and (m.ctx.outcome.value != "failure" or m.ctx.final)
+            if done:
+                (m.host.data.downloads / f"{d.sha256}.efb").unlink(missing_ok=True)
+                (m.host.data.downloads / f"{d.sha256}.efb.part").unlink(missing_ok=True)
+        m.host.prune_versions()
+    except OSError as exc:
+        m.ctx.last_error = f"cleanup: {exc}"
+        return Event.FAILURE
+    return Event.SUCCESS
+
+
+HANDLERS = {
+    State.IDLE: idle,
+    State.DOWNLOAD: download_state,
+    State.VERIFY: verify,
+    State.INSTALL: install,
+    State.SELFTEST: selftest,
+    State.SHADOW: shadow,
+    State.ACTIVATE: activate,
+    State.PROBATION: probation,
+    State.COMMIT: commit,
+    State.CHECK_ROLLBACK: check_rollback,
+    State.ROLLBACK: rollback,
+    State.FAILED: failed,
+    State.CLEANUP: cleanup,
+}
+assert set(HANDLERS) >= LIVE_STATES
