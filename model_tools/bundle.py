@@ -111,7 +111,9 @@ class Bundle:
         out = {}
         for key, value in self.golden.items():
             if key.startswith("input:"):
-                out[key[len("input:") :]] = value.astype(object) if value.dtype.kind == "U" else value
+                out[key[len("input:") :]] = (
+                    value.astype(object) if value.dtype.kind == "U" else value
+                )
         return out
 
     @property
@@ -209,11 +211,14 @@ def _check_member_name(info: zipfile.ZipInfo) -> None:
             f"bundle member {name!r} is a symbolic link: links are never unpacked; "
             "rebuild the bundle with 'edgefleet model convert'"
         )
-    if info.is_dir() or (mode and not stat.S_ISREG(mode)):
+    # Zips written by other tools may carry permission bits only (no file type): accept those.
+    if info.is_dir() or (stat.S_IFMT(mode) and not stat.S_ISREG(mode)):
         raise UnsafeBundleError(f"bundle member {name!r} is not a regular file: refusing it")
 
 
-def _read_zip_members(source: str | os.PathLike[str] | bytes, limits: BundleLimits) -> dict[str, bytes]:
+def _read_zip_members(
+    source: str | os.PathLike[str] | bytes, limits: BundleLimits
+) -> dict[str, bytes]:
     """Open the zip defensively and return its members' bytes."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         fileobj: io.BufferedIOBase | str | os.PathLike[str] = io.BytesIO(bytes(source))
@@ -343,7 +348,9 @@ def read_bundle(
     limits: BundleLimits = BundleLimits(),  # noqa: B008 - frozen, immutable default
 ) -> Bundle:
     """Open a bundle safely and verify it: member hashes and (by default) the signature."""
-    return _verify_members(_read_zip_members(path_or_bytes, limits), trusted_keys, require_signature)
+    return _verify_members(
+        _read_zip_members(path_or_bytes, limits), trusted_keys, require_signature
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -412,7 +419,9 @@ def load_extracted(
     members: dict[str, bytes] = {}
     for entry in root.iterdir():
         if entry.is_symlink():
-            raise UnsafeBundleError(f"{entry} is a symbolic link: an installed bundle never has one")
+            raise UnsafeBundleError(
+                f"{entry} is a symbolic link: an installed bundle never has one"
+            )
         if not entry.is_file():
             raise TamperedBundleError(f"{entry} is not a regular file: reinstall the bundle")
         limit = limits.for_member(entry.name)

@@ -27,7 +27,9 @@ def _progress(message: str) -> None:
     click.echo(f"edgefleet: {message}...", err=True)
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print a stable JSON document instead of text.")
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print a stable JSON document instead of text."
+)
 
 
 @click.group()
@@ -41,22 +43,25 @@ def model() -> None:
     "--output",
     "output",
     required=True,
-    type=click.Path(path_type=Path),
-    help="Directory (writes edgefleet.key/.pub in it) or path prefix (writes PREFIX.key/.pub).",
+    type=click.Path(),
+    help="Directory (writes edgefleet.key/.pub in it; an existing dir or a path ending in /) "
+    "or path prefix (writes PREFIX.key/.pub).",
 )
 @click.option("--force", is_flag=True, help="Overwrite existing key files.")
 @json_option
-def keygen(output: Path, force: bool, as_json: bool) -> None:
+def keygen(output: str, force: bool, as_json: bool) -> None:
     """Create an Ed25519 signing key pair (private key file mode 0600)."""
     from model_tools.signing import generate_keypair, key_id, save_private_key, save_public_key
 
-    if output.is_dir() or str(output).endswith(("/", "\\")):
-        output.mkdir(parents=True, exist_ok=True)
-        private_path, public_path = output / f"{KEY_NAME}.key", output / f"{KEY_NAME}.pub"
+    is_dir = output.endswith(("/", "\\")) or Path(output).is_dir()
+    target = Path(output)
+    if is_dir:
+        target.mkdir(parents=True, exist_ok=True)
+        private_path, public_path = target / f"{KEY_NAME}.key", target / f"{KEY_NAME}.pub"
     else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        private_path = output.with_name(output.name + ".key")
-        public_path = output.with_name(output.name + ".pub")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        private_path = target.with_name(target.name + ".key")
+        public_path = target.with_name(target.name + ".pub")
     existing = [str(p) for p in (private_path, public_path) if p.exists()]
     if existing and not force:
         raise click.ClickException(
@@ -67,7 +72,9 @@ def keygen(output: Path, force: bool, as_json: bool) -> None:
     save_public_key(public, public_path)
     kid = key_id(public)
     if as_json:
-        _echo_json({"private_key": str(private_path), "public_key": str(public_path), "key_id": kid})
+        _echo_json(
+            {"private_key": str(private_path), "public_key": str(public_path), "key_id": kid}
+        )
     else:
         click.echo(f"private key: {private_path} (keep it secret)")
         click.echo(f"public key:  {public_path} (give it to devices and the fleet server)")
@@ -76,20 +83,80 @@ def keygen(output: Path, force: bool, as_json: bool) -> None:
 
 @model.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
-@click.option("--sample", required=True, type=click.Path(path_type=Path), help="Sample data: .csv with header, .npy or .npz (X, y).")
-@click.option("--validation", type=click.Path(path_type=Path), help="Held-out data for the parity gate (default: 20 % carved from the sample).")
-@click.option("--reference", type=click.Path(path_type=Path), help="Data for the reference profile (default: the sample).")
+@click.option(
+    "--sample",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Sample data: .csv with header, .npy or .npz (X, y).",
+)
+@click.option(
+    "--validation",
+    type=click.Path(path_type=Path),
+    help="Held-out data for the parity gate (default: 20 % carved from the sample).",
+)
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path),
+    help="Data for the reference profile (default: the sample).",
+)
 @click.option("--name", required=True, help="Model name.")
 @click.option("--version", "version", required=True, help="Model version.")
-@click.option("--quantize", type=click.Choice(["auto", "int8", "float32"]), default="auto", show_default=True, help="auto: smallest variant that passes the parity gate.")
-@click.option("--sign-key", type=click.Path(path_type=Path), help="Ed25519 private key (from 'edgefleet model keygen'); unsigned without it.")
-@click.option("--trust-pickle", is_flag=True, help="Allow loading a pickle/joblib model (this runs code from the file).")
-@click.option("--trust-type", "trust_types", multiple=True, help="A type a .skops file may contain beyond skops' defaults (repeatable).")
-@click.option("--label-column", help="CSV column with the true labels (default: 'label' or 'target' if present).")
-@click.option("--min-agreement", type=float, default=0.995, show_default=True, help="Parity gate: minimum label agreement with sklearn.")
-@click.option("--max-accuracy-drop", type=float, default=0.005, show_default=True, help="Parity gate: maximum accuracy drop (fraction, 0.005 = 0.5 points).")
-@click.option("--max-r2-drop", type=float, default=0.005, show_default=True, help="Parity gate: maximum R² drop (regression).")
-@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path), help="Bundle file to write (.efb).")
+@click.option(
+    "--quantize",
+    type=click.Choice(["auto", "int8", "float32"]),
+    default="auto",
+    show_default=True,
+    help="auto: smallest variant that passes the parity gate.",
+)
+@click.option(
+    "--sign-key",
+    type=click.Path(path_type=Path),
+    help="Ed25519 private key (from 'edgefleet model keygen'); unsigned without it.",
+)
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="Allow loading a pickle/joblib model (this runs code from the file).",
+)
+@click.option(
+    "--trust-type",
+    "trust_types",
+    multiple=True,
+    help="A type a .skops file may contain beyond skops' defaults (repeatable).",
+)
+@click.option(
+    "--label-column",
+    help="CSV column with the true labels (default: 'label' or 'target' if present).",
+)
+@click.option(
+    "--min-agreement",
+    type=float,
+    default=0.995,
+    show_default=True,
+    help="Parity gate: minimum label agreement with sklearn.",
+)
+@click.option(
+    "--max-accuracy-drop",
+    type=float,
+    default=0.005,
+    show_default=True,
+    help="Parity gate: maximum accuracy drop (fraction, 0.005 = 0.5 points).",
+)
+@click.option(
+    "--max-r2-drop",
+    type=float,
+    default=0.005,
+    show_default=True,
+    help="Parity gate: maximum R² drop (regression).",
+)
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Bundle file to write (.efb).",
+)
 @json_option
 def convert(
     model_path: Path,
@@ -139,7 +206,13 @@ def convert(
         )
     except ParityGateError as exc:
         if as_json:
-            _echo_json({"ok": False, "error": str(exc).splitlines()[0], "parity": [r.to_dict() for r in exc.table]})
+            _echo_json(
+                {
+                    "ok": False,
+                    "error": str(exc).splitlines()[0],
+                    "parity": [r.to_dict() for r in exc.table],
+                }
+            )
             sys.exit(1)
         raise _fail(exc) from exc
     except ModelToolsError as exc:
@@ -200,7 +273,9 @@ def inspect(bundle_path: Path, as_json: bool) -> None:
         return
     m = bundle.manifest
     click.echo(f"{m.name} {m.version} ({m.task}, {m.variant}), created {m.created_at}")
-    click.echo(f"signed: {'yes (verify with edgefleet model verify)' if bundle.signature else 'NO'}")
+    click.echo(
+        f"signed: {'yes (verify with edgefleet model verify)' if bundle.signature else 'NO'}"
+    )
     click.echo("inputs:")
     for f in m.inputs:
         detail = (
@@ -209,15 +284,23 @@ def inspect(bundle_path: Path, as_json: bool) -> None:
             else f"{len(f.categories or [])} categories"
         )
         click.echo(f"  {f.name}: {f.kind} {f.dtype}, {detail}")
-    click.echo("onnx inputs: " + ", ".join(f"{i.name}[{i.dtype}]<-{i.columns}" for i in m.onnx_inputs))
+    click.echo(
+        "onnx inputs: " + ", ".join(f"{i.name}[{i.dtype}]<-{i.columns}" for i in m.onnx_inputs)
+    )
     o = m.outputs
-    click.echo(f"outputs: label={o.label} probabilities={o.probabilities} value={o.value} classes={o.classes}")
+    click.echo(
+        f"outputs: label={o.label} probabilities={o.probabilities} value={o.value} classes={o.classes}"
+    )
     parity = m.parity
     if parity.get("variants"):
         from model_tools.parity import ParityRow, format_parity_table
 
         rows = [ParityRow(**r) for r in parity["variants"]]
-        click.echo(f"parity on {parity.get('rows')} rows" + ("" if parity.get("labels") else " (no labels)") + ":")
+        click.echo(
+            f"parity on {parity.get('rows')} rows"
+            + ("" if parity.get("labels") else " (no labels)")
+            + ":"
+        )
         click.echo(format_parity_table(rows, parity.get("chosen"), parity.get("reason", "")))
     b = m.budget
     click.echo(
@@ -251,7 +334,14 @@ def verify(bundle_path: Path, public_keys: tuple[Path, ...], as_json: bool) -> N
         bundle = read_bundle(bundle_path, keys)
     except ModelToolsError as exc:
         if as_json:
-            _echo_json({"ok": False, "bundle": str(bundle_path), "error": str(exc), "kind": type(exc).__name__})
+            _echo_json(
+                {
+                    "ok": False,
+                    "bundle": str(bundle_path),
+                    "error": str(exc),
+                    "kind": type(exc).__name__,
+                }
+            )
             sys.exit(1)
         raise _fail(exc) from exc
     if as_json:
@@ -266,4 +356,6 @@ def verify(bundle_path: Path, public_keys: tuple[Path, ...], as_json: bool) -> N
             }
         )
     else:
-        click.echo(f"OK: {bundle.name} {bundle.version} signed by key {bundle.key_id}; all member hashes match")
+        click.echo(
+            f"OK: {bundle.name} {bundle.version} signed by key {bundle.key_id}; all member hashes match"
+        )

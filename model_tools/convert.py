@@ -162,13 +162,19 @@ def convert(
     if task == "classification":
         outputs = OutputSpec(
             label=output_names[0],
-            probabilities=output_names[1] if has_predict_proba(estimator) and len(output_names) > 1 else None,
+            probabilities=output_names[1]
+            if has_predict_proba(estimator) and len(output_names) > 1
+            else None,
             # Classifiers without predict_proba (e.g. SVC) expose decision scores instead.
-            value=output_names[1] if not has_predict_proba(estimator) and len(output_names) > 1 else None,
+            value=output_names[1]
+            if not has_predict_proba(estimator) and len(output_names) > 1
+            else None,
             classes=_classes(final),
         )
     elif task == "anomaly":
-        outputs = OutputSpec(label=output_names[0], value=output_names[1] if len(output_names) > 1 else None)
+        outputs = OutputSpec(
+            label=output_names[0], value=output_names[1] if len(output_names) > 1 else None
+        )
     else:
         outputs = OutputSpec(value=output_names[0])
     return Conversion(

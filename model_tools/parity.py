@@ -68,7 +68,9 @@ class ParityGateError(ModelToolsError):
         self.text = text
 
 
-def sklearn_answers(estimator: Any, X: Any, task: Task, y_true: np.ndarray | None) -> SklearnAnswers:
+def sklearn_answers(
+    estimator: Any, X: Any, task: Task, y_true: np.ndarray | None
+) -> SklearnAnswers:
     """Ask the estimator for labels, probabilities or values on X."""
     ans = SklearnAnswers(task=task, y_true=y_true)
     if task == "classification":
@@ -124,10 +126,18 @@ def evaluate_variant(
             row.sklearn_metric = float(np.mean(sk_labels == y_keys))
             row.onnx_metric = float(np.mean(onnx_labels == y_keys))
         diff = None
-        if task == "classification" and reference.probabilities is not None and outputs.probabilities:
-            diff = np.abs(np.asarray(got[outputs.probabilities], dtype=np.float64) - reference.probabilities)
+        if (
+            task == "classification"
+            and reference.probabilities is not None
+            and outputs.probabilities
+        ):
+            diff = np.abs(
+                np.asarray(got[outputs.probabilities], dtype=np.float64) - reference.probabilities
+            )
         elif task == "anomaly" and outputs.value:
-            diff = np.abs(np.asarray(got[outputs.value], dtype=np.float64).ravel() - reference.values)
+            diff = np.abs(
+                np.asarray(got[outputs.value], dtype=np.float64).ravel() - reference.values
+            )
         if diff is not None:
             row.max_abs_diff, row.mean_abs_diff = float(diff.max()), float(diff.mean())
     else:
@@ -159,7 +169,11 @@ def _judge(row: ParityRow, t: ParityThresholds) -> None:
         )
     if row.metric == "r2" and row.metric_delta < -t.max_r2_drop - _EPS:
         row.failures.append(f"R² drop {-row.metric_delta:.4f} > {t.max_r2_drop:.4f}")
-    if t.max_abs_diff is not None and row.max_abs_diff is not None and row.max_abs_diff > t.max_abs_diff:
+    if (
+        t.max_abs_diff is not None
+        and row.max_abs_diff is not None
+        and row.max_abs_diff > t.max_abs_diff
+    ):
         row.failures.append(f"max abs diff {row.max_abs_diff:.3g} > {t.max_abs_diff:.3g}")
     row.passed = not row.failures
 
@@ -170,7 +184,16 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def format_parity_table(rows: list[ParityRow], chosen: str | None = None, reason: str = "") -> str:
     """The parity table as aligned text, for terminals and error messages."""
-    header = ["variant", "bytes", "agreement", "metric", "delta", "max|diff|", "mean|diff|", "result"]
+    header = [
+        "variant",
+        "bytes",
+        "agreement",
+        "metric",
+        "delta",
+        "max|diff|",
+        "mean|diff|",
+        "result",
+    ]
     lines = [header]
     for r in rows:
         delta = None
@@ -190,7 +213,9 @@ def format_parity_table(rows: list[ParityRow], chosen: str | None = None, reason
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     out = [
-        "  ".join(cell.ljust(w) for cell, w in zip(line[:-1], widths, strict=False)) + "  " + line[-1]
+        "  ".join(cell.ljust(w) for cell, w in zip(line[:-1], widths, strict=False))
+        + "  "
+        + line[-1]
         for line in lines
     ]
     if chosen:

@@ -131,7 +131,9 @@ def choose_variant(
                 f"{v.name}: {v.note if not v.built else 'fails ' + ', '.join(rows[v.name].failures)}"
                 for v in int8
             )
-            raise _gate_error(rows, f"no int8 variant is usable ({why}); use --quantize auto or float32")
+            raise _gate_error(
+                rows, f"no int8 variant is usable ({why}); use --quantize auto or float32"
+            )
         best = min(int8_passing, key=lambda v: v.size)
         return best, f"int8 requested; {best.name} is the smallest int8 variant that passes"
     if not passing:
@@ -165,7 +167,9 @@ def _gate_error(rows: dict[str, ParityRow], message: str) -> ParityGateError:
     )
 
 
-def _lineage(estimator: Any, sample: Table, reference: Table, validation: Table, seed: int) -> dict[str, Any]:
+def _lineage(
+    estimator: Any, sample: Table, reference: Table, validation: Table, seed: int
+) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {}

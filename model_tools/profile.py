@@ -17,9 +17,13 @@ MIN_ROWS_PER_BIN = 50
 
 
 def _columns(reference_rows: Any, n_features: int) -> list[np.ndarray]:
-    if isinstance(reference_rows, (list, tuple)) and reference_rows and isinstance(
-        reference_rows[0], np.ndarray
-    ) and len(reference_rows) == n_features and reference_rows[0].ndim == 1:
+    if (
+        isinstance(reference_rows, (list, tuple))
+        and reference_rows
+        and isinstance(reference_rows[0], np.ndarray)
+        and len(reference_rows) == n_features
+        and reference_rows[0].ndim == 1
+    ):
         return list(reference_rows)  # already one array per feature
     arr = np.asarray(reference_rows, dtype=object)
     if arr.ndim != 2 or arr.shape[1] != n_features:
@@ -28,7 +32,9 @@ def _columns(reference_rows: Any, n_features: int) -> list[np.ndarray]:
 
 
 def _top_categories(values: Sequence[Any], limit: int = TOP_CATEGORIES) -> list[str]:
-    counts = Counter(str(v) for v in values if v is not None and not (isinstance(v, float) and v != v))
+    counts = Counter(
+        str(v) for v in values if v is not None and not (isinstance(v, float) and v != v)
+    )
     # Most frequent first; ties by name so the profile is reproducible.
     return [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
 
@@ -73,7 +79,9 @@ def build_profile(
             cats = _top_categories(col)
             max_bins = max(max_bins, len(cats) + 1)
             features.append(
-                FeatureProfile(name=spec.name, kind="categorical", distribution=count_categorical(col, cats))
+                FeatureProfile(
+                    name=spec.name, kind="categorical", distribution=count_categorical(col, cats)
+                )
             )
     preds = np.asarray(predictions).ravel()
     if task == "classification":

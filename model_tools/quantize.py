@@ -152,7 +152,9 @@ def build_variants(
     ]
     if mode == "float32":
         return variants
-    base_bytes, base = (matmul_bytes, "matmul") if matmul_bytes is not None else (float_bytes, "native")
+    base_bytes, base = (
+        (matmul_bytes, "matmul") if matmul_bytes is not None else (float_bytes, "native")
+    )
     base_ops = op_types(base_bytes)
     quantizable = _count(base_ops, QUANTIZABLE_OPS)
     for name in INT8_VARIANTS:
@@ -172,14 +174,18 @@ def build_variants(
         try:
             out = _quantize(base_bytes, name, calibration)
         except Exception as exc:  # the quantizer fails on some ML-domain graphs; report it
-            variant.note = f"not built: onnxruntime's quantizer failed ({type(exc).__name__}: {exc})"
+            variant.note = (
+                f"not built: onnxruntime's quantizer failed ({type(exc).__name__}: {exc})"
+            )
             variants.append(variant)
             continue
         after = op_types(out)
         variant.ops_after = after
         variant.quantized_ops = _count(after, QUANTIZED_OPS)
         if out == base_bytes or variant.quantized_ops == 0:
-            variant.note = "discarded: the quantizer returned the graph unchanged (no quantized ops)"
+            variant.note = (
+                "discarded: the quantizer returned the graph unchanged (no quantized ops)"
+            )
             variants.append(variant)
             continue
         variant.model_bytes = out

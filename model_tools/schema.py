@@ -114,7 +114,9 @@ def inspect_estimator(estimator: Any) -> EstimatorSchema:
             f"{type(estimator).__name__} does not say how many features it expects "
             "(no n_features_in_): fit it with scikit-learn >= 1.0"
         )
-    schema = EstimatorSchema(n_features=int(n), names=None if names is None else [str(x) for x in names])
+    schema = EstimatorSchema(
+        n_features=int(n), names=None if names is None else [str(x) for x in names]
+    )
     for part, _ in _walk(estimator):
         if isinstance(part, ColumnTransformer):
             for _, trans, cols in part.transformers_:
@@ -207,10 +209,16 @@ def _build_table(
         raise InputDataError(
             f"{source} has {len(raw_columns)} feature columns but the model expects "
             f"{schema.n_features}; pass data with exactly the training columns"
-            + (" (and name the label column with --label-column)" if source.endswith(".csv") else "")
+            + (
+                " (and name the label column with --label-column)"
+                if source.endswith(".csv")
+                else ""
+            )
         )
     if not raw_columns or len(raw_columns[0]) == 0:
-        raise InputDataError(f"{source} has no rows: give at least a few hundred rows of sample data")
+        raise InputDataError(
+            f"{source} has no rows: give at least a few hundred rows of sample data"
+        )
     columns = []
     for i, (name, raw) in enumerate(zip(names, raw_columns, strict=True)):
         if i in schema.categorical:
@@ -238,7 +246,9 @@ def read_csv(path: Path, schema: EstimatorSchema, label_column: str | None = Non
         try:
             header = next(reader)
         except StopIteration:
-            raise InputDataError(f"{path} is empty: give a CSV with a header row and data rows") from None
+            raise InputDataError(
+                f"{path} is empty: give a CSV with a header row and data rows"
+            ) from None
         rows = []
         for lineno, row in enumerate(reader, start=2):
             if not row:
@@ -251,7 +261,9 @@ def read_csv(path: Path, schema: EstimatorSchema, label_column: str | None = Non
             rows.append(row)
     header = [h.strip() for h in header]
     if label_column is not None and label_column not in header:
-        raise InputDataError(f"{path} has no column {label_column!r} (columns: {header}); check --label-column")
+        raise InputDataError(
+            f"{path} has no column {label_column!r} (columns: {header}); check --label-column"
+        )
     if label_column is None:
         feature_names = set(schema.names or [])
         candidates = [c for c in LABEL_COLUMN_DEFAULTS if c in header and c not in feature_names]
@@ -286,7 +298,11 @@ def read_csv(path: Path, schema: EstimatorSchema, label_column: str | None = Non
 
 
 def table_from_arrays(
-    X: Any, y: Any | None, schema: EstimatorSchema, source: str = "array", names: list[str] | None = None
+    X: Any,
+    y: Any | None,
+    schema: EstimatorSchema,
+    source: str = "array",
+    names: list[str] | None = None,
 ) -> Table:
     """Wrap an in-memory 2-D array (or list of rows) and optional labels."""
     arr = np.asarray(X, dtype=object if not isinstance(X, np.ndarray) else None)
@@ -304,9 +320,7 @@ def table_from_arrays(
     return table
 
 
-def read_table(
-    source: Any, schema: EstimatorSchema, label_column: str | None = None
-) -> Table:
+def read_table(source: Any, schema: EstimatorSchema, label_column: str | None = None) -> Table:
     """Read data from a path (.csv, .npy, .npz with X and optional y), an array, (X, y) or a Table."""
     if isinstance(source, Table):
         return source
@@ -330,14 +344,18 @@ def read_table(
             if suffix == ".npz":
                 with loaded as npz:
                     if "X" not in npz.files:
-                        raise InputDataError(f"{path} has no array 'X' (found {npz.files}); save X and optionally y")
+                        raise InputDataError(
+                            f"{path} has no array 'X' (found {npz.files}); save X and optionally y"
+                        )
                     X, y = npz["X"], (npz["y"] if "y" in npz.files else None)
             else:
                 X, y = loaded, None
             table = table_from_arrays(X, y, schema, source=str(path))
             table.sha256 = _sha256_file(path)
             return table
-        raise InputDataError(f"{path}: unsupported data format {suffix!r}; use .csv (with header), .npy or .npz")
+        raise InputDataError(
+            f"{path}: unsupported data format {suffix!r}; use .csv (with header), .npy or .npz"
+        )
     return table_from_arrays(source, None, schema)
 
 
@@ -347,7 +365,9 @@ def feature_specs(table: Table, schema: EstimatorSchema) -> list[FeatureSpec]:
     for i, (name, col) in enumerate(zip(table.names, table.columns, strict=True)):
         if i in schema.categorical:
             cats = sorted(set(schema.categories.get(i, [])) | {str(v) for v in col})
-            specs.append(FeatureSpec(name=name, kind="categorical", dtype="string", categories=cats))
+            specs.append(
+                FeatureSpec(name=name, kind="categorical", dtype="string", categories=cats)
+            )
         else:
             finite = col[~np.isnan(col)]
             specs.append(

@@ -17,7 +17,9 @@ def make_session(model_bytes: bytes) -> Any:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model_bytes, sess_options=options, providers=["CPUExecutionProvider"]
+    )
 
 
 def run_model(model_bytes_or_session: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

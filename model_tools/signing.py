@@ -56,7 +56,9 @@ def save_public_key(key: Ed25519PublicKey, path: str | os.PathLike[str]) -> Path
     """Write the public key as SubjectPublicKeyInfo PEM."""
     path = Path(path)
     path.write_bytes(
-        key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     )
     return path
 
@@ -70,7 +72,9 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
             f"cannot read private key {path}: {exc}; create one with 'edgefleet model keygen'"
         ) from exc
     if not isinstance(key, Ed25519PrivateKey):
-        raise SignatureError(f"{path} is not an Ed25519 private key; create one with 'edgefleet model keygen'")
+        raise SignatureError(
+            f"{path} is not an Ed25519 private key; create one with 'edgefleet model keygen'"
+        )
     return key
 
 
@@ -105,9 +109,7 @@ def sign(private_key: Ed25519PrivateKey, data: bytes) -> bytes:
     return private_key.sign(data)
 
 
-def verify_signature(
-    public_keys: Iterable[Ed25519PublicKey], data: bytes, signature: bytes
-) -> str:
+def verify_signature(public_keys: Iterable[Ed25519PublicKey], data: bytes, signature: bytes) -> str:
     """Return the key_id of the trusted key that verifies `signature`; raise SignatureError otherwise."""
     keys = list(public_keys or [])
     if not keys:

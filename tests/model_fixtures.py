@@ -13,7 +13,12 @@ def classification_data(n: int = 1000, n_features: int = 8, seed: int = 0, class
     from sklearn.datasets import make_classification
 
     return make_classification(
-        n_samples=n, n_features=n_features, n_informative=min(5, n_features), class_sep=class_sep, random_state=seed
+        n_samples=n,
+        n_features=n_features,
+        n_informative=min(5, n_features - 1),
+        n_redundant=min(2, n_features - 1 - min(5, n_features - 1)),
+        class_sep=class_sep,
+        random_state=seed,
     )
 
 
@@ -36,7 +41,10 @@ def mixed_data(n: int = 800, seed: int = 0):
 
 
 def split(X, y, n_test: int = 200):
-    return (X[:-n_test], None if y is None else y[:-n_test]), (X[-n_test:], None if y is None else y[-n_test:])
+    return (X[:-n_test], None if y is None else y[:-n_test]), (
+        X[-n_test:],
+        None if y is None else y[-n_test:],
+    )
 
 
 def bundle_columns(bundle: Bundle, X) -> list[np.ndarray]:

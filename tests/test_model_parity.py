@@ -123,7 +123,9 @@ def test_bundle_matches_sklearn(family, keys):
     assert chosen_row.passed
     if m.task in ("classification", "anomaly"):
         sk_labels = est.predict(X_test)
-        agreement = np.mean(np.asarray(got[m.outputs.label]).ravel().astype(str) == sk_labels.astype(str))
+        agreement = np.mean(
+            np.asarray(got[m.outputs.label]).ravel().astype(str) == sk_labels.astype(str)
+        )
         assert agreement >= 0.995, family
     if m.task == "classification" and m.outputs.probabilities:
         diff = np.abs(got[m.outputs.probabilities] - est.predict_proba(X_test)).max()
