@@ -82,7 +82,7 @@ def alert_payload(transition: Any, *, model: str, fleet: str | None = None) -> d
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     # urllib would turn a redirected POST into a bodiless GET; a webhook URL that redirects
     # is misconfigured, and following it could leak the signed body elsewhere.
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
         return None
 
 

@@ -212,3 +212,19 @@ def test_alert_payload_end_to_end(receiver):
     assert got["alert"]["level"] == "alert" and got["alert"]["scope"] == "tag:site=north"
     assert got["alert"]["first_bucket"] == 0.0 and got["alert"]["last_bucket"] == 600.0
     assert receiver.received[0]["headers"][EVENT_HEADER] == "drift.alert.open"
+
+
+def test_the_verification_snippet_in_the_docs_works():
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "drift.md").read_text()
+    snippet = next(
+        s for s in re.findall(r"```python\n(.*?)```", doc, re.S) if "is_from_edgefleet" in s
+    )
+    namespace: dict = {}
+    exec(snippet, namespace)  # our own documentation
+    body = encode_body(PAYLOAD)
+    assert namespace["is_from_edgefleet"](body, sign(body, SECRET), SECRET)
+    assert not namespace["is_from_edgefleet"](body, sign(body, b"wrong"), SECRET)
+    assert not namespace["is_from_edgefleet"](body, None, SECRET)
