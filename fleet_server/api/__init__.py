@@ -1,0 +1,18 @@
+"""The REST API under /api/v1: one blueprint per area. Later areas append to `BLUEPRINTS`."""
+
+from __future__ import annotations
+
+from flask import Blueprint
+
+from fleet_server.api import admin, alerts, devices, drift, models, openapi
+
+BLUEPRINTS: list[Blueprint] = [
+    devices.bp,
+    models.bp,
+    drift.bp,
+    alerts.bp,
+    admin.bp,
+    openapi.bp,
+]
+
+__all__ = ["BLUEPRINTS"]

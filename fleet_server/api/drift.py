@@ -1,0 +1,54 @@
+"""Drift and telemetry API: per feature, over time, per cohort (device or tag), summaries."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, request
+
+from fleet_server import drift_service
+from fleet_server.api.common import arg_float, require, services
+from fleet_server.auth import Role
+
+bp = Blueprint("drift", __name__, url_prefix="/api/v1")
+
+
+@bp.get("/models/<name>/<version>/drift")
+@require(Role.VIEWER)
+def drift(name: str, version: str):
+    return jsonify(
+        drift_service.drift(
+            services(), name, version, request.args.get("scope", "fleet"), arg_float("start"), arg_float("end")
+        )
+    )
+
+
+@bp.get("/models/<name>/<version>/drift/timeline")
+@require(Role.VIEWER)
+def timeline(name: str, version: str):
+    return jsonify(
+        drift_service.timeline(
+            services(), name, version, request.args.get("scope", "fleet"), arg_float("start"), arg_float("end")
+        )
+    )
+
+
+@bp.get("/models/<name>/<version>/drift/cohorts")
+@require(Role.VIEWER)
+def cohorts(name: str, version: str):
+    return jsonify(
+        drift_service.cohorts(
+            services(), name, version, request.args.get("by", "device"), arg_float("start"), arg_float("end")
+        )
+    )
+
+
+@bp.get("/telemetry/summary")
+@require(Role.VIEWER)
+def telemetry_summary():
+    return jsonify(
+        summary=drift_service.telemetry_summary(
+            services(),
+            group_by=request.args.get("group_by", "version"),
+            device=request.args.get("device") or None,
+            start=arg_float("start"),
+        )
+    )

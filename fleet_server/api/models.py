@@ -1,0 +1,89 @@
+"""Models API: upload (verified), list, show, drift policy, trusted keys, and the bundle download."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, request, send_file
+
+from fleet_server import registry
+from fleet_server.api.common import (
+    ApiError,
+    basic_device,
+    bearer_identity,
+    json_body,
+    require,
+    services,
+)
+from fleet_server.auth import Role
+
+bp = Blueprint("models", __name__, url_prefix="/api/v1")
+
+MAX_UPLOAD_BYTES = 300 * 1024 * 1024
+
+
+@bp.get("/models")
+@require(Role.VIEWER)
+def list_models():
+    return jsonify(models=registry.list_models(services(), request.args.get("name") or None))
+
+
+@bp.post("/models")
+@require(Role.OPERATOR)
+def upload_model():
+    """The body is the .efb file itself, or a multipart form with a `bundle` file field."""
+    if request.content_length and request.content_length > MAX_UPLOAD_BYTES:
+        raise ApiError(f"bundle is larger than {MAX_UPLOAD_BYTES} bytes", 413)
+    upload = request.files.get("bundle")
+    data = upload.read() if upload is not None else request.get_data()
+    if not data:
+        raise ApiError("send the .efb bundle as the request body (or as multipart field 'bundle')")
+    return jsonify(model=registry.upload_bundle(services(), data)), 201
+
+
+@bp.get("/models/<name>/<version>")
+@require(Role.VIEWER)
+def get_model(name: str, version: str):
+    return jsonify(model=registry.model_detail(services(), name, version))
+
+
+@bp.put("/models/<name>/<version>/policy")
+@require(Role.OPERATOR)
+def set_policy(name: str, version: str):
+    body = json_body()
+    return jsonify(model=registry.set_policy(services(), name, version, body.get("policy")))
+
+
+@bp.get("/models/<name>/<version>/bundle")
+def download_bundle(name: str, version: str):
+    """Devices authenticate with HTTP Basic (device id, MQTT password); people with a token."""
+    if basic_device() is None and bearer_identity() is None:
+        response = jsonify(error="authenticate as a device (HTTP Basic) or with an API token")
+        response.headers["WWW-Authenticate"] = 'Basic realm="edgefleet"'
+        return response, 401
+    path, row = registry.bundle_file(services(), name, version)
+    # conditional=True gives Range (206 + Content-Range, 416) and If-None-Match handling.
+    return send_file(
+        path,
+        mimetype="application/zip",
+        as_attachment=True,
+        download_name=f"{row['sha256'][:16]}.efb",
+        etag=row["sha256"],
+        conditional=True,
+        max_age=0,
+    )
+
+
+@bp.get("/keys")
+@require(Role.VIEWER)
+def list_keys():
+    return jsonify(keys=services().storage.trusted_keys())
+
+
+@bp.post("/keys")
+@require(Role.OPERATOR)
+def add_key():
+    body = json_body()
+    pem = body.get("pem")
+    if not isinstance(pem, str):
+        raise ApiError('the body needs "pem": the Ed25519 public key in PEM form')
+    key_id = registry.trust_key(services(), pem, str(body.get("comment", "")))
+    return jsonify(key_id=key_id), 201

@@ -1,0 +1,133 @@
+"""The OpenAPI 3 document of /api/v1, from one table of operations (a test checks it covers every route)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, jsonify
+
+bp = Blueprint("openapi", __name__, url_prefix="/api/v1")
+
+Q = "query"
+P = "path"
+
+# (method, path, summary, role or None, [(name, in, type, description)], request body media type)
+OPERATIONS: list[tuple[str, str, str, str | None, list[tuple[str, str, str, str]], str | None]] = [
+    ("get", "/api/v1/health", "Liveness check", None, [], None),
+    ("get", "/api/v1/openapi.json", "This document", None, [], None),
+    ("get", "/api/v1/devices", "List devices with filters", "viewer", [
+        ("tag", Q, "string", "KEY=VALUE; repeat to require several tags"),
+        ("model_version", Q, "string", "active model version"),
+        ("online", Q, "boolean", "online (true) or offline (false) per the status topic"),
+        ("seen_within_s", Q, "number", "last message at most this many seconds ago"),
+        ("not_seen_within_s", Q, "number", "no message for at least this many seconds"),
+        ("include_revoked", Q, "boolean", "include revoked devices"),
+        ("limit", Q, "integer", "page size (max 10000)"),
+        ("offset", Q, "integer", "page offset"),
+    ], None),
+    ("post", "/api/v1/devices", "Provision a device: credentials and its agent config (shown once)",
+     "operator", [], "application/json"),
+    ("get", "/api/v1/devices/{device_id}", "A device: status, reported state, tags, delivery (loss)",
+     "viewer", [("device_id", P, "string", "device id")], None),
+    ("post", "/api/v1/devices/{device_id}/revoke", "Revoke a device's broker and download access",
+     "operator", [("device_id", P, "string", "device id")], None),
+    ("get", "/api/v1/devices/{device_id}/events", "Update history of a device (newest first)", "viewer",
+     [("device_id", P, "string", "device id"), ("limit", Q, "integer", "max events")], None),
+    ("get", "/api/v1/models", "List registered model versions with their manifests' reports", "viewer",
+     [("name", Q, "string", "only this model")], None),
+    ("post", "/api/v1/models", "Upload a signed bundle (verified against the trusted keys)", "operator", [],
+     "application/octet-stream"),
+    ("get", "/api/v1/models/{name}/{version}", "One model version with its full manifest", "viewer",
+     [("name", P, "string", "model name"), ("version", P, "string", "model version")], None),
+    ("put", "/api/v1/models/{name}/{version}/policy", "Override the drift alert policy of a model version",
+     "operator", [("name", P, "string", "model name"), ("version", P, "string", "model version")],
+     "application/json"),
+    ("get", "/api/v1/models/{name}/{version}/bundle",
+     "Download the bundle (device HTTP Basic or token; Range, ETag)", "device",
+     [("name", P, "string", "model name"), ("version", P, "string", "model version")], None),
+    ("get", "/api/v1/models/{name}/{version}/drift", "Drift per feature and for the prediction", "viewer", [
+        ("name", P, "string", "model name"), ("version", P, "string", "model version"),
+        ("scope", Q, "string", "fleet | device:ID | tag:KEY=VALUE"),
+        ("start", Q, "number", "unix time, inclusive"), ("end", Q, "number", "unix time, exclusive"),
+    ], None),
+    ("get", "/api/v1/models/{name}/{version}/drift/timeline", "PSI per bucket (over time)", "viewer", [
+        ("name", P, "string", "model name"), ("version", P, "string", "model version"),
+        ("scope", Q, "string", "fleet | device:ID | tag:KEY=VALUE"),
+        ("start", Q, "number", "unix time"), ("end", Q, "number", "unix time"),
+    ], None),
+    ("get", "/api/v1/models/{name}/{version}/drift/cohorts", "Drift per device or per tag value", "viewer", [
+        ("name", P, "string", "model name"), ("version", P, "string", "model version"),
+        ("by", Q, "string", "device | tag:KEY"),
+        ("start", Q, "number", "unix time"), ("end", Q, "number", "unix time"),
+    ], None),
+    ("get", "/api/v1/telemetry/summary", "Predictions, error rates, latency percentiles", "viewer", [
+        ("group_by", Q, "string", "version | device"), ("device", Q, "string", "one device"),
+        ("start", Q, "number", "unix time"),
+    ], None),
+    ("get", "/api/v1/alerts", "List drift alerts", "viewer", [
+        ("state", Q, "string", "open | resolved"), ("model", Q, "string", "model name"),
+        ("scope", Q, "string", "fleet | device:ID | tag:KEY=VALUE"), ("limit", Q, "integer", "max alerts"),
+    ], None),
+    ("post", "/api/v1/alerts/{alert_id}/ack", "Acknowledge an alert", "operator",
+     [("alert_id", P, "integer", "alert id")], None),
+    ("get", "/api/v1/webhooks", "List webhooks and recent deliveries", "viewer", [], None),
+    ("post", "/api/v1/webhooks", "Add a webhook (url, optional secret; the secret is shown once)", "operator",
+     [], "application/json"),
+    ("delete", "/api/v1/webhooks/{webhook_id}", "Remove a webhook", "operator",
+     [("webhook_id", P, "integer", "webhook id")], None),
+    ("get", "/api/v1/keys", "Trusted bundle-signing keys", "viewer", [], None),
+    ("post", "/api/v1/keys", "Trust a bundle-signing public key (pem, comment)", "operator", [],
+     "application/json"),
+    ("get", "/api/v1/ingest/stats", "Ingest workers, rejects by reason and device, loss by seq", "viewer",
+     [], None),
+]
+
+
+def document() -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for method, path, summary, role, params, body in OPERATIONS:
+        op: dict[str, Any] = {
+            "summary": summary,
+            "parameters": [
+                {"name": n, "in": where, "required": where == P, "schema": {"type": t}, "description": d}
+                for n, where, t, d in params
+            ],
+            "responses": {
+                "200": {"description": "OK (JSON)"},
+                "default": {"description": "Error", "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Error"}}}},
+            },
+        }
+        if role == "device":
+            op["security"] = [{"device": []}, {"token": []}]
+            op["responses"]["206"] = {"description": "Partial content (Range)"}
+            op["responses"]["416"] = {"description": "Range not satisfiable"}
+        elif role:
+            op["security"] = [{"token": []}]
+            op["x-role"] = role
+        else:
+            op["security"] = []
+        if body:
+            op["requestBody"] = {"required": True, "content": {body: {"schema": {"type": "object"}
+                                 if body == "application/json" else {"type": "string", "format": "binary"}}}}
+        paths.setdefault(path, {})[method] = op
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "edgefleet fleet server", "version": "1"},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "token": {"type": "http", "scheme": "bearer"},
+                "device": {"type": "http", "scheme": "basic"},
+            },
+            "schemas": {
+                "Error": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+            },
+        },
+        "security": [{"token": []}],
+    }
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return jsonify(document())

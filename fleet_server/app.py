@@ -1,0 +1,38 @@
+"""The Flask app factory: JSON API blueprints, error handlers and /metrics, over given services."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flask import Blueprint, Flask, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from fleet_server.api import BLUEPRINTS
+from fleet_server.api.common import register_error_handlers
+from fleet_server.config import ServerConfig
+from fleet_server.metrics import make_registry
+from fleet_server.service import Services, bootstrap
+
+
+def create_app(
+    config: ServerConfig,
+    *,
+    services: Services | None = None,
+    blueprints: Iterable[Blueprint] | None = None,
+) -> Flask:
+    """Build the WSGI app. `services` default to `bootstrap(config)` (storage only, no MQTT)."""
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = 300 * 1024 * 1024  # bundles; anything larger is a 413
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    svc = services or bootstrap(config)
+    app.extensions["edgefleet"] = svc
+    for bp in blueprints if blueprints is not None else BLUEPRINTS:
+        app.register_blueprint(bp)
+    register_error_handlers(app)
+    registry = make_registry(svc.storage)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+
+    return app

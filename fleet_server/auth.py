@@ -1,0 +1,89 @@
+"""Credentials: device passwords (argon2id + Mosquitto's $7$ hash), API tokens and roles.
+
+Only hashes are stored. Device passwords are random and high-entropy, but they are checked by
+the HTTP download endpoint, so they get argon2id (the OWASP-recommended memory-hard hash, via
+argon2-cffi) with a small in-memory cache of recent successes so resumed downloads stay cheap.
+API tokens are 256-bit random strings: a salted slow hash adds nothing to their strength, so
+they are stored as SHA-256 and looked up directly.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import threading
+from collections import OrderedDict
+from enum import StrEnum
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+TOKEN_PREFIX = "eft_"
+# OWASP minimum argon2id parameters: ~20 ms per check here, 19 MiB of memory.
+_hasher = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
+MOSQUITTO_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes; the password itself is random
+
+
+class Role(StrEnum):
+    VIEWER = "viewer"  # read everything
+    OPERATOR = "operator"  # also change things: devices, models, alerts, webhooks
+
+    def allows(self, needed: Role) -> bool:
+        return self is Role.OPERATOR or needed is Role.VIEWER
+
+
+def new_device_password() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def mosquitto_hash(password: str, salt: bytes | None = None) -> str:
+    """A Mosquitto 2.0 password-file hash: `$7$iterations$salt$PBKDF2-SHA512` (base64)."""
+    salt = salt if salt is not None else secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, MOSQUITTO_ITERATIONS)
+    return f"$7${MOSQUITTO_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+class PasswordChecker:
+    """Checks device passwords against argon2 hashes, remembering recent successes."""
+
+    def __init__(self, cache_size: int = 4096) -> None:
+        self._ok: OrderedDict[tuple[str, bytes], str] = OrderedDict()
+        self._size = cache_size
+        self._lock = threading.Lock()
+
+    def check(self, device_id: str, password: str, stored_hash: str | None) -> bool:
+        if stored_hash is None:
+            return False
+        # The cache key includes the stored hash: a revoked or re-provisioned device misses it.
+        key = (device_id, hashlib.sha256(password.encode()).digest())
+        with self._lock:
+            if self._ok.get(key) == stored_hash:
+                self._ok.move_to_end(key)
+                return True
+        try:
+            _hasher.verify(stored_hash, password)
+        except (VerificationError, InvalidHashError):
+            return False
+        with self._lock:
+            self._ok[key] = stored_hash
+            while len(self._ok) > self._size:
+                self._ok.popitem(last=False)
+        return True
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def constant_time_equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())

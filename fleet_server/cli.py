@@ -1,0 +1,244 @@
+"""`edgefleet server ...`: each command parses options, calls one service, prints the result."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fleet_server.config import ConfigError, ServerConfig, load_config
+
+ERRORS: tuple[type[Exception], ...] = (ConfigError, ValueError, OSError)
+
+
+def data_dir_option(fn: Callable) -> Callable:
+    return click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar="EDGEFLEET_DATA_DIR",
+        required=True,
+        help="Server data directory (database, bundles, broker files). Env: EDGEFLEET_DATA_DIR.",
+    )(fn)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn errors a user can cause into a clean message instead of a traceback."""
+
+    @functools.wraps(fn)
+    def inner(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except ERRORS as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return inner
+
+
+def _services(data_dir: Path, **overrides: Any):
+    from fleet_server.service import bootstrap
+
+    return bootstrap(load_config(data_dir, **overrides))
+
+
+@click.group()
+def server() -> None:
+    """Run and administer the fleet server."""
+
+
+def _serve(config: ServerConfig, **kwargs: Any) -> None:
+    from fleet_server.service import FleetServer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fleet = FleetServer(config, **kwargs)
+    fleet.start()
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if kwargs.get("http", True):
+        click.echo(f"edgefleet server: API on {fleet.url}, MQTT {config.broker_url}", err=True)
+    else:
+        click.echo(f"edgefleet ingest worker {config.worker_id}: MQTT {config.broker_url}", err=True)
+    try:
+        while not stopping.wait(0.5):
+            pass
+    finally:
+        click.echo("stopping...", err=True)
+        fleet.stop()
+
+
+@server.command()
+@data_dir_option
+@click.option("--listen", help="HOST:PORT of the HTTP API (default 127.0.0.1:8080).")
+@click.option("--mqtt-url", help="Use an existing broker (mqtt://host:port) instead of the managed one.")
+@click.option("--managed-broker", is_flag=True, help="Start and manage Mosquitto (the default without --mqtt-url).")
+@click.option("--broker-port", type=int, help="Loopback port of the managed broker (default 1883).")
+@click.option("--public-url", help="Base URL devices download bundles from (default http://LISTEN).")
+@user_errors
+def run(data_dir: Path, listen: str | None, mqtt_url: str | None, managed_broker: bool,
+        broker_port: int | None, public_url: str | None) -> None:
+    """Run the API, MQTT ingest, drift alerts and (managed) broker until SIGTERM or Ctrl-C."""
+    if managed_broker and mqtt_url:
+        raise click.UsageError("--managed-broker and --mqtt-url exclude each other: pick one")
+    config = load_config(data_dir, listen=listen, mqtt_url=mqtt_url, broker_port=broker_port, public_url=public_url)
+    if managed_broker:
+        config.mqtt_url = ""
+    _serve(config)
+
+
+@server.command()
+@data_dir_option
+@click.option("--mqtt-url", help="Broker URL (default: the managed broker's loopback port).")
+@click.option("--worker-id", default="1", show_default=True,
+              help="Distinct per ingest process: it names the persistent MQTT session.")
+@user_errors
+def ingest(data_dir: Path, mqtt_url: str | None, worker_id: str) -> None:
+    """Run an extra ingest-only process sharing the telemetry subscription and the database."""
+    config = load_config(data_dir, worker_id=worker_id)
+    # Never start a second managed broker: connect to the running one (or the given URL).
+    config.mqtt_url = mqtt_url or f"mqtt://{config.broker_host}:{config.broker_port}"
+    _serve(config, http=False, loops=False)
+
+
+@server.command("add-device")
+@data_dir_option
+@click.argument("device_id")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Tag the device; repeatable.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the agent config here (mode 0600) instead of printing it.")
+@click.option("--agent-data-dir", default="/var/lib/edgefleet", show_default=True,
+              help="data_dir written into the agent config.")
+@user_errors
+def add_device(data_dir: Path, device_id: str, tags: tuple[str, ...], output: Path | None,
+               agent_data_dir: str) -> None:
+    """Provision a device and print its ready agent config (the password is shown only now)."""
+    from fleet_server.devices import parse_tags, provision_device
+
+    svc = _services(data_dir)
+    p = provision_device(svc, device_id, parse_tags(tags), data_dir=agent_data_dir)
+    if output:
+        output.touch(mode=0o600)
+        output.write_text(p.agent_config)
+        click.echo(f"device {device_id} provisioned; agent config written to {output}", err=True)
+    else:
+        click.echo(p.agent_config, nl=False)
+
+
+@server.command("revoke-device")
+@data_dir_option
+@click.argument("device_id")
+@user_errors
+def revoke_device(data_dir: Path, device_id: str) -> None:
+    """Revoke a device: it can no longer connect to the broker or download bundles."""
+    from fleet_server.devices import revoke_device as revoke
+
+    revoke(_services(data_dir), device_id)
+    click.echo(f"device {device_id} revoked")
+
+
+@server.command("list-devices")
+@data_dir_option
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Only devices with this tag; repeatable.")
+@click.option("--model-version", help="Only devices whose active model version is this.")
+@click.option("--online/--offline", default=None, help="Only online (or offline) devices.")
+@click.option("--seen-within", type=float, metavar="SECONDS", help="Only devices heard from this recently.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@user_errors
+def list_devices(data_dir: Path, tags: tuple[str, ...], model_version: str | None, online: bool | None,
+                 seen_within: float | None, as_json: bool) -> None:
+    """List devices, filtered by tag, model version, online state and last seen."""
+    from fleet_server.devices import list_devices as list_
+    from fleet_server.devices import parse_tags
+
+    rows = list_(_services(data_dir), tags=parse_tags(tags), model_version=model_version, online=online,
+                 seen_within_s=seen_within)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for d in rows:
+        tag_text = ",".join(f"{k}={v}" for k, v in sorted(d["tags"].items()))
+        click.echo(f"{d['id']:24} {d['status']:8} {d['active_version'] or '-':12} {tag_text}")
+
+
+@server.command("add-model")
+@data_dir_option
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@user_errors
+def add_model(data_dir: Path, bundle: Path) -> None:
+    """Verify a signed bundle against the trusted keys and register it."""
+    from fleet_server.registry import upload_bundle
+
+    m = upload_bundle(_services(data_dir), bundle.read_bytes())
+    click.echo(f"registered {m['name']} {m['version']} (sha256 {m['sha256'][:12]}..., signed by {m['key_id']})")
+
+
+@server.command("list-models")
+@data_dir_option
+@user_errors
+def list_models(data_dir: Path) -> None:
+    """List registered model versions."""
+    from fleet_server.registry import list_models as list_
+
+    for m in list_(_services(data_dir)):
+        click.echo(f"{m['name']:20} {m['version']:12} {m['variant'] or '-':14} {m['size']:>10} {m['sha256'][:12]}")
+
+
+@server.command("trust-key")
+@data_dir_option
+@click.argument("pubkey", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--comment", default="", help="A note stored with the key (who signs with it).")
+@user_errors
+def trust_key(data_dir: Path, pubkey: Path, comment: str) -> None:
+    """Trust a bundle-signing public key (PEM, from 'edgefleet model keygen')."""
+    from fleet_server.registry import trust_key as trust
+
+    click.echo(f"trusted key {trust(_services(data_dir), pubkey.read_bytes(), comment or pubkey.name)}")
+
+
+@server.command("create-token")
+@data_dir_option
+@click.option("--role", type=click.Choice(["viewer", "operator"]), default="viewer", show_default=True,
+              help="viewer reads; operator also changes devices, models, alerts and webhooks.")
+@click.option("--name", default="cli", show_default=True, help="Who or what the token is for.")
+@user_errors
+def create_token(data_dir: Path, role: str, name: str) -> None:
+    """Create an API token (printed once; only its hash is stored)."""
+    from fleet_server.auth import new_token, token_hash
+
+    svc = _services(data_dir)
+    token = new_token()
+    svc.storage.insert_token(name, role, token_hash(token), svc.clock())
+    click.echo(token)
+
+
+@server.command("broker-config")
+@data_dir_option
+@user_errors
+def broker_config(data_dir: Path) -> None:
+    """Print the password file and ACL for an external Mosquitto."""
+    from fleet_server.broker import broker_material
+
+    svc = _services(data_dir)
+    click.echo(broker_material(svc.config, svc.storage).render(), nl=False)
+    click.echo(f"# server account password: {svc.config.secrets_dir / 'mqtt-server-password'}", err=True)
+
+
+def main() -> None:  # pragma: no cover - for `python -m fleet_server.cli`
+    server(prog_name="edgefleet server")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

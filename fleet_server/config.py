@@ -1,0 +1,141 @@
+"""The fleet server's configuration: one dataclass, read from `DATA_DIR/server.toml` plus overrides.
+
+Everything the server builds (storage, broker, loops) takes its settings from here, so tests
+construct a `ServerConfig` directly with small buckets and fast loops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from edge_agent.protocol import valid_id
+
+SERVER_USERNAME = "_edgefleet_server"  # never a valid device id: those start with a letter or digit
+CONFIG_FILE = "server.toml"
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says which and what to do."""
+
+
+@dataclass
+class ServerConfig:
+    """Settings of one fleet server (its API, ingest and loops share one data dir)."""
+
+    data_dir: Path
+    fleet: str = "default"
+    listen: str = "127.0.0.1:8080"
+    public_url: str = ""  # base URL devices download from; default http://{listen}
+    mqtt_url: str = ""  # external broker; empty: managed broker
+    broker_port: int = 1883  # managed broker's loopback port
+    broker_host: str = "127.0.0.1"
+    device_mqtt_url: str = ""  # URL written into agent configs; default the broker's URL
+    mqtt_ca_file: str = ""
+    worker_id: str = "0"  # distinct per ingest process: it names the persistent MQTT session
+    session_expiry_s: int = 7 * 24 * 3600
+    bucket_s: float = 300.0  # drift time bucket
+    bucket_grace_s: float = 60.0  # a bucket is closed this long after its end
+    alert_interval_s: float = 30.0
+    broker_sync_interval_s: float = 2.0
+    ingest_batch_s: float = 0.1
+    ingest_batch_max: int = 2000
+    stats_interval_s: float = 2.0
+    max_queued_messages: int = 1_000_000
+    trusted_key_files: list[str] = field(default_factory=list)
+    # Default drift policy; per-model overrides live in the registry.
+    warn_psi: float = 0.1
+    alert_psi: float = 0.25
+    min_predictions: int = 500
+    consecutive: int = 3
+    webhook_timeout_s: float = 5.0
+    webhook_retries: int = 3
+    threads: int = 8  # waitress worker threads
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        if not valid_id(self.fleet):
+            raise ConfigError(f"fleet {self.fleet!r} is not valid: use letters, digits, '.', '_' or '-'")
+        if self.mqtt_url and urlsplit(self.mqtt_url).scheme not in ("mqtt", "mqtts"):
+            raise ConfigError(f"mqtt_url {self.mqtt_url!r} must start with mqtt:// or mqtts://")
+        if self.bucket_s <= 0:
+            raise ConfigError("bucket_s must be positive (seconds per drift bucket)")
+        if ":" not in self.listen:
+            raise ConfigError(f"listen {self.listen!r} must be HOST:PORT, e.g. 127.0.0.1:8080")
+
+    # ------------------------------------------------------------------ derived values
+
+    @property
+    def managed_broker(self) -> bool:
+        return not self.mqtt_url
+
+    @property
+    def broker_url(self) -> str:
+        return self.mqtt_url or f"mqtt://{self.broker_host}:{self.broker_port}"
+
+    @property
+    def device_broker_url(self) -> str:
+        return self.device_mqtt_url or self.broker_url
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host, int(port)
+
+    @property
+    def server_url(self) -> str:
+        return (self.public_url or f"http://{self.listen}").rstrip("/")
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "fleet.db"
+
+    @property
+    def bundles_dir(self) -> Path:
+        return self.data_dir / "bundles"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.data_dir / "secrets"
+
+    def server_mqtt_password(self) -> str:
+        """The server account's MQTT password, created on first use (0600 file in the data dir)."""
+        path = self.secrets_dir / "mqtt-server-password"
+        if not path.exists():
+            self.secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_suffix(".tmp")
+            tmp.touch(mode=0o600)
+            tmp.write_text(secrets.token_urlsafe(32))
+            tmp.replace(path)
+        return path.read_text().strip()
+
+    def ensure_dirs(self) -> None:
+        for d in (self.data_dir, self.bundles_dir, self.secrets_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+def load_config(data_dir: str | Path, **overrides: Any) -> ServerConfig:
+    """Read `DATA_DIR/server.toml` if present, then apply non-None overrides (CLI options)."""
+    data_dir = Path(data_dir)
+    values: dict[str, Any] = {}
+    path = data_dir / CONFIG_FILE
+    known = {f.name for f in dataclasses.fields(ServerConfig)} - {"data_dir"}
+    if path.exists():
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown key(s) {unknown} in {path}; known keys: {', '.join(sorted(known))}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ServerConfig(data_dir=data_dir, **values)

@@ -1,0 +1,246 @@
+"""Drift and telemetry services: roll bucket sums up to a scope, then score them (fleet_server.drift).
+
+A scope is `fleet`, `device:ID` or `tag:KEY=VALUE`. Every roll-up is a sum of stored
+(model version, device, bucket) rows, so the fleet's numbers equal the sum of its devices'.
+Features are identified by index (names are arbitrary strings and stay in the payload only).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from fleet_server.alerts import DriftPolicy
+from fleet_server.drift import DriftReport, FeatureDrift, drift_report
+from fleet_server.registry import effective_policy, get_model
+from fleet_server.telemetry import EXTRA_SLOTS, BucketSums, sum_rows, summary
+from model_tools.manifest import ReferenceProfile
+
+if TYPE_CHECKING:
+    from fleet_server.service import Services
+
+
+class DriftQueryError(ValueError):
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_scope(scope: str) -> tuple[str, str | None, str | None]:
+    """`fleet` / `device:ID` / `tag:KEY=VALUE` -> (kind, key, value)."""
+    if scope == "fleet":
+        return "fleet", None, None
+    kind, _, rest = scope.partition(":")
+    if kind == "device" and rest:
+        return "device", rest, None
+    if kind == "tag" and "=" in rest:
+        key, _, value = rest.partition("=")
+        return "tag", key, value
+    raise DriftQueryError(f"scope {scope!r} must be 'fleet', 'device:ID' or 'tag:KEY=VALUE'")
+
+
+def scope_devices(svc: Services, scope: str) -> list[str] | None:
+    """Device ids in a scope; None means every device (the fleet)."""
+    kind, key, value = parse_scope(scope)
+    if kind == "fleet":
+        return None
+    if kind == "device":
+        return [key or ""]
+    devices = svc.storage.list_devices(tags={key or "": value or ""}, include_revoked=True, limit=1_000_000)
+    return [d["id"] for d in devices]
+
+
+def profile_of(row: dict[str, Any]) -> ReferenceProfile:
+    return msgspec.convert(row["manifest"]["profile"], ReferenceProfile)
+
+
+def _counts(packed: list[int]) -> tuple[list[int], int]:
+    return packed[:-EXTRA_SLOTS], packed[-EXTRA_SLOTS]
+
+
+def report_for(profile: ReferenceProfile, sums: BucketSums) -> DriftReport | None:
+    """Drift of summed counts against the profile; None when no feature counts arrived."""
+    if not sums.features:
+        return None
+    return drift_report(
+        profile,
+        [_counts(f) for f in sums.features],
+        _counts(sums.prediction) if sums.prediction is not None else None,
+    )
+
+
+def _feature_entry(
+    index: int | None, name: str, fd: FeatureDrift, policy: DriftPolicy, packed: list[int] | None
+) -> dict[str, Any]:
+    level = policy.level(fd.psi, fd.noise_psi, fd.n_cur)
+    entry = {"index": index, "name": name, **fd.to_dict(), "level": level.value if level else None}
+    if packed is not None:
+        entry["below_min"], entry["above_max"], entry["unseen"] = packed[-3:]
+    return entry
+
+
+def describe(
+    profile: ReferenceProfile, sums: BucketSums, policy: DriftPolicy
+) -> dict[str, Any]:
+    report = report_for(profile, sums)
+    if report is None:
+        return {"features": [], "prediction": None}
+    feats = [
+        _feature_entry(i, fp.name, report.features[fp.name], policy, sums.features[i] if sums.features else None)
+        for i, fp in enumerate(profile.features)
+    ]
+    pred = (
+        _feature_entry(None, "prediction", report.prediction, policy, sums.prediction)
+        if report.prediction is not None
+        else None
+    )
+    return {"features": feats, "prediction": pred}
+
+
+def drift(
+    svc: Services,
+    model: str,
+    version: str,
+    scope: str = "fleet",
+    start: float | None = None,
+    end: float | None = None,
+) -> dict[str, Any]:
+    """Drift per feature and for the prediction of one model version in one scope and time range."""
+    row = get_model(svc, model, version)
+    devices = scope_devices(svc, scope)
+    rows = svc.storage.bucket_rows(model, version, start, end, devices)
+    sums = sum_rows(rows)
+    policy = effective_policy(svc, row)
+    return {
+        "model": model,
+        "version": version,
+        "scope": scope,
+        "start": start,
+        "end": end,
+        "buckets": len({r["bucket_start"] for r in rows}),
+        "devices": len({r["device"] for r in rows}),
+        "policy": policy.to_dict(),
+        **summary(sums),
+        **describe(profile_of(row), sums, policy),
+    }
+
+
+def timeline(
+    svc: Services,
+    model: str,
+    version: str,
+    scope: str = "fleet",
+    start: float | None = None,
+    end: float | None = None,
+) -> dict[str, Any]:
+    """Per-bucket PSI of every feature and the prediction (for charts and alert evaluation)."""
+    row = get_model(svc, model, version)
+    profile = profile_of(row)
+    policy = effective_policy(svc, row)
+    by_bucket: dict[float, list[dict[str, Any]]] = defaultdict(list)
+    for r in svc.storage.bucket_rows(model, version, start, end, scope_devices(svc, scope)):
+        by_bucket[r["bucket_start"]].append(r)
+    points = []
+    for bucket in sorted(by_bucket):
+        sums = sum_rows(by_bucket[bucket])
+        d = describe(profile, sums, policy)
+        points.append(
+            {
+                "bucket_start": bucket,
+                "bucket_end": bucket + svc.config.bucket_s,
+                "predictions": sums.predictions,
+                "features": [
+                    {"index": f["index"], "psi": f["psi"], "js": f["js"], "noise_psi": f["noise_psi"], "level": f["level"]}
+                    for f in d["features"]
+                ],
+                "prediction": (
+                    {k: d["prediction"][k] for k in ("psi", "js", "noise_psi", "level")} if d["prediction"] else None
+                ),
+            }
+        )
+    return {
+        "model": model,
+        "version": version,
+        "scope": scope,
+        "bucket_s": svc.config.bucket_s,
+        "features": [{"index": i, "name": f.name} for i, f in enumerate(profile.features)],
+        "points": points,
+    }
+
+
+def cohorts(
+    svc: Services,
+    model: str,
+    version: str,
+    by: str = "device",
+    start: float | None = None,
+    end: float | None = None,
+) -> dict[str, Any]:
+    """Drift per device, or per value of a tag (`by=tag:KEY`), side by side."""
+    row = get_model(svc, model, version)
+    profile = profile_of(row)
+    policy = effective_policy(svc, row)
+    rows = svc.storage.bucket_rows(model, version, start, end)
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    if by == "device":
+        for r in rows:
+            groups[f"device:{r['device']}"].append(r)
+    elif by.startswith("tag:") and len(by) > 4:
+        key = by[4:]
+        tag_of = {
+            d["id"]: d["tags"].get(key)
+            for d in svc.storage.list_devices(include_revoked=True, limit=1_000_000)
+        }
+        for r in rows:
+            value = tag_of.get(r["device"])
+            if value is not None:
+                groups[f"tag:{key}={value}"].append(r)
+    else:
+        raise DriftQueryError(f"by={by!r} must be 'device' or 'tag:KEY'")
+    out = []
+    for scope in sorted(groups):
+        sums = sum_rows(groups[scope])
+        d = describe(profile, sums, policy)
+        worst = max(d["features"], key=lambda f: f["psi"] if f["psi"] is not None else -1, default=None)
+        out.append(
+            {
+                "scope": scope,
+                **summary(sums),
+                "max_feature_psi": worst["psi"] if worst else None,
+                "max_feature_index": worst["index"] if worst else None,
+                "prediction_psi": d["prediction"]["psi"] if d["prediction"] else None,
+                "features": [{"index": f["index"], "psi": f["psi"], "level": f["level"]} for f in d["features"]],
+            }
+        )
+    return {"model": model, "version": version, "by": by, "cohorts": out}
+
+
+def telemetry_summary(
+    svc: Services,
+    *,
+    group_by: str = "version",
+    device: str | None = None,
+    start: float | None = None,
+) -> list[dict[str, Any]]:
+    """Predictions, error rates and latency percentiles per model version or per device x version."""
+    if group_by not in ("version", "device"):
+        raise DriftQueryError(f"group_by={group_by!r} must be 'version' or 'device'")
+    groups: dict[tuple[str, ...], BucketSums] = defaultdict(BucketSums)
+    if device is not None:
+        rows = svc.storage.device_bucket_rows(device, start)
+    else:
+        rows = []
+        for v in svc.storage.bucketed_versions(start):
+            rows += svc.storage.bucket_rows(v["model"], v["model_version"], start)
+    for r in rows:
+        key = (r["model"], r["model_version"]) + ((r["device"],) if group_by == "device" else ())
+        groups[key].add_sums(BucketSums.from_row(r))
+    out = []
+    for key in sorted(groups):
+        entry = {"model": key[0] or None, "version": key[1] or None}
+        if group_by == "device":
+            entry["device"] = key[2]
+        out.append({**entry, **summary(groups[key])})
+    return out

@@ -1,0 +1,325 @@
+"""MQTT ingest: validate device messages and store them in batches, idempotent by (device, seq).
+
+paho runs `on_message` in its network thread: it only queues. A writer thread decodes a batch
+(every ~100 ms or 2,000 messages), stores it in one transaction, and only then acknowledges the
+messages (manual PUBACK), so a kill -9 at any point loses nothing the broker accepted: the
+persistent session redelivers whatever was not acknowledged, and the (device, seq) key drops
+what was stored twice. Telemetry and events come through an MQTT 5 shared subscription, so any
+number of ingest processes can split them; retained snapshots (`reported`, `status`) are read by
+every process (they are idempotent, and shared subscriptions get no retained messages).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edge_agent.protocol import (
+    ProtocolError,
+    ReportedState,
+    Status,
+    TelemetryWindow,
+    UpdateEvent,
+    decode,
+    parse_topic,
+    subscription,
+)
+from fleet_server.config import ServerConfig
+from fleet_server.mqtt_link import make_client
+from fleet_server.storage import IngestBatch, Reject, Storage
+
+log = logging.getLogger(__name__)
+
+SHARED_GROUP = "ingest"
+
+
+@dataclass
+class Incoming:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    retain: bool
+    received_at: float
+
+
+class DeviceDirectory:
+    """Which device ids may send, refreshed when the registry's generation changes."""
+
+    def __init__(self, storage: Storage, refresh_s: float = 1.0) -> None:
+        self.storage = storage
+        self.refresh_s = refresh_s
+        self._ids: set[str] = set()
+        self._generation = -1
+        self._checked = 0.0
+
+    def __contains__(self, device_id: str) -> bool:
+        now = time.monotonic()
+        # A miss re-reads the generation (one cheap query) so a just-provisioned device is
+        # accepted at once; hits re-check only every refresh_s, to notice revocations.
+        if device_id not in self._ids or now - self._checked > self.refresh_s:
+            self._refresh(now)
+        return device_id in self._ids
+
+    def _refresh(self, now: float) -> None:
+        generation = self.storage.devices_generation()
+        if generation != self._generation:
+            self._ids = self.storage.active_device_ids()
+            self._generation = generation
+        self._checked = now
+
+
+class ProfileShapes:
+    """Expected bin counts per (model, version) from the registry, to reject mismatched windows."""
+
+    def __init__(self, storage: Storage, ttl_s: float = 5.0) -> None:
+        self.storage = storage
+        self.ttl_s = ttl_s
+        self._cache: dict[tuple[str, str], tuple[float, tuple[list[int], int] | None]] = {}
+
+    def get(self, model: str, version: str) -> tuple[list[int], int] | None:
+        now = time.monotonic()
+        hit = self._cache.get((model, version))
+        if hit is not None and (hit[1] is not None or now - hit[0] < self.ttl_s):
+            return hit[1]
+        row = self.storage.get_model(model, version)
+        shape = None
+        if row is not None:
+            profile = row["manifest"]["profile"]
+            shape = (
+                [len(f["distribution"]["counts"]) for f in profile["features"]],
+                len(profile["prediction"]["counts"]),
+            )
+        self._cache[(model, version)] = (now, shape)
+        return shape
+
+
+def check_shape(window: TelemetryWindow, shapes: ProfileShapes) -> str | None:
+    """A reason to reject a window whose counts do not fit its model's reference bins, else None."""
+    if not window.model or not window.model_version or not window.features:
+        return None
+    shape = shapes.get(window.model, window.model_version)
+    if shape is None:
+        return None  # model not (yet) registered: sums are kept, drift waits for the profile
+    features, prediction = shape
+    if [len(f.bins) for f in window.features] != features:
+        return f"feature bins {[len(f.bins) for f in window.features]} != profile {features}"
+    if window.prediction is not None and len(window.prediction.bins) != prediction:
+        return f"prediction bins {len(window.prediction.bins)} != profile {prediction}"
+    return None
+
+
+def classify(
+    msg: Incoming, fleet: str, devices: DeviceDirectory, shapes: ProfileShapes, batch: IngestBatch
+) -> None:
+    """Decode one message into the batch, or add the reason it was rejected."""
+    try:
+        msg_fleet, device, kind = parse_topic(msg.topic)
+        if msg_fleet != fleet or kind == "desired":
+            raise ProtocolError("foreign_topic", msg.topic[:200])
+    except ProtocolError as exc:
+        batch.rejects.append(Reject(exc.reason, "", exc.detail))
+        return
+    if not msg.payload and kind in ("reported", "status"):
+        return  # a cleared retained message, not a report
+    try:
+        message = decode(kind, msg.payload)
+    except ProtocolError as exc:
+        batch.rejects.append(Reject(exc.reason, device, exc.detail))
+        return
+    if message.device != device:
+        batch.rejects.append(Reject("device_mismatch", device, f"payload says {message.device[:64]!r}"))
+        return
+    if device not in devices:
+        batch.rejects.append(Reject("unknown_device", device, "not registered or revoked"))
+        return
+    if isinstance(message, TelemetryWindow):
+        reason = check_shape(message, shapes)
+        if reason:
+            batch.rejects.append(Reject("profile_mismatch", device, reason))
+        else:
+            batch.windows.append((message, msg.received_at))
+    elif isinstance(message, UpdateEvent):
+        batch.events.append((message, msg.received_at))
+    elif isinstance(message, Status):
+        batch.statuses.append((message, msg.received_at, msg.retain))
+    elif isinstance(message, ReportedState):
+        batch.reported.append((message, msg.received_at))
+
+
+class IngestStats:
+    """Counters and recent publish-to-stored lags of one ingest process."""
+
+    def __init__(self, lag_samples: int = 20000) -> None:
+        self.counters: Counter[str] = Counter()
+        self.rejects: Counter[str] = Counter()
+        self.lags: deque[float] = deque(maxlen=lag_samples)
+        self.lock = threading.Lock()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            lags = sorted(self.lags)
+            counters = dict(self.counters)
+            rejects = dict(self.rejects)
+
+        def pct(q: float) -> float | None:
+            return lags[min(len(lags) - 1, int(q * len(lags)))] if lags else None
+
+        return {
+            **counters,
+            "rejected_by_reason": rejects,
+            "lag_s": {"p50": pct(0.5), "p99": pct(0.99), "max": lags[-1] if lags else None, "samples": len(lags)},
+        }
+
+
+class IngestWorker:
+    """One ingest process's MQTT client and writer thread."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        storage: Storage,
+        *,
+        clock: Callable[[], float] = time.time,
+        client_id: str | None = None,
+    ) -> None:
+        self.config = config
+        self.storage = storage
+        self.clock = clock
+        self.stats = IngestStats()
+        self.devices = DeviceDirectory(storage)
+        self.shapes = ProfileShapes(storage)
+        self.queue: queue.Queue[Incoming | None] = queue.Queue()
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._writer: threading.Thread | None = None
+        self.client, self._connect = make_client(
+            config, client_id or f"ef-ingest-{config.worker_id}", persistent=True, manual_ack=True
+        )
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    # ---- paho callbacks (network thread): translate only
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("ingest MQTT connect refused: %s (check the server account and ACL)", reason_code)
+            return
+        fleet = self.config.fleet
+        opts = SubscribeOptions(qos=1)
+        client.subscribe(
+            [
+                (subscription(fleet, "telemetry", SHARED_GROUP), opts),
+                (subscription(fleet, "events", SHARED_GROUP), opts),
+                (subscription(fleet, "reported"), opts),
+                (subscription(fleet, "status"), opts),
+            ]
+        )
+        self.connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        self.queue.put(Incoming(msg.topic, msg.payload, msg.mid, msg.qos, bool(msg.retain), time.time()))
+
+    # ---- lifecycle
+    def start(self) -> None:
+        self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
+        self._writer.start()
+        self.client.connect_async(**self._connect)
+        self.client.loop_start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop receiving, store what was received, then disconnect (unacked ones are redelivered)."""
+        self._stop.set()
+        self.queue.put(None)
+        if self._writer is not None:
+            self._writer.join(timeout)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._flush_stats()
+
+    # ---- writer thread
+    def _collect(self) -> list[Incoming]:
+        items: list[Incoming] = []
+        try:
+            first = self.queue.get(timeout=0.25)
+        except queue.Empty:
+            return items
+        if first is None:
+            return items
+        items.append(first)
+        deadline = time.monotonic() + self.config.ingest_batch_s
+        while len(items) < self.config.ingest_batch_max:
+            remaining = deadline - time.monotonic()
+            try:
+                item = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                break
+            items.append(item)
+        return items
+
+    def _write_loop(self) -> None:
+        last_stats = 0.0
+        while True:
+            items = self._collect()
+            if items:
+                self._process(items)
+            if time.monotonic() - last_stats > self.config.stats_interval_s:
+                self._flush_stats()
+                last_stats = time.monotonic()
+            if self._stop.is_set() and self.queue.empty():
+                return
+
+    def _process(self, items: list[Incoming]) -> None:
+        batch = IngestBatch()
+        for msg in items:
+            classify(msg, self.config.fleet, self.devices, self.shapes, batch)
+        delay = 0.05
+        while True:
+            try:
+                result = self.storage.store_batch(batch, self.config.bucket_s, self.clock())
+                break
+            except Exception:  # a locked or full database must not kill ingest: retry, keep unacked
+                log.exception("storing an ingest batch failed; retrying in %.1fs", delay)
+                if self._stop.is_set():
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        for msg in items:
+            if msg.qos:
+                self.client.ack(msg.mid, msg.qos)
+        with self.stats.lock:
+            c = self.stats.counters
+            c["received"] += len(items)
+            c["stored_windows"] += result.stored_windows
+            c["stored_events"] += result.stored_events
+            c["duplicates"] += result.duplicates
+            c["snapshots"] += result.snapshots
+            c["batches"] += 1
+            for r in batch.rejects + result.rejects:
+                c["rejected"] += 1
+                self.stats.rejects[r.reason] += 1
+            self.stats.lags.extend(result.lags)
+
+    def _flush_stats(self) -> None:
+        try:
+            snap = self.stats.snapshot()
+            snap["connected"] = self.connected.is_set()
+            snap["queue_depth"] = self.queue.qsize()
+            self.storage.put_worker_stats(self.config.worker_id, os.getpid(), snap, time.time())
+        except Exception:
+            log.exception("could not record ingest statistics")

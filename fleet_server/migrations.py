@@ -1,0 +1,209 @@
+"""The SQLite schema as numbered migrations (sqlite_utils.Migrations: one transaction each, recorded).
+
+Never edit a migration that has shipped: add the next number. Counts are stored as compact JSON
+arrays so that roll-ups are element-wise sums (DESIGN section 5).
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("edgefleet")
+
+
+@migrations(name="0001_initial")
+def m0001_initial(db: Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE devices (
+            id TEXT PRIMARY KEY,
+            fleet TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            revoked_at REAL,
+            password_hash TEXT NOT NULL,          -- argon2id, for HTTP downloads
+            broker_hash TEXT NOT NULL,            -- mosquitto $7$ PBKDF2-SHA512, for the password file
+            status TEXT NOT NULL DEFAULT 'unknown',
+            status_ts REAL,
+            last_seen REAL,
+            reported TEXT,                        -- latest ReportedState as JSON
+            reported_ts REAL,
+            model TEXT,
+            active_version TEXT,
+            agent_version TEXT,
+            update_state TEXT
+        );
+        CREATE TABLE device_tags (
+            device TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (device, key)
+        ) WITHOUT ROWID;
+        CREATE INDEX device_tags_kv ON device_tags(key, value);
+
+        -- One row per (device, seq) over telemetry AND events: the dedupe key.
+        CREATE TABLE seqs (
+            device TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            PRIMARY KEY (device, seq)
+        ) WITHOUT ROWID;
+        CREATE TABLE seq_stats (
+            device TEXT PRIMARY KEY,
+            first_seq INTEGER NOT NULL,
+            max_seq INTEGER NOT NULL,
+            received INTEGER NOT NULL,
+            dropped_total INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE windows (
+            device TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            model TEXT NOT NULL,
+            model_version TEXT NOT NULL,
+            window_start REAL NOT NULL,
+            window_end REAL NOT NULL,
+            sent_at REAL NOT NULL,
+            stored_at REAL NOT NULL,
+            predictions INTEGER NOT NULL,
+            requests INTEGER NOT NULL,
+            errors INTEGER NOT NULL,
+            PRIMARY KEY (device, seq)
+        ) WITHOUT ROWID;
+        CREATE INDEX windows_stored_at ON windows(stored_at);
+
+        -- Per (model version, device, bucket) sums; every roll-up is a sum of these rows.
+        CREATE TABLE buckets (
+            model TEXT NOT NULL,
+            model_version TEXT NOT NULL,
+            device TEXT NOT NULL,
+            bucket_start REAL NOT NULL,
+            windows INTEGER NOT NULL,
+            predictions INTEGER NOT NULL,
+            requests INTEGER NOT NULL,
+            errors TEXT NOT NULL,                 -- {"kind": count}
+            latency TEXT NOT NULL,                -- [counts over LATENCY_EDGES_MS]
+            latency_sum_ms REAL NOT NULL,
+            features TEXT NOT NULL,               -- [[bins..., nan, below_min, above_max, unseen], ...]
+            prediction TEXT,                      -- same packing, or null
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (model, model_version, bucket_start, device)
+        ) WITHOUT ROWID;
+        CREATE INDEX buckets_device ON buckets(device, bucket_start);
+
+        CREATE TABLE events (
+            device TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            ts REAL NOT NULL,
+            kind TEXT NOT NULL,
+            from_state TEXT,
+            to_state TEXT,
+            event TEXT,
+            version TEXT,
+            rollout_id TEXT,
+            outcome TEXT,
+            reason TEXT,
+            stored_at REAL NOT NULL,
+            PRIMARY KEY (device, seq)
+        ) WITHOUT ROWID;
+
+        CREATE TABLE rejects (
+            reason TEXT NOT NULL,
+            device TEXT NOT NULL,                 -- '' when the topic names no valid device
+            count INTEGER NOT NULL,
+            last_at REAL NOT NULL,
+            last_detail TEXT,
+            PRIMARY KEY (reason, device)
+        ) WITHOUT ROWID;
+        CREATE TABLE ingest_workers (
+            worker_id TEXT PRIMARY KEY,
+            pid INTEGER,
+            updated_at REAL NOT NULL,
+            stats TEXT NOT NULL                   -- JSON: counters and lag percentiles
+        );
+
+        CREATE TABLE models (
+            name TEXT NOT NULL,
+            version TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            key_id TEXT,
+            manifest TEXT NOT NULL,
+            file TEXT NOT NULL,                   -- relative to the data dir
+            uploaded_at REAL NOT NULL,
+            policy TEXT,                          -- per-model drift policy override (JSON)
+            PRIMARY KEY (name, version)
+        );
+        CREATE TABLE trusted_keys (
+            key_id TEXT PRIMARY KEY,
+            pem TEXT NOT NULL,
+            comment TEXT,
+            added_at REAL NOT NULL
+        );
+        CREATE TABLE tokens (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            role TEXT NOT NULL,
+            token_hash TEXT NOT NULL UNIQUE,
+            created_at REAL NOT NULL,
+            revoked_at REAL
+        );
+
+        CREATE TABLE alerts (
+            id INTEGER PRIMARY KEY,
+            model TEXT NOT NULL,
+            model_version TEXT NOT NULL,
+            scope TEXT NOT NULL,                  -- fleet | device:ID | tag:KEY=VALUE
+            target TEXT NOT NULL,                 -- feature name, or the prediction
+            target_index INTEGER,                 -- feature index; null for the prediction
+            severity TEXT NOT NULL,               -- warn | alert
+            state TEXT NOT NULL,                  -- open | resolved
+            value REAL,
+            opened_at REAL NOT NULL,
+            bucket_start REAL NOT NULL,
+            resolved_at REAL,
+            acknowledged_at REAL,
+            acknowledged_by TEXT,
+            details TEXT NOT NULL
+        );
+        CREATE INDEX alerts_state ON alerts(state, model, model_version, scope);
+        -- The alert evaluator's state per series (scope x feature), so evaluation resumes
+        -- after a restart without re-reading history.
+        CREATE TABLE alert_series (
+            model TEXT NOT NULL,
+            model_version TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            series TEXT NOT NULL,                 -- feature index, or 'prediction'
+            last_bucket REAL,
+            state TEXT NOT NULL,
+            PRIMARY KEY (model, model_version, scope, series)
+        ) WITHOUT ROWID;
+        CREATE TABLE webhooks (
+            id INTEGER PRIMARY KEY,
+            url TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            enabled INTEGER NOT NULL DEFAULT 1
+        );
+        CREATE TABLE webhook_deliveries (
+            id INTEGER PRIMARY KEY,
+            webhook_id INTEGER NOT NULL,
+            alert_id INTEGER NOT NULL,
+            transition TEXT NOT NULL,
+            ok INTEGER NOT NULL,
+            attempts INTEGER NOT NULL,
+            status_code INTEGER,
+            error TEXT,
+            at REAL NOT NULL
+        );
+        CREATE TABLE meta (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );
+        INSERT INTO meta(key, value) VALUES ('devices_generation', '0');
+        """
+    )
+
+
+def apply(db: Database) -> None:
+    """Bring the schema up to date (idempotent; safe to call from every process)."""
+    migrations.apply(db)

@@ -1,0 +1,103 @@
+"""The server's MQTT connections (server account): a client factory and the desired/alert publisher."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edge_agent.protocol import TOPIC_ROOT, DesiredState, encode, topic
+from fleet_server.config import SERVER_USERNAME, ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+def make_client(
+    config: ServerConfig, client_id: str, *, persistent: bool = False, manual_ack: bool = False
+) -> tuple[mqtt.Client, dict[str, Any]]:
+    """A paho MQTT 5 client logged in as the server account; returns (client, connect kwargs)."""
+    parts = urlsplit(config.broker_url)
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5,
+        manual_ack=manual_ack,
+    )
+    client.username_pw_set(SERVER_USERNAME, config.server_mqtt_password())
+    if parts.scheme == "mqtts":
+        client.tls_set(ca_certs=config.mqtt_ca_file or None)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.reconnect_delay_set(0.2, 5)
+    props = None
+    if persistent:
+        # A persistent session: the broker queues messages while this process is down, and
+        # redelivers unacknowledged ones, so a kill -9 loses nothing that was acknowledged.
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = config.session_expiry_s
+    connect_kwargs = {
+        "host": parts.hostname or "127.0.0.1",
+        "port": parts.port or (8883 if parts.scheme == "mqtts" else 1883),
+        "keepalive": 30,
+        "clean_start": not persistent,
+        "properties": props,
+    }
+    return client, connect_kwargs
+
+
+class Publisher:
+    """Publishes retained `desired` states and fleet alerts as the server account (QoS 1)."""
+
+    def __init__(self, config: ServerConfig, client_id: str = "") -> None:
+        self.config = config
+        self.client, self._connect = make_client(config, client_id or f"ef-server-pub-{config.worker_id}")
+        self._connected = threading.Event()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *a, **k: self._connected.clear()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("publisher MQTT connect refused: %s", reason_code)
+        else:
+            self._connected.set()
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.client.connect_async(**self._connect)
+        self.client.loop_start()
+        if not self._connected.wait(timeout):
+            log.warning("publisher not connected after %.0fs; messages are queued until it is", timeout)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def publish(self, topic_name: str, payload: bytes, retain: bool = False, wait: float | None = 5.0) -> bool:
+        info = self.client.publish(topic_name, payload, qos=1, retain=retain)
+        if wait:
+            try:
+                info.wait_for_publish(wait)
+            except (RuntimeError, ValueError):
+                return False
+        return info.is_published()
+
+    def publish_desired(self, device_id: str, desired: DesiredState) -> bool:
+        """Set a device's desired state (retained, so an offline device converges on reconnect)."""
+        return self.publish(topic(self.config.fleet, device_id, "desired"), encode(desired), retain=True)
+
+    def clear_desired(self, device_id: str) -> bool:
+        return self.publish(topic(self.config.fleet, device_id, "desired"), b"", retain=True)
+
+    def publish_alert(self, payload: dict[str, Any]) -> bool:
+        """Alert transitions on `ef/{fleet}/alerts` (not retained: a stream for retraining triggers)."""
+        return self.publish(alerts_topic(self.config.fleet), msgspec.json.encode(payload), wait=2.0)
+
+
+def alerts_topic(fleet: str) -> str:
+    return f"{TOPIC_ROOT}/{fleet}/alerts"

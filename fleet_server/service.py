@@ -1,0 +1,192 @@
+"""Composition root: build the services once (`bootstrap`) and run the whole server (`FleetServer`).
+
+`FleetServer` starts, in order, the managed broker (unless external), the MQTT publisher, the
+ingest worker, the background loops and the waitress HTTP server, and stops them in reverse.
+Tests and `edgefleet server run` use the same class.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge_agent.protocol import DesiredState
+from fleet_server.auth import PasswordChecker
+from fleet_server.broker import ManagedBroker
+from fleet_server.config import ServerConfig
+from fleet_server.mqtt_link import Publisher
+from fleet_server.sqlite_storage import SqliteStorage
+from fleet_server.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """Everything views, MQTT callbacks and loops need, built in one place and passed in."""
+
+    config: ServerConfig
+    storage: Storage
+    clock: Callable[[], float] = time.time
+    publisher: Publisher | None = None
+    broker: ManagedBroker | None = None
+    passwords: PasswordChecker = field(default_factory=PasswordChecker)
+    extras: dict[str, Any] = field(default_factory=dict)  # room for later services (rollouts)
+
+    def devices_changed(self) -> None:
+        """The registry changed: a managed broker reloads its password file at once."""
+        if self.broker is not None:
+            try:
+                self.broker.reload_if_changed()
+            except OSError:
+                log.exception("could not reload the managed broker")
+
+
+def bootstrap(config: ServerConfig, *, clock: Callable[[], float] = time.time) -> Services:
+    """Open (and migrate) storage and build the services; starts no threads or processes."""
+    config.ensure_dirs()
+    return Services(config=config, storage=SqliteStorage(config.db_path), clock=clock)
+
+
+def publish_desired(svc: Services, device_id: str, desired: DesiredState) -> bool:
+    """Publish a device's desired state (retained). The seam rollouts use to move devices."""
+    if svc.publisher is None:
+        raise RuntimeError("no MQTT publisher: publish_desired needs a running server")
+    return svc.publisher.publish_desired(device_id, desired)
+
+
+class Loop:
+    """A named background thread calling `fn` every `interval` seconds until stopped."""
+
+    def __init__(self, name: str, interval: float, fn: Callable[[], Any]) -> None:
+        self.name, self.interval, self.fn = name, interval, fn
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.fn()
+            except Exception:
+                log.exception("background loop %s failed; it keeps running", self.name)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(10)
+
+
+class FleetServer:
+    """The whole server in one process: broker (managed), HTTP API, ingest and loops."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        http: bool = True,
+        ingest: bool = True,
+        loops: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.svc = bootstrap(config, clock=clock)
+        self.http, self.ingest_enabled, self.loops_enabled = http, ingest, loops
+        self.ingest = None
+        self.notifier = None
+        self.loops: list[Loop] = []
+        self.wsgi = None
+        self._wsgi_thread: threading.Thread | None = None
+        self.app = None
+        self._stopped = threading.Event()
+
+    @property
+    def url(self) -> str:
+        host, port = self.config.listen_host_port
+        if self.wsgi is not None:
+            port = self.wsgi.effective_port
+        return f"http://{host}:{port}"
+
+    def start(self) -> FleetServer:
+        from fleet_server.alerts_service import Notifier, evaluate_closed
+        from fleet_server.ingest import IngestWorker
+
+        svc = self.svc
+        if self.config.managed_broker:
+            svc.broker = ManagedBroker(self.config, svc.storage)
+            svc.broker.start()
+        svc.publisher = Publisher(self.config)
+        svc.publisher.start()
+        if self.ingest_enabled:
+            self.ingest = IngestWorker(self.config, svc.storage, clock=svc.clock)
+            self.ingest.start()
+        if self.loops_enabled:
+            self.notifier = Notifier(svc)
+            self.notifier.start()
+            notifier = self.notifier
+            self.loops.append(
+                Loop("alerts", self.config.alert_interval_s, lambda: notifier.submit(evaluate_closed(svc)))
+            )
+            if svc.broker is not None:
+                self.loops.append(Loop("broker-sync", self.config.broker_sync_interval_s, svc.broker.reload_if_changed))
+            for loop in self.loops:
+                loop.start()
+        if self.http:
+            self._start_http()
+        return self
+
+    def _start_http(self) -> None:
+        from waitress import create_server
+
+        from fleet_server.app import create_app
+
+        self.app = create_app(self.config, services=self.svc)
+        host, port = self.config.listen_host_port
+        self.wsgi = create_server(self.app, host=host, port=port, threads=self.config.threads, ident="edgefleet")
+        self._wsgi_thread = threading.Thread(target=self.wsgi.run, name="waitress", daemon=True)
+        self._wsgi_thread.start()
+
+    def stop(self) -> None:
+        """Stop everything, newest first; safe to call twice."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if self.wsgi is not None:
+            # waitress has no public shutdown: finish the worker threads' current requests,
+            # then close the sockets, which ends run()'s loop (as webtest's StopableWSGIServer).
+            self.wsgi.task_dispatcher.shutdown(timeout=5)
+            waitress_log = logging.getLogger("waitress")
+            level = waitress_log.level
+            waitress_log.setLevel(logging.CRITICAL)  # late keep-alive channels log harmless errors
+            try:
+                for channel in list(self.wsgi._map.values()):
+                    channel.handle_close()
+                if self._wsgi_thread:
+                    self._wsgi_thread.join(5)
+            finally:
+                waitress_log.setLevel(level)
+        for loop in reversed(self.loops):
+            loop.stop()
+        if self.notifier is not None:
+            self.notifier.stop()
+        if self.ingest is not None:
+            self.ingest.stop()
+        if self.svc.publisher is not None:
+            self.svc.publisher.stop()
+        if self.svc.broker is not None:
+            self.svc.broker.stop()
+        self.svc.storage.close()
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+    def __enter__(self) -> FleetServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,599 @@
+"""SQLite implementation of the Storage interface (WAL, one connection per thread, sqlite-utils).
+
+Writers take `BEGIN IMMEDIATE` so that read-modify-write of bucket sums is serialised across
+threads and across ingest processes sharing the file (SQLite allows one writer at a time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from sqlite_utils import Database
+
+from fleet_server import migrations
+from fleet_server.storage import BatchResult, Conflict, IngestBatch, Reject
+from fleet_server.telemetry import BucketSums, ShapeMismatch, bucket_start
+
+_json = msgspec.json.Encoder()
+
+
+def dumps(value: Any) -> str:
+    return _json.encode(value).decode()
+
+
+def loads(text: str | None) -> Any:
+    return None if text is None else msgspec.json.decode(text)
+
+
+_BUCKET_JSON = ("errors", "latency", "features", "prediction")
+
+
+class SqliteStorage:
+    """Storage on one SQLite file; share one instance between threads (connections are per thread)."""
+
+    def __init__(self, path: str | Path, *, migrate: bool = True) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._all: list[Database] = []
+        self._lock = threading.Lock()
+        if migrate:
+            db = self.db
+            with self._immediate():
+                migrations.apply(db)
+
+    # ------------------------------------------------------------------ connections
+
+    @property
+    def db(self) -> Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            conn = sqlite3.connect(str(self.path), timeout=30.0, check_same_thread=False)
+            db = Database(conn)
+            db.enable_wal()
+            # NORMAL in WAL mode survives a process kill (kill -9); only an OS crash can lose
+            # the last commits. busy_timeout lets concurrent ingest processes queue for the lock.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.db = db
+            with self._lock:
+                self._all.append(db)
+        return db
+
+    @contextmanager
+    def _immediate(self):
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        else:
+            conn.execute("COMMIT")
+
+    def _rows(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+        return list(self.db.query(sql, params))
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
+        rows = self._rows(sql, params)
+        return rows[0] if rows else None
+
+    def close(self) -> None:
+        with self._lock:
+            for db in self._all:
+                with contextlib.suppress(sqlite3.ProgrammingError):  # closed from another thread
+                    db.close()
+            self._all.clear()
+        self._local = threading.local()
+
+    def _bump_devices_generation(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'devices_generation'"
+        )
+
+    # ------------------------------------------------------------------ devices
+
+    def insert_device(
+        self, device_id: str, fleet: str, tags: dict[str, str], password_hash: str, broker_hash: str, now: float
+    ) -> None:
+        with self._immediate() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO devices(id, fleet, created_at, password_hash, broker_hash) VALUES (?,?,?,?,?)",
+                    (device_id, fleet, now, password_hash, broker_hash),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"device {device_id!r} already exists") from exc
+            conn.executemany(
+                "INSERT INTO device_tags(device, key, value) VALUES (?,?,?)",
+                [(device_id, k, v) for k, v in tags.items()],
+            )
+            self._bump_devices_generation(conn)
+
+    def _device_dict(self, row: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
+        out = {k: v for k, v in row.items() if k not in ("password_hash", "broker_hash")}
+        out["reported"] = loads(row["reported"])
+        out["tags"] = tags
+        return out
+
+    def _tags_for(self, ids: list[str]) -> dict[str, dict[str, str]]:
+        out: dict[str, dict[str, str]] = {i: {} for i in ids}
+        for chunk_start in range(0, len(ids), 500):
+            chunk = ids[chunk_start : chunk_start + 500]
+            marks = ",".join("?" * len(chunk))
+            for r in self._rows(f"SELECT device, key, value FROM device_tags WHERE device IN ({marks})", chunk):
+                out[r["device"]][r["key"]] = r["value"]
+        return out
+
+    def get_device(self, device_id: str) -> dict[str, Any] | None:
+        row = self._one("SELECT * FROM devices WHERE id = ?", [device_id])
+        if row is None:
+            return None
+        return self._device_dict(row, self._tags_for([device_id])[device_id])
+
+    def list_devices(
+        self,
+        *,
+        tags: dict[str, str] | None = None,
+        model_version: str | None = None,
+        status: str | None = None,
+        seen_after: float | None = None,
+        seen_before: float | None = None,
+        include_revoked: bool = False,
+        limit: int = 1000,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        where, params = [], []
+        if not include_revoked:
+            where.append("revoked_at IS NULL")
+        for i, (k, v) in enumerate((tags or {}).items()):
+            where.append(
+                f"EXISTS (SELECT 1 FROM device_tags t{i} WHERE t{i}.device = devices.id "
+                f"AND t{i}.key = ? AND t{i}.value = ?)"
+            )
+            params += [k, v]
+        if model_version is not None:
+            where.append("active_version = ?")
+            params.append(model_version)
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if seen_after is not None:
+            where.append("last_seen >= ?")
+            params.append(seen_after)
+        if seen_before is not None:
+            where.append("(last_seen IS NULL OR last_seen < ?)")
+            params.append(seen_before)
+        sql = "SELECT * FROM devices"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id LIMIT ? OFFSET ?"
+        rows = self._rows(sql, [*params, limit, offset])
+        tags_by = self._tags_for([r["id"] for r in rows])
+        return [self._device_dict(r, tags_by[r["id"]]) for r in rows]
+
+    def revoke_device(self, device_id: str, now: float) -> bool:
+        with self._immediate() as conn:
+            cur = conn.execute(
+                "UPDATE devices SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, device_id)
+            )
+            if cur.rowcount:
+                self._bump_devices_generation(conn)
+            return cur.rowcount > 0
+
+    def device_password_hash(self, device_id: str) -> str | None:
+        row = self._one("SELECT password_hash FROM devices WHERE id = ? AND revoked_at IS NULL", [device_id])
+        return row["password_hash"] if row else None
+
+    def broker_accounts(self) -> list[tuple[str, str]]:
+        rows = self._rows("SELECT id, broker_hash FROM devices WHERE revoked_at IS NULL ORDER BY id")
+        return [(r["id"], r["broker_hash"]) for r in rows]
+
+    def active_device_ids(self) -> set[str]:
+        return {r["id"] for r in self._rows("SELECT id FROM devices WHERE revoked_at IS NULL")}
+
+    def devices_generation(self) -> int:
+        row = self._one("SELECT value FROM meta WHERE key = 'devices_generation'")
+        return int(row["value"]) if row else 0
+
+    # ------------------------------------------------------------------ ingest
+
+    def store_batch(self, batch: IngestBatch, bucket_s: float, now: float) -> BatchResult:
+        result = BatchResult()
+        with self._immediate() as conn:
+            windows, events = [], []
+            seen: dict[str, float] = {}
+            seq_stats: dict[str, list[int]] = {}  # device -> [min, max, count, dropped_total]
+
+            def fresh(device: str, seq: int, kind: str) -> bool:
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO seqs(device, seq, kind) VALUES (?,?,?)", (device, seq, kind)
+                )
+                if cur.rowcount == 0:
+                    result.duplicates += 1
+                    return False
+                s = seq_stats.get(device)
+                if s is None:
+                    seq_stats[device] = [seq, seq, 1, 0]
+                else:
+                    s[0], s[1], s[2] = min(s[0], seq), max(s[1], seq), s[2] + 1
+                return True
+
+            for w, received in batch.windows:
+                seen[w.device] = max(seen.get(w.device, 0.0), received)
+                if fresh(w.device, w.seq, "telemetry"):
+                    windows.append(w)
+                    s = seq_stats[w.device]
+                    s[3] = max(s[3], w.dropped_total)
+            for e, received in batch.events:
+                seen[e.device] = max(seen.get(e.device, 0.0), received)
+                if fresh(e.device, e.seq, "events"):
+                    events.append(e)
+
+            # Sum this batch's windows per bucket first, then merge each group into its row once.
+            groups: dict[tuple[str, str, float, str], tuple[BucketSums, list]] = {}
+            for w in windows:
+                key = (w.model or "", w.model_version or "", bucket_start(w, bucket_s), w.device)
+                sums, members = groups.setdefault(key, (BucketSums(), []))
+                try:
+                    sums.add_window(w)
+                    members.append(w)
+                except ShapeMismatch as exc:
+                    result.rejects.append(Reject("shape_mismatch", w.device, str(exc)))
+            stored: list = []
+            for (model, version, start, device), (sums, members) in groups.items():
+                if not members:
+                    continue
+                row = conn.execute(
+                    "SELECT windows, predictions, requests, errors, latency, latency_sum_ms, features, "
+                    "prediction FROM buckets WHERE model=? AND model_version=? AND bucket_start=? AND device=?",
+                    (model, version, start, device),
+                ).fetchone()
+                if row is not None:
+                    total = BucketSums.from_row(
+                        {
+                            "windows": row[0], "predictions": row[1], "requests": row[2],
+                            "errors": loads(row[3]), "latency": loads(row[4]), "latency_sum_ms": row[5],
+                            "features": loads(row[6]), "prediction": loads(row[7]),
+                        }
+                    )
+                    try:
+                        total.add_sums(sums)
+                    except ShapeMismatch as exc:
+                        result.rejects += [Reject("shape_mismatch", device, str(exc)) for _ in members]
+                        continue
+                else:
+                    total = sums
+                conn.execute(
+                    "INSERT OR REPLACE INTO buckets(model, model_version, device, bucket_start, windows, "
+                    "predictions, requests, errors, latency, latency_sum_ms, features, prediction, updated_at) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        model, version, device, start, total.windows, total.predictions, total.requests,
+                        dumps(total.errors), dumps(total.latency), total.latency_sum_ms,
+                        dumps(total.features or []),
+                        dumps(total.prediction) if total.prediction is not None else None, now,
+                    ),
+                )
+                stored += members
+            conn.executemany(
+                "INSERT INTO windows(device, seq, model, model_version, window_start, window_end, sent_at, "
+                "stored_at, predictions, requests, errors) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        w.device, w.seq, w.model or "", w.model_version or "", w.window_start, w.window_end,
+                        w.sent_at, now, w.predictions, w.requests, sum(w.errors.values()),
+                    )
+                    for w in stored
+                ],
+            )
+            result.stored_windows = len(stored)
+            result.lags = [now - w.sent_at for w in stored if w.sent_at > 0]
+            conn.executemany(
+                "INSERT INTO events(device, seq, ts, kind, from_state, to_state, event, version, rollout_id, "
+                "outcome, reason, stored_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        e.device, e.seq, e.ts, e.kind, e.from_state, e.to_state, e.event, e.version,
+                        e.rollout_id, e.outcome, e.reason, now,
+                    )
+                    for e in events
+                ],
+            )
+            result.stored_events = len(events)
+            conn.executemany(
+                "INSERT INTO seq_stats(device, first_seq, max_seq, received, dropped_total) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(device) DO UPDATE SET first_seq = min(first_seq, excluded.first_seq), "
+                "max_seq = max(max_seq, excluded.max_seq), received = received + excluded.received, "
+                "dropped_total = max(dropped_total, excluded.dropped_total)",
+                [(d, *s) for d, s in seq_stats.items()],
+            )
+            for st, received, retained in batch.statuses:
+                seen[st.device] = max(seen.get(st.device, 0.0), received)
+                cond = " AND (status_ts IS NULL OR status_ts < ?)" if retained else ""
+                params = [st.state, st.ts, st.device] + ([st.ts] if retained else [])
+                cur = conn.execute(f"UPDATE devices SET status = ?, status_ts = ? WHERE id = ?{cond}", params)
+                result.snapshots += cur.rowcount
+            for rep, received in batch.reported:
+                seen[rep.device] = max(seen.get(rep.device, 0.0), received)
+                cur = conn.execute(
+                    "UPDATE devices SET reported = ?, reported_ts = ?, model = ?, active_version = ?, "
+                    "agent_version = ?, update_state = ? WHERE id = ? AND (reported_ts IS NULL OR reported_ts < ?)",
+                    (
+                        dumps(rep), rep.ts, rep.model, rep.active_version, rep.agent_version,
+                        rep.update_state, rep.device, rep.ts,
+                    ),
+                )
+                result.snapshots += cur.rowcount
+            conn.executemany(
+                "UPDATE devices SET last_seen = max(coalesce(last_seen, 0), ?) WHERE id = ?",
+                [(t, d) for d, t in seen.items()],
+            )
+            self._count_rejects(conn, batch.rejects + result.rejects, now)
+        return result
+
+    def _count_rejects(self, conn: sqlite3.Connection, rejects: list[Reject], now: float) -> None:
+        counts: dict[tuple[str, str], list[Any]] = {}
+        for r in rejects:
+            entry = counts.setdefault((r.reason, r.device), [0, r.detail])
+            entry[0] += 1
+            entry[1] = r.detail or entry[1]
+        conn.executemany(
+            "INSERT INTO rejects(reason, device, count, last_at, last_detail) VALUES (?,?,?,?,?) "
+            "ON CONFLICT(reason, device) DO UPDATE SET count = count + excluded.count, "
+            "last_at = excluded.last_at, last_detail = excluded.last_detail",
+            [(reason, device, n, now, detail[:300]) for (reason, device), (n, detail) in counts.items()],
+        )
+
+    def put_worker_stats(self, worker_id: str, pid: int, stats: dict[str, Any], now: float) -> None:
+        with self._immediate() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO ingest_workers(worker_id, pid, updated_at, stats) VALUES (?,?,?,?)",
+                (worker_id, pid, now, dumps(stats)),
+            )
+
+    def worker_stats(self) -> list[dict[str, Any]]:
+        rows = self._rows("SELECT * FROM ingest_workers ORDER BY worker_id")
+        for r in rows:
+            r["stats"] = loads(r["stats"])
+        return rows
+
+    def reject_counts(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM rejects ORDER BY reason, device")
+
+    def seq_stats(self, device_id: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM seq_stats"
+        params: list[Any] = []
+        if device_id is not None:
+            sql += " WHERE device = ?"
+            params.append(device_id)
+        return self._rows(sql + " ORDER BY device", params)
+
+    def events(self, device_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        return self._rows(
+            "SELECT * FROM events WHERE device = ? ORDER BY seq DESC LIMIT ?", [device_id, limit]
+        )
+
+    def window_lags(self, since: float) -> list[float]:
+        rows = self.db.conn.execute(
+            "SELECT stored_at - sent_at FROM windows WHERE stored_at >= ? AND sent_at > 0", (since,)
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    # ------------------------------------------------------------------ drift buckets
+
+    def _bucket_dicts(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for r in rows:
+            for k in _BUCKET_JSON:
+                r[k] = loads(r[k])
+        return rows
+
+    def bucket_rows(
+        self,
+        model: str,
+        version: str,
+        start: float | None = None,
+        end: float | None = None,
+        devices: Sequence[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM buckets WHERE model = ? AND model_version = ?"
+        params: list[Any] = [model, version]
+        if start is not None:
+            sql += " AND bucket_start >= ?"
+            params.append(start)
+        if end is not None:
+            sql += " AND bucket_start < ?"
+            params.append(end)
+        if devices is not None:
+            if not devices:
+                return []
+            sql += f" AND device IN ({','.join('?' * len(devices))})"
+            params += list(devices)
+        return self._bucket_dicts(self._rows(sql + " ORDER BY bucket_start, device", params))
+
+    def device_bucket_rows(self, device_id: str, start: float | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM buckets WHERE device = ?"
+        params: list[Any] = [device_id]
+        if start is not None:
+            sql += " AND bucket_start >= ?"
+            params.append(start)
+        return self._bucket_dicts(self._rows(sql + " ORDER BY bucket_start", params))
+
+    def bucketed_versions(self, since: float | None = None) -> list[dict[str, Any]]:
+        sql = (
+            "SELECT model, model_version, min(bucket_start) AS first_bucket, max(bucket_start) AS last_bucket, "
+            "count(DISTINCT device) AS devices FROM buckets"
+        )
+        params: list[Any] = []
+        if since is not None:
+            sql += " WHERE bucket_start >= ?"
+            params.append(since)
+        return self._rows(sql + " GROUP BY model, model_version ORDER BY model, model_version", params)
+
+    # ------------------------------------------------------------------ models and keys
+
+    def insert_model(self, row: dict[str, Any]) -> None:
+        row = {**row, "manifest": row["manifest"] if isinstance(row["manifest"], str) else dumps(row["manifest"])}
+        with self._immediate() as conn:
+            try:
+                conn.execute(
+                    f"INSERT INTO models({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                    list(row.values()),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"model {row['name']} {row['version']} already exists") from exc
+
+    def _model_dict(self, row: dict[str, Any]) -> dict[str, Any]:
+        row["manifest"] = loads(row["manifest"])
+        row["policy"] = loads(row["policy"])
+        return row
+
+    def get_model(self, name: str, version: str) -> dict[str, Any] | None:
+        row = self._one("SELECT * FROM models WHERE name = ? AND version = ?", [name, version])
+        return self._model_dict(row) if row else None
+
+    def list_models(self, name: str | None = None) -> list[dict[str, Any]]:
+        if name is None:
+            rows = self._rows("SELECT * FROM models ORDER BY name, uploaded_at")
+        else:
+            rows = self._rows("SELECT * FROM models WHERE name = ? ORDER BY uploaded_at", [name])
+        return [self._model_dict(r) for r in rows]
+
+    def set_model_policy(self, name: str, version: str, policy: dict[str, Any] | None) -> bool:
+        with self._immediate() as conn:
+            cur = conn.execute(
+                "UPDATE models SET policy = ? WHERE name = ? AND version = ?",
+                (dumps(policy) if policy is not None else None, name, version),
+            )
+            return cur.rowcount > 0
+
+    def add_trusted_key(self, key_id: str, pem: str, comment: str, now: float) -> None:
+        with self._immediate() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO trusted_keys(key_id, pem, comment, added_at) VALUES (?,?,?,?)",
+                (key_id, pem, comment, now),
+            )
+
+    def trusted_keys(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM trusted_keys ORDER BY added_at")
+
+    def remove_trusted_key(self, key_id: str) -> bool:
+        with self._immediate() as conn:
+            return conn.execute("DELETE FROM trusted_keys WHERE key_id = ?", (key_id,)).rowcount > 0
+
+    # ------------------------------------------------------------------ tokens
+
+    def insert_token(self, name: str, role: str, token_hash: str, now: float) -> int:
+        with self._immediate() as conn:
+            cur = conn.execute(
+                "INSERT INTO tokens(name, role, token_hash, created_at) VALUES (?,?,?,?)",
+                (name, role, token_hash, now),
+            )
+            return int(cur.lastrowid)
+
+    def find_token(self, token_hash: str) -> dict[str, Any] | None:
+        return self._one(
+            "SELECT id, name, role, created_at FROM tokens WHERE token_hash = ? AND revoked_at IS NULL",
+            [token_hash],
+        )
+
+    # ------------------------------------------------------------------ alerts and webhooks
+
+    def _alert_dict(self, row: dict[str, Any]) -> dict[str, Any]:
+        row["details"] = loads(row["details"])
+        return row
+
+    def open_alerts(self, model: str, version: str, scope: str) -> list[dict[str, Any]]:
+        rows = self._rows(
+            "SELECT * FROM alerts WHERE state = 'open' AND model = ? AND model_version = ? AND scope = ?",
+            [model, version, scope],
+        )
+        return [self._alert_dict(r) for r in rows]
+
+    def insert_alert(self, row: dict[str, Any]) -> int:
+        row = {**row, "details": dumps(row.get("details", {}))}
+        with self._immediate() as conn:
+            cur = conn.execute(
+                f"INSERT INTO alerts({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                list(row.values()),
+            )
+            return int(cur.lastrowid)
+
+    def update_alert(self, alert_id: int, **fields: Any) -> None:
+        if "details" in fields:
+            fields["details"] = dumps(fields["details"])
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._immediate() as conn:
+            conn.execute(f"UPDATE alerts SET {sets} WHERE id = ?", [*fields.values(), alert_id])
+
+    def get_alert(self, alert_id: int) -> dict[str, Any] | None:
+        row = self._one("SELECT * FROM alerts WHERE id = ?", [alert_id])
+        return self._alert_dict(row) if row else None
+
+    def list_alerts(
+        self,
+        *,
+        state: str | None = None,
+        model: str | None = None,
+        scope: str | None = None,
+        limit: int = 500,
+    ) -> list[dict[str, Any]]:
+        where, params = [], []
+        for col, value in (("state", state), ("model", model), ("scope", scope)):
+            if value is not None:
+                where.append(f"{col} = ?")
+                params.append(value)
+        sql = "SELECT * FROM alerts" + (" WHERE " + " AND ".join(where) if where else "")
+        return [self._alert_dict(r) for r in self._rows(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])]
+
+    def series_states(self, model: str, version: str, scope: str) -> dict[str, dict[str, Any]]:
+        rows = self._rows(
+            "SELECT series, state FROM alert_series WHERE model = ? AND model_version = ? AND scope = ?",
+            [model, version, scope],
+        )
+        return {r["series"]: loads(r["state"]) for r in rows}
+
+    def put_series_states(self, model: str, version: str, scope: str, states: dict[str, dict[str, Any]]) -> None:
+        with self._immediate() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO alert_series(model, model_version, scope, series, last_bucket, state) "
+                "VALUES (?,?,?,?,?,?)",
+                [
+                    (model, version, scope, series, state.get("last_seen"), dumps(state))
+                    for series, state in states.items()
+                ],
+            )
+
+    def add_webhook(self, url: str, secret: str, now: float) -> int:
+        with self._immediate() as conn:
+            cur = conn.execute(
+                "INSERT INTO webhooks(url, secret, created_at) VALUES (?,?,?)", (url, secret, now)
+            )
+            return int(cur.lastrowid)
+
+    def list_webhooks(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM webhooks WHERE enabled = 1 ORDER BY id")
+
+    def delete_webhook(self, webhook_id: int) -> bool:
+        with self._immediate() as conn:
+            return conn.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,)).rowcount > 0
+
+    def record_delivery(self, row: dict[str, Any]) -> None:
+        with self._immediate() as conn:
+            conn.execute(
+                f"INSERT INTO webhook_deliveries({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                list(row.values()),
+            )
+
+    def deliveries(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM webhook_deliveries ORDER BY id DESC LIMIT ?", [limit])
