@@ -138,6 +138,9 @@ def convert(
     options: dict[int, dict[str, Any]] = {}
     if task == "classification":
         options[id(final)] = {"zipmap": False}
+    if type(final).__name__ in ("KNeighborsClassifier", "KNeighborsRegressor"):
+        # onnxruntime's CDist kernel instead of a Scan loop: ~100x faster per row.
+        options.setdefault(id(final), {})["optim"] = "cdist"
     try:
         model = to_onnx(
             estimator,

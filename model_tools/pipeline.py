@@ -64,6 +64,7 @@ class BuildResult:
     reason: str
     key_id: str | None
     warnings: list[str] = field(default_factory=list)
+    variants: list[Variant] = field(default_factory=list, repr=False)  # every candidate graph
 
     @property
     def sha256(self) -> str:
@@ -347,6 +348,7 @@ def build_bundle(
         reason=reason,
         key_id=key_id(sign_key) if sign_key is not None else None,
         warnings=warnings,
+        variants=variants,
     )
 
 
