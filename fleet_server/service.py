@@ -92,9 +92,11 @@ class FleetServer:
         http: bool = True,
         ingest: bool = True,
         loops: bool = True,
+        mqtt: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self.mqtt = mqtt
         self.svc = bootstrap(config, clock=clock)
         self.http, self.ingest_enabled, self.loops_enabled = http, ingest, loops
         self.ingest = None
@@ -117,12 +119,13 @@ class FleetServer:
         from fleet_server.ingest import IngestWorker
 
         svc = self.svc
-        if self.config.managed_broker:
+        if self.mqtt and self.config.managed_broker:
             svc.broker = ManagedBroker(self.config, svc.storage)
             svc.broker.start()
-        svc.publisher = Publisher(self.config)
-        svc.publisher.start()
-        if self.ingest_enabled:
+        if self.mqtt:
+            svc.publisher = Publisher(self.config)
+            svc.publisher.start()
+        if self.mqtt and self.ingest_enabled:
             self.ingest = IngestWorker(self.config, svc.storage, clock=svc.clock)
             self.ingest.start()
         if self.loops_enabled:
