@@ -126,7 +126,10 @@ class Agent:
         self._probation = False
         self._prob_predictions = 0
         self._prob_errors = 0
-        self._prob_latency: deque[float] = deque(maxlen=2000)
+        # Recent per-request latency (ms) of the active model: probation compares the candidate
+        # with the model it replaces under the same load, not with a laptop's benchmark.
+        self._recent_latency: deque[float] = deque(maxlen=2000)
+        self.baseline_latency_ms: float | None = None
         self._error_versions = {self.faults["predict_errors"]} if "predict_errors" in self.faults else set()
         self._reported_dirty = True
         self._last_reported = 0.0
@@ -223,9 +226,9 @@ class Agent:
             raise
         dt = time.perf_counter() - t0
         self.telemetry.record(values, out.primary, dt)
+        self._recent_latency.append(dt * 1000.0)
         if self._probation:
             self._prob_predictions += n
-            self._prob_latency.append(dt * 1000.0)
         shadow = self._shadow
         if shadow is not None:
             self._run_shadow(shadow, rt, values, feeds, out)
@@ -423,20 +426,25 @@ class Agent:
 
     def activate(self, runtime: ModelRuntime) -> None:
         with self._lock:
+            recent = list(self._recent_latency)
+            self.baseline_latency_ms = statistics.median(recent) if len(recent) >= 20 else None
+            self._recent_latency.clear()
             self._previous = self._active  # stays loaded for an instant rollback
             self._set_active(runtime)
 
     def start_probation(self) -> None:
         self._prob_predictions = self._prob_errors = 0
-        self._prob_latency.clear()
         self._probation = True
 
     def probation_stats(self) -> tuple[int, int, float | None]:
-        lat = list(self._prob_latency)
+        lat = list(self._recent_latency)[-max(1, self._prob_predictions):] if self._prob_predictions else []
         return self._prob_predictions, self._prob_errors, statistics.median(lat) if lat else None
 
     def commit(self, version: str, previous: str | None) -> None:
         self._probation = False
+        if self.active_version() != version:
+            # Re-entered after a restart: the candidate is on disk but not loaded yet.
+            self.activate(self.load_runtime(self._load_bundle(version)))
         self.data.commit(version, previous)
 
     def rollback(self, previous: str | None) -> None:

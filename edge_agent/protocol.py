@@ -87,6 +87,8 @@ class DesiredState(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     mode: UpdateMode = "live"
     rollout_id: str | None = None
     allow_downgrade: bool = False  # replaying an older version needs the rollout to ask for it
+    # A different input schema would break local apps; the rollout must say it means it.
+    allow_schema_change: bool = False
     issued_at: float = 0.0
 
 

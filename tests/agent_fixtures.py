@@ -20,6 +20,8 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from cryptography.hazmat.primitives import serialization
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from edge_agent.config import (
     AgentConfig,
@@ -200,7 +202,7 @@ class BundleServer:
         if data is not None:
             self.add(name, data)
         body = self.files[name]
-        m = manifest_of(body) if body[:2] == b"PK" else None
+        m = manifest_of(sha_of or body) if (sha_of or body)[:2] == b"PK" else None
         fields = dict(model=m.name if m else "demo", version=m.version if m else "9.9.9",
                       url=f"{self.base}/{device}/{name}", sha256=hashlib.sha256(sha_of or body).hexdigest(),
                       size=len(body))
@@ -212,8 +214,8 @@ class BundleServer:
         self.server.server_close()
 
 
-@pytest.fixture
-def bundle_server():
+@pytest.fixture(name="bundle_server")
+def bundle_server_fixture():
     s = BundleServer().start()
     yield s
     s.stop()
@@ -250,7 +252,11 @@ class Collector:
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe("ef/+/d/+/#", qos=1)
         self.broker = broker
-        self.client.connect(broker.host, broker.port)
+        self.client.reconnect_delay_set(0.2, 1)
+        # A persistent session: the broker queues what arrives while we are away (outage tests).
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.connect(broker.host, broker.port, clean_start=False, properties=props)
         self.client.loop_start()
         wait_until(lambda: self.client.is_connected(), 5, message="collector connected")
 
@@ -292,8 +298,8 @@ class Collector:
         self.client.loop_stop()
 
 
-@pytest.fixture
-def collector(broker):
+@pytest.fixture(name="collector")
+def collector_fixture(broker):
     c = Collector(broker)
     yield c
     c.close()

@@ -6,10 +6,11 @@ simulator drives the same code with its own host, clock and files.
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING
 
 from edge_agent.download import DownloadError, DownloadRequest, download, file_sha256
-from edge_agent.protocol import DesiredState
+from edge_agent.protocol import DesiredState, encode
 from edge_agent.store import SAFE_VERSION, is_downgrade
 from edge_agent.update.events import LIVE_STATES, Event, State
 from model_tools.bundle import extract_bundle, load_extracted, read_bundle
@@ -23,7 +24,8 @@ MAX_ATTEMPTS = 3  # transient failures (network, restarts) of one desired before
 
 
 def desired_key(d: DesiredState) -> str:
-    return f"{d.version}:{d.sha256}:{d.rollout_id or ''}"
+    """Identity of one desired message: any change (e.g. allow_downgrade) is a new request."""
+    return hashlib.sha256(encode(d)).hexdigest()[:16]
 
 
 def schema_problem(active: Manifest, candidate: Manifest) -> str | None:
