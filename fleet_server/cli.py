@@ -59,15 +59,20 @@ def _serve(config: ServerConfig, **kwargs: Any) -> None:
     from fleet_server.service import FleetServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    fleet = FleetServer(config, **kwargs)
-    fleet.start()
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
         stopping.set()
 
+    # Handlers first: a SIGTERM during start-up still stops everything cleanly.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    fleet = FleetServer(config, **kwargs)
+    try:
+        fleet.start()
+    except BaseException:
+        fleet.stop()
+        raise
     if kwargs.get("http", True):
         click.echo(f"edgefleet server: API on {fleet.url}, MQTT {config.broker_url}", err=True)
     else:
