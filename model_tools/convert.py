@@ -131,7 +131,10 @@ def convert(
     """Convert a fitted estimator; `linear_matmul` emits MatMul for linear models (quantizable)."""
     from skl2onnx import to_onnx
 
+    from model_tools.converters import register_converters
+
     check_fitted(estimator)
+    register_converters()  # IsolationForest as one tree ensemble, not one subgraph per tree
     task = detect_task(estimator)
     final = final_estimator(estimator)
     onnx_inputs = input_layout(schema, names)
