@@ -27,6 +27,7 @@ from edge_agent.config import (
     AgentConfig,
     HttpConfig,
     MqttConfig,
+    OutboxConfig,
     TelemetryConfig,
     TrustConfig,
     UpdateConfig,
@@ -251,6 +252,8 @@ class Collector:
                                   protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe("ef/+/d/+/#", qos=1)
+        self.subscribed = 0
+        self.client.on_subscribe = self._on_subscribe
         self.broker = broker
         self.client.reconnect_delay_set(0.2, 1)
         # A persistent session: the broker queues what arrives while we are away (outage tests).
@@ -259,6 +262,9 @@ class Collector:
         self.client.connect(broker.host, broker.port, clean_start=False, properties=props)
         self.client.loop_start()
         wait_until(lambda: self.client.is_connected(), 5, message="collector connected")
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        self.subscribed += 1
 
     def _on_message(self, client, userdata, msg) -> None:
         _, _, kind = parse_topic(msg.topic)
@@ -320,6 +326,7 @@ def make_config(tmp_path: Path, broker=None, device: str = "dev-1", **kw: Any) -
         http=HttpConfig(listen=kw.pop("listen", "127.0.0.1:0"), **kw.pop("http", {})),
         telemetry=TelemetryConfig(**{"window_s": 0.5, **kw.pop("telemetry", {})}),
         update=UpdateConfig(**update),
+        outbox=OutboxConfig(**kw.pop("outbox", {})),
         **kw,
     )
 

@@ -1,0 +1,164 @@
+"""Telemetry windows over MQTT: counts match the requests sent; outages lose and duplicate nothing;
+the outbox stays within its bound and reports what it dropped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_agent import Agent, RequestError
+from edge_agent.outbox import Outbox
+from edge_agent.service import AgentService
+from model_tools.binning import count_categorical, count_numeric
+from tests.agent_fixtures import (
+    bundle_bytes,
+    collector_fixture,  # noqa: F401 - fixture
+    dataset,
+    install_active,
+    make_config,
+    manifest_of,
+    onnx_predict,
+)
+from tests.brokers import wait_until
+
+
+def test_outbox_seq_bound_and_restart(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite3", max_bytes=1000)
+    seqs = [box.append("telemetry", lambda s: b"x" * 300) for _ in range(5)]
+    assert seqs == [0, 1, 2, 3, 4]
+    assert box.bytes <= 1000 and box.dropped_total == 2
+    assert [m.seq for m in box.pending()] == [2, 3, 4]
+    box.ack(2)
+    box.commit_acks()
+    assert [m.seq for m in box.pending()] == [3, 4]
+    box.close()
+    box = Outbox(tmp_path / "o.sqlite3", max_bytes=1000)
+    assert box.dropped_total == 2 and [m.seq for m in box.pending()] == [3, 4]
+    assert box.append("events", lambda s: b"{}") == 5  # seq never goes back
+    box.ack(3)
+    box.ack(4)
+    box.ack(5)
+    box.close()
+    box = Outbox(tmp_path / "o.sqlite3")
+    assert box.pending() == [] and box.append("events", lambda s: b"{}") == 6
+
+
+@pytest.mark.broker
+def test_window_counts_match_requests(tmp_path, broker, collector):
+    config = make_config(tmp_path, broker, telemetry={"sample_rows": 16, "sample_exclude": ["x1"]})
+    data = bundle_bytes("lr", "1.0.0")
+    install_active(config.path, data)
+    service = AgentService(config).start()
+    try:
+        agent = service.agent
+        X, _ = dataset()
+        rng = np.random.default_rng(1)
+        rows = X[:400] * rng.choice([1.0, 3.0], size=(400, 1))  # some beyond the training range
+        for i in range(0, 400, 4):
+            agent.predict([rows[i].tolist()])
+            agent.predict(rows[i + 1 : i + 4].tolist())
+        bad = 0
+        for row in ([1, 2, "x", 4, 5, 6], [1, 2, 3, 4, None, 6], [1.0]):
+            with pytest.raises(RequestError):
+                agent.predict([row])
+            bad += 1
+
+        def totals():
+            ws = {w.seq: w for w in collector.get("telemetry")}
+            return sum(w.predictions for w in ws.values()), list(ws.values())
+
+        wait_until(lambda: totals()[0] == 400 and sum(sum(w.errors.values()) for w in totals()[1]) == bad, 15,
+                   message="all predictions and errors reported")
+        windows = [w for w in totals()[1] if w.requests]
+        manifest = manifest_of(data)
+        assert sum(w.requests for w in windows) == 200 + bad
+        errors: dict[str, int] = {}
+        for w in windows:
+            for k, n in w.errors.items():
+                errors[k] = errors.get(k, 0) + n
+        assert errors == {"not_numeric": 1, "nan_not_allowed": 1, "wrong_feature_count": 1}
+        assert sum(sum(w.latency.counts) for w in windows) == 200
+        for j, prof in enumerate(manifest.profile.features):
+            spec = manifest.inputs[j]
+            want = count_numeric(rows[:, j], prof.distribution.edges, spec.min, spec.max)
+            got = np.sum([w.features[j].bins for w in windows], axis=0).tolist()
+            assert got == want.counts, prof.name
+            assert sum(w.features[j].below_min for w in windows) == want.below_min
+            assert sum(w.features[j].above_max for w in windows) == want.above_max
+            assert sum(w.features[j].nan for w in windows) == 0
+        labels = onnx_predict(data, rows)
+        want = count_categorical([str(v) for v in labels], manifest.profile.prediction.categories)
+        assert np.sum([w.prediction.bins for w in windows], axis=0).tolist() == want.counts
+        for w in windows:
+            assert len(w.sample) <= 16 and all(s.x[1] is None and s.x[0] is not None for s in w.sample)
+            assert w.model_version == "1.0.0" and w.resources.rss_bytes > 0 and w.dropped_total == 0
+        assert len({w.seq for w in collector.get("telemetry")}) == len(collector.get("telemetry"))
+    finally:
+        service.stop()
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_broker_outage_loses_and_duplicates_no_window(tmp_path, broker, collector):
+    config = make_config(tmp_path, broker, telemetry={"window_s": 0.3})
+    install_active(config.path, bundle_bytes("lr", "1.0.0"))
+    service = AgentService(config).start()
+    try:
+        agent = service.agent
+        wait_until(lambda: len(collector.get("telemetry")) >= 2, 10, message="windows before the outage")
+        broker.stop()
+        wait_until(lambda: not agent.link.connected, 10, message="agent notices the outage")
+        wait_until(lambda: agent.outbox.count() >= 6, 15, message="windows queued while offline")
+        service.stop()  # flushes the last window into the outbox; what is unsent waits on disk
+        queued = agent.outbox.next_seq
+        subscribed = collector.subscribed
+        broker.start()
+        wait_until(lambda: collector.subscribed > subscribed, 10, message="collector back")
+        again = AgentService(config).start()  # the same device after a restart
+        try:
+            wait_until(lambda: {w.seq for w in collector.get("telemetry")} >= set(range(queued + 3)), 30,
+                       message="every queued window delivered, then new ones")
+        finally:
+            again.stop()
+        windows = {}
+        for w in collector.get("telemetry"):
+            windows.setdefault(w.seq, w)  # the server dedupes by (device, seq)
+        seqs = sorted(windows)
+        assert seqs == list(range(len(seqs)))  # no gap
+        starts = [windows[s].window_start for s in seqs]
+        assert len(set(starts)) == len(starts)  # no window sent twice under two seqs
+        assert all(a.window_end <= b.window_start + 1e-6 for a, b in zip(
+            [windows[s] for s in seqs], [windows[s] for s in seqs[1:]], strict=False))
+    finally:
+        service.stop()
+
+
+@pytest.mark.broker
+def test_outbox_bound_drops_oldest_and_reports(tmp_path, broker, collector):
+    now = [1_000_000.0]
+    config = make_config(tmp_path, broker, telemetry={"window_s": 60}, outbox={"max_bytes": 6000})
+    install_active(config.path, bundle_bytes("lr", "1.0.0"))
+    broker.stop()
+    agent = Agent(config, clock=lambda: now[0], link_mode="thread").start()
+    try:
+        for _ in range(30):  # half an hour offline
+            agent.predict([[0.1] * 6])
+            now[0] += 60
+            agent.tick(now[0])
+            assert agent.outbox.bytes <= 6000
+        dropped = agent.outbox.dropped_total
+        assert dropped > 0
+        kept = agent.outbox.count()
+        broker.start()
+
+        def delivered():
+            now[0] += 0.5
+            agent.tick(now[0])
+            return len({w.seq for w in collector.get("telemetry")}) >= kept
+
+        wait_until(delivered, 30, message="kept windows delivered")
+        seqs = sorted({w.seq for w in collector.get("telemetry")})
+        assert seqs[0] == dropped and seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # newest, in order
+        assert max(w.dropped_total for w in collector.get("telemetry")) > 0
+    finally:
+        agent.close()
