@@ -147,18 +147,21 @@ class UpdateMachine:
         saved = UpdateContext.from_json(data)
         self.ctx = saved
         entry = RESTART_ENTRY[saved.state]
+        if saved.state is State.IDLE:
+            return
+        if saved.state in LIVE_STATES:
+            self.ctx.went_live = True
         if entry is not saved.state:
-            if saved.state in LIVE_STATES:
-                self.ctx.went_live = True
             self.ctx.last_error = f"interrupted in {saved.state.value} (agent restarted)"
-            self.host.emit(
-                kind="transition",
-                from_state=saved.state.value,
-                to_state=entry.value,
-                event="restart",
-                reason=self.ctx.last_error,
-            )
-            self.ctx.state = entry
+        self.host.emit(
+            kind="transition",
+            from_state=saved.state.value,
+            to_state=entry.value,
+            event="restart",
+            version=saved.desired.version if saved.desired else None,
+            reason=f"agent restarted in {saved.state.value}",
+        )
+        self.ctx.state = entry
 
     # ------------------------------------------------------------------ driving
 

@@ -1,0 +1,65 @@
+"""kill -9 in every update state: after a restart the agent ends on a valid model.
+
+The agent runs as `python -m edge_agent run`; EDGEFLEET_FAULT="crash_in=<State>" (a testing
+hook) makes it SIGKILL itself right after persisting that state.
+"""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+from tests.agent_fixtures import (
+    AgentProcess,
+    bundle_bytes,
+    bundle_server_fixture,  # noqa: F401 - fixture
+    collector_fixture,  # noqa: F401 - fixture
+    install_active,
+    make_config,
+    publish_desired,
+)
+from tests.brokers import wait_until
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+# crashed state -> (state the restart re-enters, outcome reported for the interrupted attempt)
+CRASHES = [
+    ("Download", "CheckRollback", "failure"),
+    ("Install", "CheckRollback", "failure"),
+    ("SelfTest", "CheckRollback", "failure"),
+    ("Activate", "CheckRollback", "rolled_back"),
+    ("Probation", "CheckRollback", "rolled_back"),
+    ("Commit", "Commit", "success"),
+]
+
+
+@pytest.mark.parametrize("state,entry,first_outcome", CRASHES, ids=[c[0] for c in CRASHES])
+def test_kill_9_in_state_ends_on_valid_model(state, entry, first_outcome, tmp_path, broker, collector,
+                                             bundle_server):
+    config = make_config(tmp_path, broker, listen="127.0.0.1:0", update={"probation_s": 0.5})
+    port = __import__("tests.brokers", fromlist=["free_port"]).free_port()
+    config.http.listen = f"127.0.0.1:{port}"
+    install_active(config.path, bundle_bytes("lr", "1.0.0"))
+    proc = AgentProcess(config, tmp_path / "agent.toml").start(fault=f"crash_in={state}")
+    try:
+        publish_desired(broker, "dev-1", bundle_server.desired("dev-1", "b.efb", bundle_bytes("lr", "2.0.0")))
+        assert proc.wait_exit(60) == -9  # killed itself in `state`
+        proc.start()  # no fault this time
+        wait_until(lambda: "success" in collector.outcomes(), 60, message="the update converges after restart")
+        restart = [e for e in collector.events("transition") if e.event == "restart"]
+        assert [(e.from_state, e.to_state) for e in restart] == [(state, entry)]
+        assert collector.outcomes()[0] == first_outcome
+        model = wait_until(lambda: _get(port, "/v1/model"), 20, message="agent answers")
+        assert model["version"] == "2.0.0"
+        r = requests.post(f"http://127.0.0.1:{port}/v1/predict", json={"rows": [[0.1] * 6]}, timeout=5)
+        assert r.status_code == 200 and r.json()["version"] == "2.0.0"
+    finally:
+        proc.stop()
+
+
+def _get(port: int, path: str):
+    try:
+        r = requests.get(f"http://127.0.0.1:{port}{path}", timeout=2)
+        return r.json() if r.status_code == 200 else None
+    except requests.RequestException:
+        return None
