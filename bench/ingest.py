@@ -15,6 +15,7 @@ bench/results/ingest.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import shutil
@@ -87,11 +88,12 @@ def make_bundle(private_key) -> bytes:
 
 
 def prepare(data_dir: Path, devices: int, broker_port: int) -> dict[str, str]:
+    from cryptography.hazmat.primitives import serialization
+
     from fleet_server.devices import provision_device
     from fleet_server.registry import trust_key, upload_bundle
     from fleet_server.service import bootstrap
     from model_tools.signing import generate_keypair
-    from cryptography.hazmat.primitives import serialization
 
     data_dir.mkdir(parents=True, exist_ok=True)
     svc = bootstrap(load_config(data_dir, broker_port=broker_port))
@@ -153,10 +155,8 @@ def publisher(port: int, fleet: str, creds: list[tuple[str, str]], rate: float, 
     sent_s = time.time() - t0
     deadline = time.time() + 60
     for info in infos:
-        try:
+        with contextlib.suppress(RuntimeError, ValueError):
             info.wait_for_publish(max(0.1, deadline - time.time()))
-        except (RuntimeError, ValueError):
-            pass
     acked = sum(1 for i in infos if i.is_published())
     for _, c in clients:
         c.disconnect()

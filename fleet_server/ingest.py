@@ -280,6 +280,7 @@ class IngestWorker:
                 self._process(items)
             if time.monotonic() - last_stats > self.config.stats_interval_s:
                 self._flush_stats()
+                self._compact()
                 last_stats = time.monotonic()
             if self._stop.is_set() and self.queue.empty():
                 return
@@ -314,6 +315,14 @@ class IngestWorker:
                 c["rejected"] += 1
                 self.stats.rejects[r.reason] += 1
             self.stats.lags.extend(result.lags)
+
+    def _compact(self) -> None:
+        """Merge partial bucket rows of closed buckets (any ingest process may do it)."""
+        try:
+            closed = self.clock() - self.config.bucket_s - self.config.bucket_grace_s
+            self.storage.compact_buckets(closed, self.clock(), limit=2000)
+        except Exception:
+            log.exception("compacting drift buckets failed; it is retried")
 
     def _flush_stats(self) -> None:
         try:

@@ -7,6 +7,7 @@ Tests and `edgefleet server run` use the same class.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -119,6 +120,11 @@ class FleetServer:
         from fleet_server.ingest import IngestWorker
 
         svc = self.svc
+        # Ingest allocates many short-lived objects per message; the default GC thresholds make
+        # full collections over every long-lived object run hundreds of times a second (measured:
+        # msgspec decoding 3x slower). Freeze what exists and collect less often.
+        gc.freeze()
+        gc.set_threshold(100_000, 50, 100)
         if self.mqtt and self.config.managed_broker:
             svc.broker = ManagedBroker(self.config, svc.storage)
             svc.broker.start()

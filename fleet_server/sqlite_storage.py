@@ -19,7 +19,7 @@ from sqlite_utils import Database
 
 from fleet_server import migrations
 from fleet_server.storage import BatchResult, Conflict, IngestBatch, Reject
-from fleet_server.telemetry import BucketSums, ShapeMismatch, bucket_start
+from fleet_server.telemetry import BucketSums, ShapeMismatch, bucket_start, sum_rows
 
 _json = msgspec.json.Encoder()
 
@@ -33,6 +33,14 @@ def loads(text: str | None) -> Any:
 
 
 _BUCKET_JSON = ("errors", "latency", "features", "prediction")
+_BUCKET_COLUMNS = (
+    "model", "model_version", "device", "bucket_start", "windows", "predictions", "requests", "errors",
+    "latency", "latency_sum_ms", "features", "prediction",
+)
+_INSERT_BUCKET = (
+    "INSERT INTO buckets(model, model_version, device, bucket_start, windows, predictions, requests, errors, "
+    "latency, latency_sum_ms, features, prediction, updated_at, compacted) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
 
 
 class SqliteStorage:
@@ -251,41 +259,13 @@ class SqliteStorage:
                 except ShapeMismatch as exc:
                     result.rejects.append(Reject("shape_mismatch", w.device, str(exc)))
             stored: list = []
+            parts = []
             for (model, version, start, device), (sums, members) in groups.items():
                 if not members:
                     continue
-                row = conn.execute(
-                    "SELECT windows, predictions, requests, errors, latency, latency_sum_ms, features, "
-                    "prediction FROM buckets WHERE model=? AND model_version=? AND bucket_start=? AND device=?",
-                    (model, version, start, device),
-                ).fetchone()
-                if row is not None:
-                    total = BucketSums.from_row(
-                        {
-                            "windows": row[0], "predictions": row[1], "requests": row[2],
-                            "errors": loads(row[3]), "latency": loads(row[4]), "latency_sum_ms": row[5],
-                            "features": loads(row[6]), "prediction": loads(row[7]),
-                        }
-                    )
-                    try:
-                        total.add_sums(sums)
-                    except ShapeMismatch as exc:
-                        result.rejects += [Reject("shape_mismatch", device, str(exc)) for _ in members]
-                        continue
-                else:
-                    total = sums
-                conn.execute(
-                    "INSERT OR REPLACE INTO buckets(model, model_version, device, bucket_start, windows, "
-                    "predictions, requests, errors, latency, latency_sum_ms, features, prediction, updated_at) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        model, version, device, start, total.windows, total.predictions, total.requests,
-                        dumps(total.errors), dumps(total.latency), total.latency_sum_ms,
-                        dumps(total.features or []),
-                        dumps(total.prediction) if total.prediction is not None else None, now,
-                    ),
-                )
+                parts.append(self._bucket_params(model, version, device, start, sums, now, 0))
                 stored += members
+            conn.executemany(_INSERT_BUCKET, parts)
             conn.executemany(
                 "INSERT INTO windows(device, seq, model, model_version, window_start, window_end, sent_at, "
                 "stored_at, predictions, requests, errors) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -341,6 +321,55 @@ class SqliteStorage:
             )
             self._count_rejects(conn, batch.rejects + result.rejects, now)
         return result
+
+    @staticmethod
+    def _bucket_params(
+        model: str, version: str, device: str, start: float, sums: BucketSums, now: float, compacted: int
+    ) -> tuple:
+        return (
+            model, version, device, start, sums.windows, sums.predictions, sums.requests,
+            dumps(sums.errors), dumps(sums.latency), sums.latency_sum_ms, dumps(sums.features or []),
+            dumps(sums.prediction) if sums.prediction is not None else None, now, compacted,
+        )
+
+    def compact_buckets(self, before: float, now: float, limit: int = 5000) -> int:
+        """Merge the partial rows of buckets that started before `before`; returns rows removed."""
+        with self._immediate() as conn:
+            keys = conn.execute(
+                "SELECT DISTINCT model, model_version, bucket_start, device FROM buckets "
+                "WHERE compacted = 0 AND bucket_start < ? LIMIT ?",
+                (before, limit),
+            ).fetchall()
+            removed = 0
+            for key in keys:
+                rows = self._bucket_dicts(
+                    [
+                        dict(zip(_BUCKET_COLUMNS, r, strict=True))
+                        for r in conn.execute(
+                            f"SELECT {', '.join(_BUCKET_COLUMNS)} FROM buckets WHERE model = ? AND "
+                            "model_version = ? AND bucket_start = ? AND device = ?",
+                            key,
+                        ).fetchall()
+                    ]
+                )
+                try:
+                    total = sum_rows(rows)
+                except ShapeMismatch:
+                    # Counts of an unregistered model that do not line up: keep them apart.
+                    conn.execute(
+                        "UPDATE buckets SET compacted = 1 WHERE model = ? AND model_version = ? "
+                        "AND bucket_start = ? AND device = ?",
+                        key,
+                    )
+                    continue
+                conn.execute(
+                    "DELETE FROM buckets WHERE model = ? AND model_version = ? AND bucket_start = ? AND device = ?",
+                    key,
+                )
+                model, version, start, device = key
+                conn.execute(_INSERT_BUCKET, self._bucket_params(model, version, device, start, total, now, 1))
+                removed += len(rows) - 1
+            return removed
 
     def _count_rejects(self, conn: sqlite3.Connection, rejects: list[Reject], now: float) -> None:
         counts: dict[tuple[str, str], list[Any]] = {}
@@ -419,7 +448,7 @@ class SqliteStorage:
                 return []
             sql += f" AND device IN ({','.join('?' * len(devices))})"
             params += list(devices)
-        return self._bucket_dicts(self._rows(sql + " ORDER BY bucket_start, device", params))
+        return self._bucket_dicts(self._rows(sql + " ORDER BY bucket_start, device, id", params))
 
     def device_bucket_rows(self, device_id: str, start: float | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM buckets WHERE device = ?"
@@ -427,7 +456,7 @@ class SqliteStorage:
         if start is not None:
             sql += " AND bucket_start >= ?"
             params.append(start)
-        return self._bucket_dicts(self._rows(sql + " ORDER BY bucket_start", params))
+        return self._bucket_dicts(self._rows(sql + " ORDER BY bucket_start, id", params))
 
     def bucketed_versions(self, since: float | None = None) -> list[dict[str, Any]]:
         sql = (

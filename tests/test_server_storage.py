@@ -49,7 +49,7 @@ def test_migrations_are_recorded_and_idempotent(tmp_path):
     s.close()
     s = SqliteStorage(tmp_path / "f.db")
     names = [r["name"] for r in s.db.query("SELECT name FROM _sqlite_migrations")]
-    assert names == ["0001_initial"]
+    assert names == ["0001_initial", "0002_bucket_parts"]
     assert s.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     s.close()
 
@@ -83,10 +83,20 @@ def test_bucket_sums_roll_up_exactly(storage):
 
 
 def test_shape_mismatch_is_rejected_not_summed(storage):
-    storage.store_batch(IngestBatch(windows=[(window("a", 1), 1.0)]), 60.0, 1.0)
-    r = storage.store_batch(IngestBatch(windows=[(window("a", 2, bins=(1, 2)), 1.0)]), 60.0, 2.0)
-    assert r.stored_windows == 0 and r.rejects[0].reason == "shape_mismatch"
+    batch = IngestBatch(windows=[(window("a", 1), 1.0), (window("a", 2, bins=(1, 2)), 1.0)])
+    r = storage.store_batch(batch, 60.0, 2.0)
+    assert r.stored_windows == 1 and r.rejects[0].reason == "shape_mismatch"
     assert storage.reject_counts()[0]["reason"] == "shape_mismatch"
+
+
+def test_partial_bucket_rows_compact_to_the_same_sums(storage):
+    for s in (1, 2, 3):  # three batches: three partial rows of one bucket
+        storage.store_batch(IngestBatch(windows=[(window("a", s, start=100.0 + s), 1.0)]), 60.0, 1.0)
+    before = sum_rows(storage.bucket_rows("m", "1"))
+    assert len(storage.bucket_rows("m", "1")) == 3
+    assert storage.compact_buckets(before=1e9, now=2.0) == 2
+    rows = storage.bucket_rows("m", "1")
+    assert len(rows) == 1 and sum_rows(rows).to_row() == before.to_row()
 
 
 def test_loss_is_seq_gaps_minus_device_drops(storage):
