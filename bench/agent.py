@@ -1,0 +1,257 @@
+"""Benchmark the agent: raw onnxruntime, in-process Agent.predict, HTTP (sequential and 8
+keep-alive clients) against a Flask + scikit-learn baseline on waitress; agent RSS; MQTT bytes/hour.
+
+Run: .venv/bin/python bench/agent.py   (writes bench/results/agent.md). Not a test.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.agent_fixtures import (  # noqa: E402
+    AgentProcess,
+    bundle_bytes,
+    dataset,
+    estimator,
+    install_active,
+    make_config,
+)
+from tests.brokers import Broker, free_port, wait_for_port  # noqa: E402
+
+CLIENTS = 8
+LOAD_S = 4.0
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def time_calls(fn, n: int = 20000, warm: int = 2000) -> list[float]:
+    for _ in range(warm):
+        fn()
+    out = []
+    for _ in range(n):
+        t = time.perf_counter_ns()
+        fn()
+        out.append((time.perf_counter_ns() - t) / 1000.0)
+    return out  # microseconds
+
+
+# ---------------------------------------------------------------- HTTP load
+
+
+def _client(port: int, body: bytes, duration: float, start_at: float, q) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    headers = {"Content-Type": "application/json"}
+    while time.time() < start_at:
+        time.sleep(0.001)
+    lat = []
+    end = time.perf_counter() + duration
+    while True:
+        t = time.perf_counter()
+        if t > end:
+            break
+        conn.request("POST", "/v1/predict", body, headers)
+        r = conn.getresponse()
+        r.read()
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}")
+        lat.append((time.perf_counter() - t) * 1000.0)
+    conn.close()
+    q.put(lat)
+
+
+def http_load(port: int, body: bytes, clients: int, duration: float = LOAD_S) -> dict[str, float]:
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    start_at = time.time() + 0.5
+    procs = [ctx.Process(target=_client, args=(port, body, duration, start_at, q)) for _ in range(clients)]
+    for p in procs:
+        p.start()
+    lats: list[float] = []
+    for _ in procs:
+        lats += q.get(timeout=duration + 30)
+    for p in procs:
+        p.join()
+    return {"p50_ms": statistics.median(lats), "p99_ms": pct(lats, 99), "rps": len(lats) / duration}
+
+
+# ---------------------------------------------------------------- baselines
+
+
+FLASK_APP = '''
+import sys, pickle, numpy as np
+from flask import Flask, request, jsonify
+from waitress import serve
+model = pickle.load(open(sys.argv[1], "rb"))
+app = Flask(__name__)
+@app.post("/v1/predict")
+def predict():
+    rows = np.asarray(request.get_json()["rows"], dtype=float)
+    proba = model.predict_proba(rows)
+    return jsonify(predictions=model.classes_[proba.argmax(1)].tolist(), probabilities=proba.tolist())
+serve(app, host="127.0.0.1", port=int(sys.argv[2]), threads=8, _quiet=True)
+'''
+
+
+def flask_baseline(kind: str, body: bytes, tmp: Path) -> dict[str, dict[str, float]]:
+    import pickle
+
+    model_path = tmp / f"{kind}.pkl"
+    model_path.write_bytes(pickle.dumps(estimator(kind)))
+    app = tmp / "flask_app.py"
+    app.write_text(FLASK_APP)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(app), str(model_path), str(port)], cwd=ROOT)
+    try:
+        wait_for_port("127.0.0.1", port, 30)
+        http_load(port, body, 1, 1.0)  # warm up
+        return {"seq": http_load(port, body, 1), "c8": http_load(port, body, CLIENTS)}
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+# ---------------------------------------------------------------- agent
+
+
+def in_process(kind: str, tmp: Path) -> dict[str, float]:
+    import onnxruntime as ort
+
+    from edge_agent import Agent
+    from edge_agent.runtime import session_options
+    from model_tools.bundle import read_bundle
+
+    data = bundle_bytes(kind, "1.0.0")
+    bundle = read_bundle(data, require_signature=False)
+    X, _ = dataset()
+    row = [float(v) for v in X[0]]
+    sess = ort.InferenceSession(bundle.model_bytes, session_options(1), providers=["CPUExecutionProvider"])
+    spec = bundle.manifest.onnx_inputs[0]
+    feed = {spec.name: np.asarray([row], dtype=np.float32 if spec.dtype == "float32" else np.float64)}
+    names = [n for n in (bundle.manifest.outputs.label, bundle.manifest.outputs.probabilities) if n]
+    raw = time_calls(lambda: sess.run(names, feed))
+    config = make_config(tmp / kind, telemetry={"window_s": 60})
+    install_active(config.path, data)
+    agent = Agent(config, link_mode="none").start()
+    rows = [[float(v) for v in r] for r in X[:1000]]
+    i = [0]
+
+    def one():
+        i[0] = (i[0] + 1) % 1000
+        agent.predict([rows[i[0]]])
+
+    inproc = time_calls(one)
+    agent.close()
+    return {"raw_p50": statistics.median(raw), "raw_p99": pct(raw, 99),
+            "agent_p50": statistics.median(inproc), "agent_p99": pct(inproc, 99)}
+
+
+def agent_http(kind: str, body: bytes, tmp: Path, broker: Broker) -> dict[str, object]:
+    port = free_port()
+    config = make_config(tmp / f"http-{kind}", broker, listen=f"127.0.0.1:{port}", telemetry={"window_s": 60})
+    install_active(config.path, bundle_bytes(kind, "1.0.0"))
+    proc = AgentProcess(config, tmp / f"agent-{kind}.toml").start()
+    try:
+        wait_for_port("127.0.0.1", port, 30)
+        http_load(port, body, 1, 1.0)
+        seq = http_load(port, body, 1)
+        c8 = http_load(port, body, CLIENTS)
+        rss = psutil.Process(proc.proc.pid).memory_info().rss
+        return {"seq": seq, "c8": c8, "rss_mib": rss / 2**20}
+    finally:
+        proc.stop()
+
+
+def mqtt_bytes_per_hour(tmp: Path, broker: Broker) -> float:
+    """One prediction per second for one simulated hour, default settings (60 s windows, 16 samples)."""
+    from edge_agent import Agent
+
+    now = [1_700_000_000.0]
+    config = make_config(tmp / "bw", broker, telemetry={"window_s": 60, "sample_rows": 16})
+    install_active(config.path, bundle_bytes("lr", "1.0.0"))
+    agent = Agent(config, clock=lambda: now[0]).start()
+    X, _ = dataset()
+    deadline = time.time() + 10
+    while not (agent.link and agent.link.connected) and time.time() < deadline:
+        time.sleep(0.01)
+    start_bytes = agent.link.bytes_out
+    for s in range(3600):
+        # Raw sensor-like values: a few significant digits, as devices send them.
+        agent.predict([[round(float(v), 4) for v in X[s % len(X)]]])
+        now[0] += 1.0
+        agent.tick(now[0])
+    deadline = time.time() + 10
+    while agent.outbox.count() and time.time() < deadline:
+        agent.tick(now[0])
+        time.sleep(0.01)
+    total = agent.link.bytes_out - start_bytes
+    agent.close()
+    return total
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="edgefleet-bench-"))
+    broker = Broker(tmp / "broker").start()
+    X, _ = dataset()
+    body = json.dumps({"rows": [[round(float(v), 6) for v in X[0]]]}).encode()
+    lines = [
+        "# edge_agent benchmark",
+        "",
+        f"Machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}. Single-row requests; "
+        f"HTTP with keep-alive, {CLIENTS} concurrent clients in {CLIENTS} processes, {LOAD_S:.0f} s each, loopback.",
+        "",
+        "| model | raw ORT run p50/p99 µs | Agent.predict p50/p99 µs | HTTP seq p50/p99 ms | HTTP seq req/s "
+        f"| HTTP {CLIENTS} clients p50/p99 ms | HTTP {CLIENTS} clients req/s | Flask+sklearn seq req/s "
+        f"| Flask+sklearn {CLIENTS} clients req/s (p99 ms) | speed-up | agent RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    try:
+        for kind, label in (("lr", "LogisticRegression pipeline"), ("rf", "RandomForest (10 trees)")):
+            ip = in_process(kind, tmp)
+            ah = agent_http(kind, body, tmp, broker)
+            fl = flask_baseline(kind, body, tmp)
+            seq, c8 = ah["seq"], ah["c8"]
+            lines.append(
+                f"| {label} | {ip['raw_p50']:.1f} / {ip['raw_p99']:.1f} | {ip['agent_p50']:.1f} / {ip['agent_p99']:.1f} "
+                f"| {seq['p50_ms']:.2f} / {seq['p99_ms']:.2f} | {seq['rps']:,.0f} "
+                f"| {c8['p50_ms']:.2f} / {c8['p99_ms']:.2f} | {c8['rps']:,.0f} | {fl['seq']['rps']:,.0f} "
+                f"| {fl['c8']['rps']:,.0f} ({fl['c8']['p99_ms']:.1f}) | {c8['rps'] / fl['c8']['rps']:.1f}x "
+                f"| {ah['rss_mib']:.0f} |"
+            )
+            print(lines[-1], flush=True)
+        bw = mqtt_bytes_per_hour(tmp, broker)
+    finally:
+        broker.stop()
+    lines += [
+        "",
+        f"MQTT telemetry at one prediction per second with default settings (60 s windows, 16 sampled rows, "
+        f"6 features): **{bw / 1024:.0f} KiB per device per hour** (topic + payload + MQTT 5 PUBLISH/PUBACK "
+        "overhead; TCP/IP headers and keep-alive pings not included).",
+        "",
+        "Goals: Agent.predict ≤ 25 µs median; HTTP with 8 keep-alive clients ≥ 6,000 req/s, ≥ 8× the Flask "
+        "baseline, p99 ≤ 5 ms; agent RSS ≤ 70 MiB; ≤ 300 KB per hour.",
+    ]
+    text = "\n".join(lines) + "\n"
+    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
+    (ROOT / "bench" / "results" / "agent.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
