@@ -238,7 +238,11 @@ def main() -> None:
         bw = mqtt_bytes_per_hour(tmp, broker)
     finally:
         broker.stop()
+    load = os.getloadavg()[0]
     lines += [
+        "",
+        f"1-minute load average at the end of the run: {load:.1f} on {os.cpu_count()} cores "
+        "(numbers are only comparable on an otherwise idle machine).",
         "",
         f"MQTT telemetry at one prediction per second with default settings (60 s windows, 16 sampled rows, "
         f"6 features): **{bw / 1024:.0f} KiB per device per hour** (topic + payload + MQTT 5 PUBLISH/PUBACK "
