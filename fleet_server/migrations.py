@@ -241,6 +241,81 @@ def m0002_bucket_parts(db: Database) -> None:
     )
 
 
+@migrations(name="0003_rollouts")
+def m0003_rollouts(db: Database) -> None:
+    # The rollout controller's whole state, so that a restarted server continues where it was.
+    # Windows keep their latency, prediction and shadow counts so that gates compare cohorts
+    # over exactly the windows received since a stage started (buckets are too coarse).
+    db.executescript(
+        """
+        CREATE TABLE rollouts (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL DEFAULT '',
+            model TEXT NOT NULL,
+            version TEXT NOT NULL,
+            spec TEXT NOT NULL,                   -- RolloutSpec as JSON
+            state TEXT NOT NULL,                  -- running | paused | completed | aborting | aborted
+            stage INTEGER NOT NULL DEFAULT 0,
+            stage_started_at REAL NOT NULL,
+            created_at REAL NOT NULL,
+            created_by TEXT NOT NULL DEFAULT '',
+            updated_at REAL NOT NULL,
+            finished_at REAL,
+            reason TEXT,                          -- why it is paused, aborting or aborted
+            gates TEXT,                           -- latest gate results of the current stage (JSON)
+            stages TEXT NOT NULL DEFAULT '[]',    -- per-stage history: started, ended, verdict, gates
+            previous_target TEXT                  -- fleet target before completion (for blue-green undo)
+        );
+        CREATE INDEX rollouts_state ON rollouts(state);
+        CREATE TABLE rollout_devices (
+            rollout_id TEXT NOT NULL REFERENCES rollouts(id),
+            device TEXT NOT NULL,
+            stage INTEGER NOT NULL,               -- first stage whose cohort took the device
+            mode TEXT NOT NULL,                   -- shadow | live: what it was last asked to run
+            previous_version TEXT,                -- its active version when first assigned
+            assigned_at REAL NOT NULL,
+            desired_at REAL,                      -- last time its desired changed
+            status TEXT NOT NULL DEFAULT 'pending', -- pending | updated | failed | timed_out | reverted
+            status_at REAL,
+            live_at REAL,                         -- first time it was asked to serve live
+            PRIMARY KEY (rollout_id, device)
+        ) WITHOUT ROWID;
+        CREATE INDEX rollout_devices_device ON rollout_devices(device);
+        CREATE TABLE rollout_audit (
+            id INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            rollout_id TEXT NOT NULL,
+            actor TEXT NOT NULL,                  -- 'controller' or the operator / token name
+            action TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX rollout_audit_rollout ON rollout_audit(rollout_id, id);
+        -- What the server last published on each device's retained `desired` topic.
+        CREATE TABLE device_desired (
+            device TEXT PRIMARY KEY,
+            model TEXT NOT NULL,
+            version TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            rollout_id TEXT,
+            allow_downgrade INTEGER NOT NULL DEFAULT 0,
+            published_at REAL NOT NULL
+        );
+        -- The fleet's current version per model and target, for devices that join later.
+        CREATE TABLE fleet_targets (
+            model TEXT NOT NULL,
+            target TEXT NOT NULL,                 -- the rollout's Target as JSON
+            version TEXT NOT NULL,
+            rollout_id TEXT,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (model, target)
+        );
+        ALTER TABLE windows ADD COLUMN latency TEXT;
+        ALTER TABLE windows ADD COLUMN prediction TEXT;
+        ALTER TABLE windows ADD COLUMN shadow TEXT;
+        """
+    )
+
+
 def apply(db: Database) -> None:
     """Bring the schema up to date (idempotent; safe to call from every process)."""
     migrations.apply(db)
