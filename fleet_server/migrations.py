@@ -309,6 +309,7 @@ def m0003_rollouts(db: Database) -> None:
             updated_at REAL NOT NULL,
             PRIMARY KEY (model, target)
         );
+        CREATE INDEX events_rollout ON events(rollout_id, stored_at);
         ALTER TABLE windows ADD COLUMN latency TEXT;
         ALTER TABLE windows ADD COLUMN prediction TEXT;
         ALTER TABLE windows ADD COLUMN shadow TEXT;
