@@ -4,7 +4,8 @@ Only hashes are stored. Device passwords are random and high-entropy, but they a
 the HTTP download endpoint, so they get argon2id (the OWASP-recommended memory-hard hash, via
 argon2-cffi) with a small in-memory cache of recent successes so resumed downloads stay cheap.
 API tokens are 256-bit random strings: a salted slow hash adds nothing to their strength, so
-they are stored as SHA-256 and looked up directly.
+they are stored as SHA-256 and looked up directly. Operators (console accounts) choose their
+passwords, so those get argon2id too; console session ids are random like tokens.
 """
 
 from __future__ import annotations
@@ -87,3 +88,25 @@ def token_hash(token: str) -> str:
 
 def constant_time_equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
+
+
+SESSION_COOKIE = "ef_session"
+CSRF_HEADER = "X-CSRF-Token"
+_DUMMY_HASH = _hasher.hash("edgefleet: no such operator")
+
+
+def verify_password(stored_hash: str | None, password: str) -> bool:
+    """Check a password against an argon2 hash. An unknown account (None) costs the same time,
+    so response times do not tell which operator names exist."""
+    try:
+        return _hasher.verify(stored_hash or _DUMMY_HASH, password) and stored_hash is not None
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def new_csrf_token() -> str:
+    return secrets.token_urlsafe(32)

@@ -317,6 +317,43 @@ def m0003_rollouts(db: Database) -> None:
     )
 
 
+@migrations(name="0004_operators")
+def m0004_operators(db: Database) -> None:
+    # Console accounts, server-side sessions (the cookie holds a random id, stored hashed, so
+    # logging out or disabling an operator ends the session at once) and the audit log.
+    db.executescript(
+        """
+        CREATE TABLE operators (
+            name TEXT PRIMARY KEY,
+            role TEXT NOT NULL,                   -- viewer | operator
+            password_hash TEXT NOT NULL,          -- argon2id
+            created_at REAL NOT NULL,
+            disabled_at REAL
+        );
+        CREATE TABLE console_sessions (
+            id_hash TEXT PRIMARY KEY,             -- sha256 of the cookie value
+            operator TEXT NOT NULL REFERENCES operators(name) ON DELETE CASCADE,
+            csrf_token TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX console_sessions_expiry ON console_sessions(expires_at);
+        CREATE TABLE audit_log (
+            id INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            actor TEXT NOT NULL,                  -- operator or token name; '' when unknown
+            role TEXT,
+            action TEXT NOT NULL,                 -- e.g. login, alert.ack, rollout.pause
+            target TEXT NOT NULL DEFAULT '',
+            outcome TEXT NOT NULL,                -- ok | denied | failed
+            detail TEXT NOT NULL DEFAULT '{}',
+            remote_addr TEXT
+        );
+        CREATE INDEX audit_log_target ON audit_log(target, id);
+        """
+    )
+
+
 def apply(db: Database) -> None:
     """Bring the schema up to date (idempotent; safe to call from every process)."""
     migrations.apply(db)

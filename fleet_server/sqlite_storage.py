@@ -626,3 +626,160 @@ class SqliteStorage:
 
     def deliveries(self, limit: int = 100) -> list[dict[str, Any]]:
         return self._rows("SELECT * FROM webhook_deliveries ORDER BY id DESC LIMIT ?", [limit])
+
+    # ------------------------------------------------------------------ console
+
+    def insert_operator(self, name: str, role: str, password_hash: str, now: float) -> None:
+        with self._immediate() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO operators(name, role, password_hash, created_at) VALUES (?,?,?,?)",
+                    (name, role, password_hash, now),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"operator {name!r} already exists") from exc
+
+    def set_operator(self, name: str, *, role: str | None = None, password_hash: str | None = None,
+                     disabled_at: float | None = None) -> bool:
+        fields = {k: v for k, v in (("role", role), ("password_hash", password_hash),
+                                    ("disabled_at", disabled_at)) if v is not None}
+        if not fields:
+            return self.get_operator(name) is not None
+        with self._immediate() as conn:
+            cur = conn.execute(
+                f"UPDATE operators SET {', '.join(f'{k} = ?' for k in fields)} WHERE name = ?",
+                [*fields.values(), name],
+            )
+            if fields.get("disabled_at") is not None or "role" in fields or "password_hash" in fields:
+                # A changed account starts over: its open sessions end.
+                conn.execute("DELETE FROM console_sessions WHERE operator = ?", (name,))
+            return cur.rowcount > 0
+
+    def get_operator(self, name: str) -> dict[str, Any] | None:
+        return self._one("SELECT * FROM operators WHERE name = ?", [name])
+
+    def list_operators(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT name, role, created_at, disabled_at FROM operators ORDER BY name")
+
+    def insert_session(self, id_hash: str, operator: str, csrf_token: str, now: float, expires_at: float) -> None:
+        with self._immediate() as conn:
+            conn.execute(
+                "INSERT INTO console_sessions(id_hash, operator, csrf_token, created_at, expires_at) "
+                "VALUES (?,?,?,?,?)",
+                (id_hash, operator, csrf_token, now, expires_at),
+            )
+
+    def find_session(self, id_hash: str, now: float) -> dict[str, Any] | None:
+        return self._one(
+            "SELECT s.operator AS name, o.role, s.csrf_token, s.created_at, s.expires_at "
+            "FROM console_sessions s JOIN operators o ON o.name = s.operator "
+            "WHERE s.id_hash = ? AND s.expires_at > ? AND o.disabled_at IS NULL",
+            [id_hash, now],
+        )
+
+    def delete_session(self, id_hash: str) -> None:
+        with self._immediate() as conn:
+            conn.execute("DELETE FROM console_sessions WHERE id_hash = ?", (id_hash,))
+
+    def delete_expired_sessions(self, now: float) -> int:
+        with self._immediate() as conn:
+            return conn.execute("DELETE FROM console_sessions WHERE expires_at <= ?", (now,)).rowcount
+
+    def insert_audit(self, row: dict[str, Any]) -> int:
+        row = {**row, "detail": dumps(row.get("detail") or {})}
+        with self._immediate() as conn:
+            cur = conn.execute(
+                f"INSERT INTO audit_log({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                list(row.values()),
+            )
+            return int(cur.lastrowid)
+
+    def list_audit(self, *, target_prefix: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        sql, params = "SELECT * FROM audit_log", []
+        if target_prefix is not None:
+            sql += " WHERE substr(target, 1, ?) = ?"
+            params += [len(target_prefix), target_prefix]
+        rows = self._rows(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+        for r in rows:
+            r["detail"] = loads(r["detail"])
+        return rows
+
+    def search_devices(
+        self,
+        *,
+        query: str = "",
+        tags: dict[str, str] | None = None,
+        model_version: str | None = None,
+        status: str | None = None,
+        updating: bool | None = None,
+        seen_after: float | None = None,
+        seen_before: float | None = None,
+        sort: str = "id",
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[list[dict[str, Any]], int]:
+        where, params = ["revoked_at IS NULL"], []
+        if query:
+            escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            where.append("id LIKE ? ESCAPE '\\'")
+            params.append(f"%{escaped}%")
+        for i, (k, v) in enumerate((tags or {}).items()):
+            where.append(
+                f"EXISTS (SELECT 1 FROM device_tags t{i} WHERE t{i}.device = devices.id "
+                f"AND t{i}.key = ? AND t{i}.value = ?)"
+            )
+            params += [k, v]
+        if model_version is not None:
+            where.append("active_version = ?")
+            params.append(model_version)
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if updating is not None:
+            busy = "(update_state IS NOT NULL AND lower(update_state) NOT IN ('idle', 'failed'))"
+            where.append(busy if updating else f"NOT {busy}")
+        if seen_after is not None:
+            where.append("last_seen >= ?")
+            params.append(seen_after)
+        if seen_before is not None:
+            where.append("(last_seen IS NULL OR last_seen < ?)")
+            params.append(seen_before)
+        clause = " WHERE " + " AND ".join(where)
+        order = {
+            "id": "id",
+            "last_seen": "last_seen DESC NULLS LAST, id",
+            "version": "active_version, id",
+            "status": "status, id",
+        }.get(sort, "id")
+        total = self.db.conn.execute(f"SELECT count(*) FROM devices{clause}", params).fetchone()[0]
+        rows = self._rows(f"SELECT * FROM devices{clause} ORDER BY {order} LIMIT ? OFFSET ?", [*params, limit, offset])
+        tags_by = self._tags_for([r["id"] for r in rows])
+        return [self._device_dict(r, tags_by[r["id"]]) for r in rows], int(total)
+
+    def fleet_counts(self) -> dict[str, Any]:
+        conn = self.db.conn
+        live = "FROM devices WHERE revoked_at IS NULL"
+        by_status = dict(conn.execute(f"SELECT status, count(*) {live} GROUP BY status").fetchall())
+        updating = conn.execute(
+            f"SELECT count(*) {live} AND update_state IS NOT NULL AND lower(update_state) NOT IN ('idle', 'failed')"
+        ).fetchone()[0]
+        versions = [
+            {"model": m, "version": v, "devices": n}
+            for m, v, n in conn.execute(
+                f"SELECT model, active_version, count(*) {live} GROUP BY model, active_version "
+                "ORDER BY count(*) DESC, model, active_version"
+            ).fetchall()
+        ]
+        states = dict(conn.execute(f"SELECT coalesce(update_state, ''), count(*) {live} GROUP BY 1").fetchall())
+        tag_keys = [r[0] for r in conn.execute(
+            "SELECT DISTINCT key FROM device_tags JOIN devices ON devices.id = device_tags.device "
+            "WHERE devices.revoked_at IS NULL ORDER BY key LIMIT 100"
+        ).fetchall()]
+        return {
+            "total": sum(by_status.values()),
+            "by_status": by_status,
+            "updating": int(updating),
+            "versions": versions,
+            "update_states": states,
+            "tag_keys": tag_keys,
+        }

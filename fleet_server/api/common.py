@@ -1,4 +1,10 @@
-"""Shared plumbing of the REST API: services lookup, token auth, query parsing, JSON errors."""
+"""Shared plumbing of the REST API: services lookup, auth, query parsing, JSON errors.
+
+A request is authorized by a Bearer token or by a console session cookie. Cookies are ambient
+credentials, so a cookie-authorized request that changes something must also carry the session's
+CSRF token (header `X-CSRF-Token`); Bearer calls are exempt. Every state-changing call, and every
+refusal for lack of role, is written to the audit log.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from typing import Any
 from flask import Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from fleet_server.auth import Role, token_hash
+from fleet_server.auth import CSRF_HEADER, SESSION_COOKIE, Role, constant_time_equal, token_hash
 from fleet_server.service import Services
 
 log = logging.getLogger(__name__)
@@ -36,6 +42,40 @@ def bearer_identity() -> dict[str, Any] | None:
     return services().storage.find_token(token_hash(header[7:].strip()))
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def session_identity() -> dict[str, Any] | None:
+    """The operator of a valid console session cookie (name, role, csrf_token), once per request."""
+    if "session_identity" in g:
+        return g.session_identity
+    sid = request.cookies.get(SESSION_COOKIE)
+    identity = None
+    if sid:
+        svc = services()
+        identity = svc.storage.find_session(token_hash(sid), svc.clock())
+        if identity is not None:
+            identity = {**identity, "via": "session"}
+    g.session_identity = identity
+    return identity
+
+
+def csrf_ok(identity: dict[str, Any]) -> bool:
+    sent = request.headers.get(CSRF_HEADER) or request.form.get("csrf_token") or ""
+    return bool(sent) and constant_time_equal(sent, identity["csrf_token"])
+
+
+def audit(action: str, outcome: str, identity: dict[str, Any] | None, target: str = "", **detail: Any) -> None:
+    """Append one row to the audit log (who did what to what, and how it ended)."""
+    from fleet_server.console.accounts import record_audit
+
+    record_audit(
+        services(), action=action, outcome=outcome, actor=(identity or {}).get("name", ""),
+        role=(identity or {}).get("role"), target=target or request.path,
+        remote_addr=request.remote_addr, detail=detail,
+    )
+
+
 def basic_device() -> str | None:
     """The device id when the request carries valid HTTP Basic device credentials."""
     header = request.headers.get("Authorization", "")
@@ -52,22 +92,43 @@ def basic_device() -> str | None:
 
 
 def require(role: Role) -> Callable:
-    """Decorator: a Bearer token whose role allows `role` (viewer for reads, operator for writes)."""
+    """Decorator: a Bearer token or console session whose role allows `role` (viewer for reads,
+    operator for writes); session calls that change something must carry the CSRF token."""
 
     def wrap(view: Callable) -> Callable:
         @functools.wraps(view)
         def inner(*args: Any, **kwargs: Any) -> Any:
             identity = bearer_identity()
+            if identity is None and "Authorization" not in request.headers:
+                identity = session_identity()
             if identity is None:
                 raise ApiError(
                     "missing or invalid API token: send 'Authorization: Bearer TOKEN' "
                     "(create one with 'edgefleet server create-token')",
                     401,
                 )
+            changes = request.method not in SAFE_METHODS
+            action = request.endpoint or request.path
+            if changes and identity.get("via") == "session" and not csrf_ok(identity):
+                audit(action, "denied", identity, reason="missing or wrong CSRF token")
+                raise ApiError(
+                    f"missing or wrong CSRF token: send the session's token in the {CSRF_HEADER} header "
+                    "(the console does this; reload the page if the session changed)",
+                    403,
+                )
             if not Role(identity["role"]).allows(role):
-                raise ApiError(f"this needs an {role.value} token; yours is {identity['role']}", 403)
+                audit(action, "denied", identity, reason=f"needs {role.value}")
+                raise ApiError(f"this needs an {role.value} role; yours is {identity['role']}", 403)
             g.identity = identity
-            return view(*args, **kwargs)
+            if not changes:
+                return view(*args, **kwargs)
+            try:
+                result = view(*args, **kwargs)
+            except Exception as exc:
+                audit(action, "failed", identity, error=str(exc)[:300])
+                raise
+            audit(action, "ok", identity)
+            return result
 
         inner.required_role = role  # type: ignore[attr-defined]  # read by the OpenAPI test
         return inner
