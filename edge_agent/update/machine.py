@@ -226,7 +226,7 @@ class UpdateMachine:
         self.host.state_changed()
         if self.faults.get("crash_in") == state.value:
             log.warning("EDGEFLEET_FAULT: killing the agent in %s", state.value)
-            os.kill(os.getpid(), signal.SIGKILL)
+            self.crash()
         if self.faults.get("fail_in") == state.value:
             return self.fail(f"{state.value.lower()}: injected failure (EDGEFLEET_FAULT)", final=True)
         try:
@@ -264,6 +264,11 @@ class UpdateMachine:
             )
             self._save()
         self.host.state_changed()
+
+    def crash(self) -> None:
+        """What the `crash_in` fault does: kill this process. A simulator running many agents in
+        one process replaces it (per instance) with a crash of one simulated device."""
+        os.kill(os.getpid(), signal.SIGKILL)
 
     # ------------------------------------------------------------------ used by states
 
