@@ -268,11 +268,14 @@ class SqliteStorage:
             conn.executemany(_INSERT_BUCKET, parts)
             conn.executemany(
                 "INSERT INTO windows(device, seq, model, model_version, window_start, window_end, sent_at, "
-                "stored_at, predictions, requests, errors) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "stored_at, predictions, requests, errors, latency, prediction, shadow) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (
                         w.device, w.seq, w.model or "", w.model_version or "", w.window_start, w.window_end,
                         w.sent_at, now, w.predictions, w.requests, sum(w.errors.values()),
+                        dumps(w.latency.counts), dumps(w.prediction) if w.prediction is not None else None,
+                        dumps(w.shadow) if w.shadow is not None else None,
                     )
                     for w in stored
                 ],
@@ -783,3 +786,156 @@ class SqliteStorage:
             "update_states": states,
             "tag_keys": tag_keys,
         }
+
+    # ------------------------------------------------------------------ rollouts
+
+    _ROLLOUT_JSON = ("spec", "gates", "stages", "previous_target")
+
+    def _rollout_dict(self, row: dict[str, Any]) -> dict[str, Any]:
+        for k in self._ROLLOUT_JSON:
+            row[k] = loads(row[k])
+        return row
+
+    def _audit(self, conn: sqlite3.Connection, rollout_id: str, entries: Sequence[tuple[str, str, dict[str, Any]]],
+               now: float) -> None:
+        conn.executemany(
+            "INSERT INTO rollout_audit(ts, rollout_id, actor, action, detail) VALUES (?,?,?,?,?)",
+            [(now, rollout_id, actor, action, dumps(detail)) for actor, action, detail in entries],
+        )
+
+    def insert_rollout(self, row: dict[str, Any], audit: tuple[str, str, dict[str, Any]]) -> None:
+        row = {k: dumps(v) if k in self._ROLLOUT_JSON and v is not None else v for k, v in row.items()}
+        with self._immediate() as conn:
+            try:
+                conn.execute(
+                    f"INSERT INTO rollouts({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                    list(row.values()),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"rollout {row['id']!r} already exists") from exc
+            self._audit(conn, row["id"], [audit], row["created_at"])
+
+    def get_rollout(self, rollout_id: str) -> dict[str, Any] | None:
+        row = self._one("SELECT * FROM rollouts WHERE id = ?", [rollout_id])
+        return self._rollout_dict(row) if row else None
+
+    def list_rollouts(self, *, states: Sequence[str] | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        sql, params = "SELECT * FROM rollouts", []
+        if states is not None:
+            if not states:
+                return []
+            sql += f" WHERE state IN ({','.join('?' * len(states))})"
+            params += list(states)
+        rows = self._rows(sql + " ORDER BY created_at DESC, id LIMIT ?", [*params, limit])
+        return [self._rollout_dict(r) for r in rows]
+
+    def update_rollout(
+        self,
+        rollout_id: str,
+        fields: dict[str, Any],
+        now: float,
+        *,
+        expect: dict[str, Any] | None = None,
+        audit: Sequence[tuple[str, str, dict[str, Any]]] = (),
+    ) -> bool:
+        """Set fields (and updated_at) only if the row still has the `expect`ed values; with the
+        audit entries in the same transaction. False when someone else changed it first."""
+        values = {k: dumps(v) if k in self._ROLLOUT_JSON and v is not None else v for k, v in fields.items()}
+        values["updated_at"] = now
+        where = " AND ".join(f"{k} = ?" for k in (expect or {}))
+        with self._immediate() as conn:
+            cur = conn.execute(
+                f"UPDATE rollouts SET {', '.join(f'{k} = ?' for k in values)} WHERE id = ?"
+                + (f" AND {where}" if where else ""),
+                [*values.values(), rollout_id, *(expect or {}).values()],
+            )
+            if cur.rowcount == 0:
+                return False
+            self._audit(conn, rollout_id, audit, now)
+            return True
+
+    def rollout_devices(self, rollout_id: str | None = None, *, active: bool = False) -> list[dict[str, Any]]:
+        sql = "SELECT rd.* FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id"
+        where, params = [], []
+        if rollout_id is not None:
+            where.append("rd.rollout_id = ?")
+            params.append(rollout_id)
+        if active:
+            where.append("r.state IN ('running', 'paused', 'aborting')")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return self._rows(sql + " ORDER BY rd.rollout_id, rd.stage, rd.device", params)
+
+    def put_rollout_devices(self, rows: Sequence[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        cols = ("rollout_id", "device", "stage", "mode", "previous_version", "assigned_at", "desired_at",
+                "status", "status_at", "live_at")
+        with self._immediate() as conn:
+            conn.executemany(
+                f"INSERT OR REPLACE INTO rollout_devices({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                [tuple(r.get(c) for c in cols) for r in rows],
+            )
+
+    def add_rollout_audit(self, rollout_id: str, actor: str, action: str, detail: dict[str, Any], now: float) -> None:
+        with self._immediate() as conn:
+            self._audit(conn, rollout_id, [(actor, action, detail)], now)
+
+    def rollout_audit(self, rollout_id: str, limit: int = 1000) -> list[dict[str, Any]]:
+        rows = self._rows(
+            "SELECT ts, rollout_id, actor, action, detail FROM rollout_audit WHERE rollout_id = ? "
+            "ORDER BY id LIMIT ?",
+            [rollout_id, limit],
+        )
+        for r in rows:
+            r["detail"] = loads(r["detail"])
+        return rows
+
+    def device_desired(self) -> dict[str, dict[str, Any]]:
+        return {r["device"]: r for r in self._rows("SELECT * FROM device_desired")}
+
+    def put_device_desired(self, device_id: str, row: dict[str, Any]) -> None:
+        with self._immediate() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO device_desired(device, model, version, mode, rollout_id, allow_downgrade, "
+                "published_at) VALUES (?,?,?,?,?,?,?)",
+                (device_id, row["model"], row["version"], row["mode"], row.get("rollout_id"),
+                 int(bool(row.get("allow_downgrade"))), row["published_at"]),
+            )
+
+    def fleet_targets(self) -> list[dict[str, Any]]:
+        rows = self._rows("SELECT * FROM fleet_targets ORDER BY updated_at")
+        for r in rows:
+            r["target"] = loads(r["target"])
+        return rows
+
+    def set_fleet_target(
+        self, model: str, target: dict[str, Any], version: str | None, rollout_id: str | None, now: float
+    ) -> None:
+        key = dumps(target)
+        with self._immediate() as conn:
+            if version is None:
+                conn.execute("DELETE FROM fleet_targets WHERE model = ? AND target = ?", (model, key))
+            else:
+                conn.execute(
+                    "INSERT OR REPLACE INTO fleet_targets(model, target, version, rollout_id, updated_at) "
+                    "VALUES (?,?,?,?,?)",
+                    (model, key, version, rollout_id, now),
+                )
+
+    def windows_since(self, since: float, model: str) -> list[dict[str, Any]]:
+        rows = self._rows(
+            "SELECT device, model_version, predictions, errors, latency, prediction, shadow FROM windows "
+            "WHERE stored_at >= ? AND model = ?",
+            [since, model],
+        )
+        for r in rows:
+            for k in ("latency", "prediction", "shadow"):
+                r[k] = loads(r[k])
+        return rows
+
+    def rollout_events(self, rollout_id: str, since: float = 0.0) -> list[dict[str, Any]]:
+        return self._rows(
+            "SELECT * FROM events WHERE rollout_id = ? AND stored_at >= ? ORDER BY device, seq",
+            [rollout_id, since],
+        )
