@@ -48,12 +48,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="shorter runs")
     parser.add_argument("--only", nargs="*", help="result names to run, e.g. agent ingest")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing; rebuild docs/benchmarks.md from bench/results/")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     failed = []
     for result, script, title in BENCHMARKS:
         name = Path(result).stem
-        if args.only and name not in args.only:
+        if args.collect or (args.only and name not in args.only):
             continue
         if not (ROOT / script).exists():
             continue
@@ -73,7 +75,13 @@ def main() -> int:
     for result, script, title in BENCHMARKS:
         path = RESULTS / result
         if path.exists():
-            sections.append(f"## {title}\n\nCommand: `python {script}`\n\n{path.read_text().strip()}\n")
+            # Each result file is a page of its own; drop its title, keep its body under ours.
+            body = "\n".join(
+                ("##" + line if line.startswith("## ") else line)
+                for line in path.read_text().strip().splitlines()
+                if not line.startswith("# ")
+            ).strip()
+            sections.append(f"## {title}\n\nCommand: `python {script}`\n\n{body}\n")
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(sections))
     print("wrote docs/benchmarks.md")
     if failed:
