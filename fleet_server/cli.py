@@ -229,6 +229,26 @@ def create_token(data_dir: Path, role: str, name: str) -> None:
     click.echo(token)
 
 
+@server.command("create-operator")
+@data_dir_option
+@click.argument("name")
+@click.option("--role", type=click.Choice(["viewer", "operator"]), default="viewer", show_default=True,
+              help="viewer sees the console; operator also acts (acknowledge, roll out, pause, abort).")
+@click.option("--password", envvar="EDGEFLEET_OPERATOR_PASSWORD",
+              help="The password (at least 10 characters); prompted for, twice, when not given. "
+                   "Env: EDGEFLEET_OPERATOR_PASSWORD.")
+@click.option("--update", is_flag=True, help="Change the role and password of an existing operator.")
+@user_errors
+def create_operator(data_dir: Path, name: str, role: str, password: str | None, update: bool) -> None:
+    """Create a web console account (argon2id-hashed password) with a viewer or operator role."""
+    from fleet_server.console.accounts import create_operator as create
+
+    if password is None:
+        password = click.prompt(f"Password for {name}", hide_input=True, confirmation_prompt=True)
+    op = create(_services(data_dir), name, role, password, update=update)
+    click.echo(f"operator {op['name']} ({op['role']}) {'updated' if update else 'created'}")
+
+
 @server.command("broker-config")
 @data_dir_option
 @user_errors
@@ -239,6 +259,131 @@ def broker_config(data_dir: Path) -> None:
     svc = _services(data_dir)
     click.echo(broker_material(svc.config, svc.storage).render(), nl=False)
     click.echo(f"# server account password: {svc.config.secrets_dir / 'mqtt-server-password'}", err=True)
+
+
+# ------------------------------------------------------------------ rollouts
+
+
+@server.group()
+def rollout() -> None:
+    """Create, inspect and operate staged model rollouts (the running server drives them)."""
+
+
+def _actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+def _print_rollout(status: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+        return
+    from fleet_server.rollout_text import render_status
+
+    click.echo(render_status(status))
+
+
+@rollout.command("create")
+@data_dir_option
+@click.option("--plan", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Rollout plan (TOML or JSON: model, version, target, stages, gates, on_failure, ...).")
+@click.option("--model", help="Registered model name (overrides the plan).")
+@click.option("--version", "version", help="Registered model version to roll out (overrides the plan).")
+@click.option("--all", "all_devices", is_flag=True, help="Target the whole fleet.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Target devices with this tag; repeatable.")
+@click.option("--group", help="Target the devices tagged group=GROUP.")
+@click.option("--device", "devices", multiple=True, help="Target this device; repeatable.")
+@click.option("--blue-green", is_flag=True, help="One 100 % live stage with instant rollback (abort).")
+@click.option("--on-failure", type=click.Choice(["pause", "rollback"]), help="What a failed gate does (default pause).")
+@click.option("--device-timeout", type=float, metavar="SECONDS",
+              help="A device silent this long goes to the timeout bucket (default 600).")
+@click.option("--name", help="A label for people.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rollout as JSON.")
+@user_errors
+def rollout_create(data_dir: Path, plan: Path | None, model: str | None, version: str | None, all_devices: bool,
+                   tags: tuple[str, ...], group: str | None, devices: tuple[str, ...], blue_green: bool,
+                   on_failure: str | None, device_timeout: float | None, name: str | None, as_json: bool) -> None:
+    """Create a rollout (default stages: shadow 5 %, live 1 %, 10 %, 50 %, 100 %)."""
+    from fleet_server.devices import parse_tags
+    from fleet_server.rollouts import create_rollout, load_plan
+
+    data = load_plan(plan) if plan else {}
+    for key, value in (("model", model), ("version", version), ("on_failure", on_failure),
+                       ("device_timeout_s", device_timeout), ("name", name)):
+        if value is not None:
+            data[key] = value
+    if blue_green:
+        data["blue_green"] = True
+    if all_devices or tags or group or devices:
+        target: dict[str, Any] = {"all": all_devices}
+        if tags:
+            target["tags"] = parse_tags(tags)
+        if group:
+            target["group"] = group
+        if devices:
+            target["devices"] = list(devices)
+        data["target"] = target
+    _print_rollout(create_rollout(_services(data_dir), data, _actor()), as_json)
+
+
+@rollout.command("list")
+@data_dir_option
+@click.option("--state", type=click.Choice(["running", "paused", "completed", "aborting", "aborted"]),
+              help="Only rollouts in this state.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@user_errors
+def rollout_list(data_dir: Path, state: str | None, as_json: bool) -> None:
+    """List rollouts, newest first."""
+    from fleet_server.rollouts import list_rollouts
+
+    rows = list_rollouts(_services(data_dir), state)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['id']:14} {r['model']:16} {r['version']:10} {r['state']:10} "
+                   f"stage {r['stage'] + 1}/{r['stages']} {r['mode']:6} {r['verdict'] or '-'}")
+
+
+@rollout.command("show")
+@data_dir_option
+@click.argument("rollout_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole status as JSON.")
+@user_errors
+def rollout_show(data_dir: Path, rollout_id: str, as_json: bool) -> None:
+    """Show a rollout: stages, cohorts, gates (value, threshold, sample), timeouts, audit log."""
+    from fleet_server.rollouts import rollout_status
+
+    _print_rollout(rollout_status(_services(data_dir), rollout_id), as_json)
+
+
+def _operation(action: str, doc: str, with_reason: bool) -> None:
+    @data_dir_option
+    @click.argument("rollout_id")
+    @click.option("--json", "as_json", is_flag=True, help="Print the rollout as JSON.")
+    @user_errors
+    def command(data_dir: Path, rollout_id: str, as_json: bool, reason: str = "") -> None:
+        from fleet_server import rollouts
+
+        svc = _services(data_dir)
+        fn = getattr(rollouts, action)
+        status = fn(svc, rollout_id, _actor(), reason) if with_reason else fn(svc, rollout_id, _actor())
+        _print_rollout(status, as_json)
+
+    command.__doc__ = doc
+    if with_reason:
+        command = click.option("--reason", default="", help="Why (kept in the audit log).")(command)
+    rollout.command(action)(command)
+
+
+_operation("pause", "Pause a running rollout: devices keep what they run, no stage advances.", True)
+_operation("resume", "Resume a paused rollout; its stage measures gates over a fresh window.", False)
+_operation("advance", "Approve: end the current stage now and start the next (or complete).", False)
+_operation("abort", "Abort: every device of the rollout goes back to its previous version.", True)
 
 
 def main() -> None:  # pragma: no cover - for `python -m fleet_server.cli`

@@ -42,6 +42,7 @@ class ServerConfig:
     bucket_s: float = 300.0  # drift time bucket
     bucket_grace_s: float = 60.0  # a bucket is closed this long after its end
     alert_interval_s: float = 30.0
+    rollout_interval_s: float = 2.0  # the rollout controller's reconcile pass
     broker_sync_interval_s: float = 2.0
     ingest_batch_s: float = 0.1
     ingest_batch_max: int = 2000

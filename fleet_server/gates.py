@@ -117,8 +117,11 @@ def evaluate_gates(spec: RolloutSpec, mode: str, canary: CohortStats,
         sample = min(sum(a), sum(b)) if a and b else 0
         add("prediction_js", js_distance(a, b) if sample else None, sample,
             why or "canary vs control prediction distributions", alone)
+    # In shadow the inputs are counted in the active model's bins, not the candidate's: input
+    # drift against the candidate's reference is measured from the first live stage on.
     add("input_drift_psi", canary.max_feature_psi, canary.predictions,
-        "worst feature PSI of the canary cohort against the reference")
+        "measured from the first live stage" if shadow
+        else "worst feature PSI of the canary cohort against the reference", shadow)
     population = canary.devices
     add("timeout_share", canary.timed_out / population if population else None, population,
         f"{canary.timed_out} of {population} devices timed out")

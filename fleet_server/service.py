@@ -57,7 +57,14 @@ def publish_desired(svc: Services, device_id: str, desired: DesiredState) -> boo
     """Publish a device's desired state (retained). The seam rollouts use to move devices."""
     if svc.publisher is None:
         raise RuntimeError("no MQTT publisher: publish_desired needs a running server")
-    return svc.publisher.publish_desired(device_id, desired)
+    ok = svc.publisher.publish_desired(device_id, desired)
+    if ok:  # what each device was last told: rollouts publish only what differs from it
+        svc.storage.put_device_desired(device_id, {
+            "model": desired.model, "version": desired.version, "mode": desired.mode,
+            "rollout_id": desired.rollout_id, "allow_downgrade": desired.allow_downgrade,
+            "published_at": svc.clock(),
+        })
+    return ok
 
 
 class Loop:
@@ -141,6 +148,10 @@ class FleetServer:
             self.loops.append(
                 Loop("alerts", self.config.alert_interval_s, lambda: notifier.submit(evaluate_closed(svc)))
             )
+            if svc.publisher is not None:
+                from fleet_server.rollouts import reconcile
+
+                self.loops.append(Loop("rollouts", self.config.rollout_interval_s, lambda: reconcile(svc)))
             if svc.broker is not None:
                 self.loops.append(Loop("broker-sync", self.config.broker_sync_interval_s, svc.broker.reload_if_changed))
             for loop in self.loops:

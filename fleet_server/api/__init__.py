@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from fleet_server.api import admin, alerts, devices, drift, models, openapi
+from fleet_server.api import admin, alerts, devices, drift, models, openapi, rollouts
 
 BLUEPRINTS: list[Blueprint] = [
     devices.bp,
@@ -12,6 +12,7 @@ BLUEPRINTS: list[Blueprint] = [
     drift.bp,
     alerts.bp,
     admin.bp,
+    rollouts.bp,
     openapi.bp,
 ]
 

@@ -1,0 +1,197 @@
+"""Rollouts end to end with real edge_agent Agents in-process, a real server and managed broker.
+
+Devices start on a good model (1.0.0, pre-installed); each test rolls out another version with
+short soak times and asserts where the controller stops, what every device ran and the audit log.
+Traffic is skewed towards one class, as production traffic usually is, so that a model trained
+on shuffled labels shows in the prediction distribution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_agent import Agent
+from edge_agent.config import config_from_dict
+from edge_agent.protocol import Hardware
+from fleet_server import rollouts
+from fleet_server.devices import provision_device
+from fleet_server.registry import trust_key, upload_bundle
+from fleet_server.service import FleetServer
+from tests.agent_fixtures import bundle_bytes, dataset, install_active, keypair, public_pem
+from tests.server_fixtures import make_config, wait_until
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+FAST_GATES = {  # small samples: a handful of devices serve a few thousand predictions a second
+    "error_rate_delta": {"min_sample": 100},
+    "p95_latency_ratio": {"min_sample": 100},
+    "prediction_js": {"min_sample": 200},
+    "shadow_agreement": {"min_sample": 100},
+    "input_drift_psi": {"min_sample": 200},
+}
+
+
+@cache
+def custom_bundle(kind: str, version: str) -> bytes:
+    """Bundles the shared fixtures do not build: a wrong model and a slow one."""
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from model_tools.pipeline import build_bundle
+
+    X, y = dataset()
+    if kind == "shuffled":  # installs and self-tests fine, predicts nonsense
+        est = make_pipeline(StandardScaler(), LogisticRegression()).fit(
+            X[:800], np.random.default_rng(1).permutation(y[:800]))
+    elif kind == "slow":
+        est = RandomForestClassifier(n_estimators=400, max_depth=14, random_state=0).fit(X[:800], y[:800])
+    else:
+        raise ValueError(kind)
+    return build_bundle(est, (X[:800], y[:800]), validation=(X[800:], y[800:]), name="demo",
+                        version=version, quantize="float32", sign_key=keypair()[0]).bundle_bytes
+
+
+@dataclass
+class AgentFleet:
+    """A server and N in-process agents serving skewed traffic from one background thread."""
+
+    server: FleetServer
+    root: Path
+    agents: dict[str, Agent] = field(default_factory=dict)
+    offline: set[str] = field(default_factory=set)
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    @property
+    def svc(self):
+        return self.server.svc
+
+    def add(self, device_id: str, *, tags: dict[str, str] | None = None, profile: str = "pi4",
+            faults: str | None = None) -> Agent:
+        text = provision_device(self.svc, device_id, tags or {}, window_s=0.2).agent_config
+        data = tomllib.loads(text)
+        data["data_dir"] = str(self.root / device_id)
+        data["update"] = {"probation_predictions": 50, "probation_s": 2.0}
+        install_active(Path(data["data_dir"]), bundle_bytes("lr", "1.0.0"))
+        agent = Agent(config_from_dict(data), hardware=Hardware(arch="aarch64", profile=profile),
+                      faults=faults or "").start()
+        self.agents[device_id] = agent
+        return agent
+
+    def run(self) -> AgentFleet:
+        X, y = dataset()
+        common, rare = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
+        rng = np.random.default_rng(0)
+
+        def loop() -> None:
+            while not self.stop.wait(0.03):
+                for device_id, agent in list(self.agents.items()):
+                    if device_id in self.offline:
+                        continue
+                    idx = np.where(rng.random(40) < 0.85, rng.choice(common, 40), rng.choice(rare, 40))
+                    with contextlib.suppress(Exception):  # mid-swap: the next call serves
+                        agent.predict(X[idx].tolist())
+                    agent.tick()
+
+        self.thread = threading.Thread(target=loop, daemon=True)
+        self.thread.start()
+        return self
+
+    def go_offline(self, device_id: str) -> None:
+        self.offline.add(device_id)
+        self.agents[device_id].close()
+
+    def come_back(self, device_id: str) -> Agent:
+        old = self.agents[device_id]
+        agent = Agent(old.config, hardware=old.hardware).start()
+        self.agents[device_id] = agent
+        self.offline.discard(device_id)
+        return agent
+
+    def versions(self) -> dict[str, str | None]:
+        return {d: a.active_version() for d, a in self.agents.items() if d not in self.offline}
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread:
+            self.thread.join(5)
+        for d, a in self.agents.items():
+            if d not in self.offline:
+                a.close()
+        self.server.stop()
+
+
+def start_fleet(tmp_path: Path, n: int, *, faults_for: Callable[[int], str | None] = lambda i: None,
+                profile_for: Callable[[int], str] = lambda i: "pi4", **config: Any) -> AgentFleet:
+    cfg = make_config(tmp_path / "server", rollout_interval_s=0.1, **config)
+    server = FleetServer(cfg).start()
+    wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
+    fleet = AgentFleet(server, tmp_path)
+    trust_key(fleet.svc, public_pem("trusted"))
+    upload_bundle(fleet.svc, bundle_bytes("lr", "1.0.0"))
+    for i in range(n):
+        fleet.add(f"dev-{i:02d}", profile=profile_for(i), faults=faults_for(i))
+    return fleet.run()
+
+
+def wait_state(fleet: AgentFleet, rid: str, states: set[str], timeout: float = 60.0) -> dict[str, Any]:
+    wait_until(lambda: fleet.svc.storage.get_rollout(rid)["state"] in states, timeout, interval=0.1,
+               message=f"rollout {rid} reaches {states}: {_brief(fleet, rid)}")
+    return rollouts.rollout_status(fleet.svc, rid)
+
+
+def _brief(fleet: AgentFleet, rid: str) -> str:
+    s = rollouts.rollout_status(fleet.svc, rid)
+    return f"state {s['state']} stage {s['stage']} waiting {s['waiting_for']} gates " + str(
+        [(g["name"], g["status"], g["value"], g["sample"]) for g in s["gates"]])
+
+
+def plan(version: str, stages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"model": "demo", "version": version, "target": {"all": True}, "stages": stages,
+            "gates": FAST_GATES, **extra}
+
+
+def stage(percent: float, mode: str = "live", soak: float = 0.6) -> dict[str, Any]:
+    return {"percent": percent, "mode": mode, "min_soak_s": soak}
+
+
+def test_good_model_goes_through_every_stage(tmp_path):
+    fleet = start_fleet(tmp_path, 6)
+    try:
+        upload_bundle(fleet.svc, bundle_bytes("lr", "2.0.0"))
+        status = rollouts.create_rollout(fleet.svc, plan("2.0.0", [
+            stage(34, "shadow"), stage(17), stage(50), stage(100)]), actor="alice")
+        rid = status["id"]
+        final = wait_state(fleet, rid, {"completed", "paused", "aborting", "aborted"}, 90)
+        assert final["state"] == "completed", _brief(fleet, rid)
+        wait_until(lambda: set(fleet.versions().values()) == {"2.0.0"}, 30, message="every device on 2.0.0")
+        actions = [a["action"] for a in final["audit"]]
+        assert actions == ["create", "stage_passed", "stage_passed", "stage_passed", "complete"]
+        assert [s["state"] for s in final["stages"]] == ["done"] * 4
+        # Every finished stage kept its gates with value, threshold and sample.
+        shadow_gates = {g["name"]: g for g in final["stages"][0]["gates"]}
+        assert shadow_gates["shadow_agreement"]["value"] == 1.0
+        assert shadow_gates["shadow_agreement"]["sample"] >= 100
+        live_gates = {g["name"]: g for g in final["stages"][1]["gates"]}
+        assert live_gates["prediction_js"]["status"] == "pass"
+        # Cohorts were nested: stage k's devices were all in stage k+1's.
+        members = {m["device"]: m for m in final["devices"]}
+        assert len(members) == 6 and sorted(m["stage"] for m in members.values())[:2] == [0, 0]
+        # A device that joins later gets the fleet's new version.
+        fleet.add("dev-late")
+        wait_until(lambda: fleet.agents["dev-late"].active_version() == "2.0.0", 30,
+                   message="late device converges to the fleet target")
+    finally:
+        fleet.close()
