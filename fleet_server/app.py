@@ -1,4 +1,4 @@
-"""The Flask app factory: JSON API blueprints, error handlers and /metrics, over given services."""
+"""The Flask app factory: JSON API blueprints, the web console, error handlers and /metrics."""
 
 from __future__ import annotations
 
@@ -19,15 +19,21 @@ def create_app(
     *,
     services: Services | None = None,
     blueprints: Iterable[Blueprint] | None = None,
+    console: bool = True,
 ) -> Flask:
-    """Build the WSGI app. `services` default to `bootstrap(config)` (storage only, no MQTT)."""
-    app = Flask(__name__)
+    """Build the WSGI app. `services` default to `bootstrap(config)` (storage only, no MQTT).
+    `console` adds the web console (its pages, static files and security headers)."""
+    app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = 300 * 1024 * 1024  # bundles; anything larger is a 413
     app.json.sort_keys = False  # type: ignore[attr-defined]
     svc = services or bootstrap(config)
     app.extensions["edgefleet"] = svc
     for bp in blueprints if blueprints is not None else BLUEPRINTS:
         app.register_blueprint(bp)
+    if console:
+        from fleet_server.console import init_console
+
+        init_console(app)
     register_error_handlers(app)
     registry = make_registry(svc.storage)
 

@@ -1,0 +1,13 @@
+// Audit log: newest first.
+import { api, el, fmtTime, pill, poll, rows } from "./lib.js";
+
+async function refresh() {
+  const { audit } = await api("/console/api/audit?limit=300");
+  rows("#audit-table tbody", audit, (a) =>
+    el("tr", {}, el("td", {}, fmtTime(a.at)), el("td", {}, a.actor || "–"), el("td", {}, a.role || "–"), el("td", {}, a.action),
+      el("td", { class: "mono" }, a.target), el("td", {}, pill(a.outcome, a.outcome === "ok" ? "ok" : a.outcome === "denied" ? "bad" : "warn")),
+      el("td", { class: "muted" }, Object.entries(a.detail || {}).map(([k, v]) => `${k}: ${v}`).join("; "))),
+    "Nothing recorded yet.");
+}
+
+poll(refresh);
