@@ -249,26 +249,6 @@ def create_operator(data_dir: Path, name: str, role: str, password: str | None, 
     click.echo(f"operator {op['name']} ({op['role']}) {'updated' if update else 'created'}")
 
 
-@server.command("create-operator")
-@data_dir_option
-@click.argument("name")
-@click.option("--role", type=click.Choice(["viewer", "operator"]), default="viewer", show_default=True,
-              help="viewer sees the console; operator also acts (acknowledge, roll out, pause, abort).")
-@click.option("--password", envvar="EDGEFLEET_OPERATOR_PASSWORD",
-              help="The password (at least 10 characters); prompted for, twice, when not given. "
-                   "Env: EDGEFLEET_OPERATOR_PASSWORD.")
-@click.option("--update", is_flag=True, help="Change the role and password of an existing operator.")
-@user_errors
-def create_operator(data_dir: Path, name: str, role: str, password: str | None, update: bool) -> None:
-    """Create a web console account (argon2id-hashed password) with a viewer or operator role."""
-    from fleet_server.console.accounts import create_operator as create
-
-    if password is None:
-        password = click.prompt(f"Password for {name}", hide_input=True, confirmation_prompt=True)
-    op = create(_services(data_dir), name, role, password, update=update)
-    click.echo(f"operator {op['name']} ({op['role']}) {'updated' if update else 'created'}")
-
-
 @server.command("broker-config")
 @data_dir_option
 @user_errors
