@@ -97,7 +97,7 @@ def evaluate_gates(spec: RolloutSpec, mode: str, canary: CohortStats,
             canary.shadow_compared, "candidate's answer equals the active model's")
         cand, base = _p95(canary.shadow_latency), _p95(canary.latency)
         add("p95_latency_ratio", cand / base if cand and base else None,
-            int(sum(canary.shadow_latency)), "candidate p95 / active p95 on the same devices")
+            canary.shadow_compared, "candidate p95 / active p95 on the same devices")
         cand_pred, base_pred = canary.shadow_prediction_counts, canary.prediction_counts
         sample = min(sum(cand_pred), sum(base_pred)) if cand_pred and base_pred else 0
         add("prediction_js", js_distance(cand_pred, base_pred) if sample else None, sample,

@@ -34,7 +34,9 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 FAST_GATES = {  # small samples: a handful of devices serve a few thousand predictions a second
     "error_rate_delta": {"min_sample": 100},
-    "p95_latency_ratio": {"min_sample": 100},
+    # Agents, broker and server share two cores here: per-request latency is far noisier than on
+    # devices, so only the slow-model test keeps the default ratio.
+    "p95_latency_ratio": {"max": 5.0, "min_sample": 400},
     "prediction_js": {"min_sample": 200},
     "shadow_agreement": {"min_sample": 100},
     "input_drift_psi": {"min_sample": 200},
@@ -83,7 +85,7 @@ class AgentFleet:
         text = provision_device(self.svc, device_id, tags or {}, window_s=0.2).agent_config
         data = tomllib.loads(text)
         data["data_dir"] = str(self.root / device_id)
-        data["update"] = {"probation_predictions": 50, "probation_s": 2.0}
+        data["update"] = {"probation_predictions": 50, "probation_s": 2.0, "probation_latency_factor": 50.0}
         install_active(Path(data["data_dir"]), bundle_bytes("lr", "1.0.0"))
         agent = Agent(config_from_dict(data), hardware=Hardware(arch="aarch64", profile=profile),
                       faults=faults or "").start()
@@ -100,7 +102,7 @@ class AgentFleet:
                 for device_id, agent in list(self.agents.items()):
                     if device_id in self.offline:
                         continue
-                    idx = np.where(rng.random(40) < 0.85, rng.choice(common, 40), rng.choice(rare, 40))
+                    idx = np.where(rng.random(40) < 0.75, rng.choice(common, 40), rng.choice(rare, 40))
                     with contextlib.suppress(Exception):  # mid-swap: the next call serves
                         agent.predict(X[idx].tolist())
                     agent.tick()
@@ -160,7 +162,7 @@ def _brief(fleet: AgentFleet, rid: str) -> str:
 
 def plan(version: str, stages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     return {"model": "demo", "version": version, "target": {"all": True}, "stages": stages,
-            "gates": FAST_GATES, **extra}
+            "gates": extra.pop("gates", FAST_GATES), **extra}
 
 
 def stage(percent: float, mode: str = "live", soak: float = 0.6) -> dict[str, Any]:
@@ -193,5 +195,82 @@ def test_good_model_goes_through_every_stage(tmp_path):
         fleet.add("dev-late")
         wait_until(lambda: fleet.agents["dev-late"].active_version() == "2.0.0", 30,
                    message="late device converges to the fleet target")
+    finally:
+        fleet.close()
+
+
+def test_wrong_model_is_paused_at_first_live_stage_and_rolled_back(tmp_path):
+    fleet = start_fleet(tmp_path, 6)
+    try:
+        upload_bundle(fleet.svc, custom_bundle("shuffled", "2.0.0"))
+        rid = rollouts.create_rollout(fleet.svc, plan("2.0.0", [stage(34), stage(100)]))["id"]
+        paused = wait_state(fleet, rid, {"paused", "completed"}, 60)
+        assert paused["state"] == "paused" and paused["stage"] == 0, _brief(fleet, rid)
+        gates = {g["name"]: g for g in paused["gates"]}
+        assert gates["prediction_js"]["status"] == "fail"
+        assert gates["prediction_js"]["value"] > gates["prediction_js"]["threshold"]
+        assert "prediction_js" in paused["reason"]
+        # At most the first live stage's devices ever served it live.
+        live = [m for m in paused["devices"] if m["live_at"] is not None]
+        assert 0 < len(live) <= 3
+        rollouts.abort(fleet.svc, rid, "bob", "predictions diverge")
+        done = wait_state(fleet, rid, {"aborted"}, 60)
+        wait_until(lambda: set(fleet.versions().values()) == {"1.0.0"}, 30, message="back on 1.0.0")
+        assert [a["action"] for a in done["audit"]] == ["create", "gate_failed_pause", "abort", "aborted"]
+        assert done["audit"][2]["actor"] == "bob"
+    finally:
+        fleet.close()
+
+
+def test_selftest_failure_on_one_profile_trips_the_update_failure_gate(tmp_path):
+    bad = {0, 1, 2, 3}  # a cohort of 3 of 6 always holds at least one
+    fleet = start_fleet(tmp_path, 6, profile_for=lambda i: "pi3" if i in bad else "pi4",
+                        faults_for=lambda i: "fail_in=SelfTest" if i in bad else None)
+    try:
+        upload_bundle(fleet.svc, bundle_bytes("lr", "2.0.0"))
+        rid = rollouts.create_rollout(fleet.svc, plan("2.0.0", [stage(50), stage(100)]))["id"]
+        paused = wait_state(fleet, rid, {"paused", "completed"}, 60)
+        assert paused["state"] == "paused" and paused["stage"] == 0, _brief(fleet, rid)
+        gate = {g["name"]: g for g in paused["gates"]}["update_failure_rate"]
+        assert gate["status"] == "fail" and gate["value"] > 0.1
+        failed = {m["device"] for m in paused["devices"] if m["status"] == "failed"}
+        assert failed and failed <= {f"dev-{i:02d}" for i in bad}
+        for device in failed:  # rolled back locally: still on the old model
+            assert fleet.agents[device].active_version() == "1.0.0"
+    finally:
+        fleet.close()
+
+
+def test_slow_model_is_caught_in_shadow_before_any_live_traffic(tmp_path):
+    fleet = start_fleet(tmp_path, 4)
+    try:
+        upload_bundle(fleet.svc, custom_bundle("slow", "2.0.0"))
+        rid = rollouts.create_rollout(fleet.svc, plan("2.0.0", [stage(50, "shadow"), stage(100)], gates={
+            **FAST_GATES, "p95_latency_ratio": {"min_sample": 100}}))["id"]
+        paused = wait_state(fleet, rid, {"paused", "completed"}, 60)
+        assert paused["state"] == "paused" and paused["stage"] == 0, _brief(fleet, rid)
+        gate = {g["name"]: g for g in paused["gates"]}["p95_latency_ratio"]
+        assert gate["status"] == "fail" and gate["value"] > 2.0
+        assert all(m["live_at"] is None for m in paused["devices"])
+        assert set(fleet.versions().values()) == {"1.0.0"}
+    finally:
+        fleet.close()
+
+
+def test_offline_device_times_out_then_converges(tmp_path):
+    fleet = start_fleet(tmp_path, 6)
+    try:
+        fleet.go_offline("dev-03")
+        upload_bundle(fleet.svc, bundle_bytes("lr", "2.0.0"))
+        rid = rollouts.create_rollout(fleet.svc, plan(
+            "2.0.0", [stage(50), stage(100)], device_timeout_s=2.0,
+            gates={**FAST_GATES, "timeout_share": {"max": 0.5}}))["id"]
+        done = wait_state(fleet, rid, {"completed", "paused"}, 60)
+        assert done["state"] == "completed", _brief(fleet, rid)
+        assert done["timeouts"]["devices"] == ["dev-03"]
+        assert {g["name"]: g for g in done["stages"][1]["gates"]}["timeout_share"]["value"] == pytest.approx(1 / 6)
+        fleet.come_back("dev-03")
+        wait_until(lambda: fleet.agents["dev-03"].active_version() == "2.0.0", 30,
+                   message="the device that was away converges")
     finally:
         fleet.close()
