@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edge_agent import __version__
 from edge_agent.config import AgentConfig
 from edge_agent.link import MqttLink
-from edge_agent.metrics import build_registry
 from edge_agent.outbox import Outbox
 from edge_agent.protocol import (
     DesiredState,
@@ -50,6 +49,9 @@ from model_tools.errors import BundleError
 from model_tools.manifest import Manifest
 from model_tools.signing import load_public_keys
 
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
 log = logging.getLogger("edge_agent")
 
 LinkMode = Literal["thread", "external", "none"]
@@ -63,6 +65,7 @@ class Prediction:
     model: str
     version: str
     output: Output
+    classes: list[Any] | None = None  # of the model that answered (for probabilities' columns)
 
 
 def trusted_keys_from_config(config: AgentConfig) -> list[Ed25519PublicKey]:
@@ -118,7 +121,7 @@ class Agent:
         self.outbox: Outbox | None = None
         self.link: MqttLink | None = None
         self.machine = UpdateMachine(self, self.faults)
-        self.registry = build_registry(self)
+        self._registry: CollectorRegistry | None = None
         self._active: ModelRuntime | None = None
         self._previous: ModelRuntime | None = None
         self._shadow: ModelRuntime | None = None
@@ -232,7 +235,7 @@ class Agent:
         shadow = self._shadow
         if shadow is not None:
             self._run_shadow(shadow, rt, values, feeds, out)
-        return Prediction(rt.name, rt.version, out)
+        return Prediction(rt.name, rt.version, out, rt.classes)
 
     def _run_shadow(self, shadow: ModelRuntime, active: ModelRuntime, values, feeds, out: Output) -> None:
         t0 = time.perf_counter()
@@ -250,6 +253,18 @@ class Agent:
     @property
     def active(self) -> ModelRuntime | None:
         return self._active
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """This agent's Prometheus registry, built on first use (prometheus_client pulls in
+        http.server, urllib and wsgiref: ~2 MiB a device that is never scraped need not hold)."""
+        if self._registry is None:
+            from edge_agent.metrics import build_registry
+
+            with self._lock:
+                if self._registry is None:
+                    self._registry = build_registry(self)
+        return self._registry
 
     def health(self) -> dict[str, Any]:
         rt = self._active

@@ -1,8 +1,10 @@
 """The local HTTP API: POST /v1/predict, GET /v1/health, /v1/model, /metrics.
 
-A stdlib ThreadingHTTPServer speaking HTTP/1.1 keep-alive (no Werkzeug dev server, which
-closes every connection). Views only translate: read and decode the body, call
-`Agent.predict`, encode the answer. Responses are written in one `sendall`.
+HTTP/1.1 keep-alive on a threading socketserver, with a small request parser of our own: the
+stdlib's BaseHTTPRequestHandler parses every request's headers with the `email` package, which
+cost more CPU than validation and inference together. Views only translate: read and decode
+the body, call `Agent.predict`, encode the answer. A response is one `sendall`; Nagle is off on
+TCP sockets; nothing is logged per request.
 """
 
 from __future__ import annotations
@@ -11,91 +13,197 @@ import contextlib
 import hmac
 import logging
 import os
+import socket
 import socketserver
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import msgspec
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edge_agent.agent import Agent
 from edge_agent.validation import RequestError, rows_from_payload
 
 log = logging.getLogger("edge_agent.http")
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-            411: "Length Required", 413: "Payload Too Large", 422: "Unprocessable Entity",
-            500: "Internal Server Error", 503: "Service Unavailable"}
+_REASONS = {100: "Continue", 200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+            405: "Method Not Allowed", 411: "Length Required", 413: "Payload Too Large",
+            422: "Unprocessable Entity", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            501: "Not Implemented", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.decode
+_decode = msgspec.json.Decoder().decode
+JSON = "application/json"
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers; more is refused with 431
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_HEADS: dict[tuple[int, str], bytes] = {}  # status line + Content-Type, built once per pair
 
 
-class AgentHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "edgefleet-agent"
-    disable_nagle_algorithm = True
-    agent: Agent  # set on the subclass made by `make_handler`
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        pass  # access logs on a Pi's SD card cost more than they tell
-
-    def _send(self, status: int, body: bytes, content_type: str = "application/json", extra: str = "") -> None:
-        head = (
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n{extra}\r\n"
+def _head(status: int, content_type: str) -> bytes:
+    head = _HEADS.get((status, content_type))
+    if head is None:
+        head = _HEADS[(status, content_type)] = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: {content_type}\r\n"
+            "Content-Length: "
         ).encode("latin-1")
-        self.wfile.write(head + body)
+    return head
 
-    def _error(self, exc: RequestError, close: bool = False) -> None:
-        extra = "Connection: close\r\n" if close else ""
-        if exc.kind == "unauthorized":
-            extra += 'WWW-Authenticate: Bearer realm="edgefleet-agent"\r\n'
+
+class _Close(Exception):
+    """The connection cannot go on (client gone, or a request we cannot frame)."""
+
+
+class Connection:
+    """One client connection: reads requests off the socket, answers each in one write."""
+
+    def __init__(self, sock: socket.socket, agent: Agent) -> None:
+        self.sock = sock
+        self.agent = agent
+        self.buf = b""
+        self.close = False
+
+    # ------------------------------------------------------------------ framing
+
+    def serve(self) -> None:
+        with contextlib.suppress(_Close, ConnectionError, TimeoutError):
+            while not self.close:
+                if not self.one_request():
+                    return
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(65536)
+        if not data:
+            raise _Close
+        return data
+
+    def one_request(self) -> bool:
+        buf = self.buf
+        while True:
+            if buf[:1] in (b"\r", b"\n"):
+                buf = buf.lstrip(b"\r\n")  # stray line ends between requests are allowed (RFC 9112 2.2)
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if len(buf) > MAX_HEAD_BYTES:
+                self.send(431, _encode({"error": "bad_request", "message": "request headers over 64 KiB"}), close=True)
+                return False
+            try:
+                data = self.sock.recv(65536)
+            except (ConnectionError, TimeoutError):
+                return False
+            if not data:
+                return False
+            buf += data
+        head = buf[:end].decode("latin-1")
+        self.buf = buf[end + 4 :]
+        lines = head.split("\r\n")
+        words = lines[0].split()
+        if len(words) != 3 or not words[2].startswith("HTTP/1."):
+            status = 505 if len(words) == 3 and words[2].startswith("HTTP/") else 400
+            self.send(status, _encode({"error": "bad_request", "message": f"bad request line {lines[0][:100]!r}"}),
+                      close=True)
+            return False
+        method, target, version = words
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                self.send(400, _encode({"error": "bad_request", "message": f"bad header line {line[:100]!r}"}),
+                          close=True)
+                return False
+            headers[name.strip().lower()] = value.strip()
+        conn = headers.get("connection", "").lower()
+        self.close = conn == "close" or (version == "HTTP/1.0" and conn != "keep-alive")
+        path = target.split("?", 1)[0]
+        if method == "POST":
+            self.do_post(path, headers, version)
+        elif method == "GET":
+            self.do_get(path, headers, version)
+        else:
+            self.discard_body(headers, version)
+            self.send(501, _encode({"error": "not_implemented", "message": f"method {method[:20]} is not supported; "
+                                    "use GET or POST"}))
+        return True
+
+    def send(self, status: int, body: bytes, content_type: str = JSON, extra: str = "", close: bool = False) -> None:
         if close:
-            self.close_connection = True
-        self._send(exc.status, _encode(exc.to_dict()), extra=extra)
+            self.close = True
+        if self.close:
+            extra += "Connection: close\r\n"
+        tail = f"{len(body)}\r\n{extra}\r\n" if extra else f"{len(body)}\r\n\r\n"
+        self.sock.sendall(_head(status, content_type) + tail.encode("latin-1") + body)
 
-    def _authorized(self) -> bool:
+    def read_body(self, n: int, headers: dict[str, str], version: str) -> bytes:
+        buf = self.buf
+        if len(buf) < n and version == "HTTP/1.1" and headers.get("expect", "").lower() == "100-continue":
+            self.sock.sendall(_CONTINUE)
+        if len(buf) < n:
+            parts = [buf]
+            have = len(buf)
+            while have < n:
+                data = self._recv()
+                parts.append(data)
+                have += len(data)
+            buf = b"".join(parts)
+        self.buf = buf[n:]
+        return buf[:n]
+
+    def discard_body(self, headers: dict[str, str], version: str) -> None:
+        try:
+            n = int(headers.get("content-length", "0"))
+        except ValueError:
+            n = -1
+        if 0 < n <= self.agent.config.http.max_body_bytes:
+            self.read_body(n, headers, version)
+        elif n:
+            self.close = True
+
+    # ------------------------------------------------------------------ views
+
+    def error(self, exc: RequestError, close: bool = False) -> None:
+        extra = 'WWW-Authenticate: Bearer realm="edgefleet-agent"\r\n' if exc.kind == "unauthorized" else ""
+        self.send(exc.status, _encode(exc.to_dict()), extra=extra, close=close)
+
+    def authorized(self, headers: dict[str, str], method: str) -> bool:
         token = self.agent.config.http.token
         if not token:
             return True
-        given = self.headers.get("Authorization", "")
+        given = headers.get("authorization", "")
         if given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip().encode(), token.encode()):
             return True
         self.agent.telemetry.record_error("unauthorized")
         # The body (if any) is unread: close the connection rather than parse it.
-        self._error(RequestError("unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)"),
-                    close=self.command == "POST")
+        self.error(RequestError("unauthorized", "missing or wrong bearer token (Authorization: Bearer <token>)"),
+                   close=method == "POST")
         return False
 
-    def do_GET(self) -> None:
-        if not self._authorized():
+    def do_get(self, path: str, headers: dict[str, str], version: str) -> None:
+        if not self.authorized(headers, "GET"):
             return
-        path = self.path.split("?", 1)[0]
+        self.discard_body(headers, version)
         agent = self.agent
         if path == "/v1/health":
             health = agent.health()
-            self._send(200 if health["status"] == "ok" else 503, _encode(health))
+            self.send(200 if health["status"] == "ok" else 503, _encode(health))
         elif path == "/v1/model":
-            self._send(200, _encode(agent.model_info()))
+            self.send(200, _encode(agent.model_info()))
         elif path == "/metrics":
-            self._send(200, generate_latest(agent.registry), CONTENT_TYPE_LATEST)
-        else:
-            self._error(RequestError("not_found", f"no endpoint {path[:100]}; see /v1/predict, /v1/health, /v1/model, /metrics"))
+            # Imported on the first scrape: most devices are never scraped.
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    def do_POST(self) -> None:
-        if not self._authorized():
+            self.send(200, generate_latest(agent.registry), CONTENT_TYPE_LATEST)
+        else:
+            self.error(RequestError("not_found", f"no endpoint {path[:100]}; see /v1/predict, /v1/health, /v1/model, /metrics"))
+
+    def do_post(self, path: str, headers: dict[str, str], version: str) -> None:
+        if not self.authorized(headers, "POST"):
             return
-        if self.path.split("?", 1)[0] != "/v1/predict":
-            self._discard_body()
-            self._error(RequestError("not_found", "POST only to /v1/predict"))
+        if path != "/v1/predict":
+            self.discard_body(headers, version)
+            self.error(RequestError("not_found", "POST only to /v1/predict"))
             return
         agent = self.agent
-        length = self.headers.get("Content-Length")
+        length = headers.get("content-length")
         if length is None:
-            self.close_connection = True
-            self._send(411, _encode({"error": "length_required", "message": "send a Content-Length header"}),
-                       extra="Connection: close\r\n")
+            self.send(411, _encode({"error": "length_required", "message": "send a Content-Length header"}), close=True)
             return
         try:
             n = int(length)
@@ -104,9 +212,9 @@ class AgentHandler(BaseHTTPRequestHandler):
         limit = agent.config.http.max_body_bytes
         if n < 0 or n > limit:
             agent.telemetry.record_error("body_too_large")
-            self._error(RequestError("body_too_large", f"body of {n} bytes; at most {limit} are accepted"), close=True)
+            self.error(RequestError("body_too_large", f"body of {n} bytes; at most {limit} are accepted"), close=True)
             return
-        body = self.rfile.read(n)
+        body = self.read_body(n, headers, version)
         try:
             try:
                 payload = _decode(body)
@@ -115,49 +223,55 @@ class AgentHandler(BaseHTTPRequestHandler):
             rows = rows_from_payload(payload, agent.config.http.max_rows)
         except RequestError as exc:
             agent.telemetry.record_error(exc.kind, exc.feature)
-            self._error(exc)
+            self.error(exc)
             return
         try:
             result = agent.predict(rows)
         except RequestError as exc:
-            self._error(exc)
+            self.error(exc)
             return
         out = result.output
-        answer: dict[str, Any] = {"model": result.model, "version": result.version,
-                                  "predictions": out.primary}
+        answer: dict[str, Any] = {"model": result.model, "version": result.version, "predictions": out.primary}
         if out.probabilities is not None:
             answer["probabilities"] = out.probabilities
-            answer["classes"] = agent.active.classes if agent.active else None
+            answer["classes"] = result.classes
         if out.labels is not None and out.values is not None:
             answer["scores"] = out.values
-        self._send(200, _encode(answer))
+        self.send(200, _encode(answer))
 
-    def _discard_body(self) -> None:
+
+class AgentHandler(socketserver.BaseRequestHandler):
+    """Serves one connection until the client closes it or a response says `Connection: close`."""
+
+    agent: Agent  # set on the subclass made by `make_handler`
+    nodelay = True  # answers are small single writes: never wait for the client's ACK
+
+    def handle(self) -> None:
+        sock = self.request
+        if self.nodelay:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(sock, self.agent)
         try:
-            n = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            n = 0
-        if 0 < n <= self.agent.config.http.max_body_bytes:
-            self.rfile.read(n)
-        elif n:
-            self.close_connection = True
+            conn.serve()
+        except Exception:  # a bug in a view must not take the listener down: answer 500, close
+            log.exception("HTTP request failed")
+            with contextlib.suppress(OSError):
+                conn.send(500, _encode({"error": "internal_error", "message": "the agent failed on this request; "
+                                        "see its log"}), close=True)
 
 
 def make_handler(agent: Agent) -> type[AgentHandler]:
     return type("BoundAgentHandler", (AgentHandler,), {"agent": agent})
 
 
-class _TCPServer(ThreadingHTTPServer):
+class _TCPServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
+    allow_reuse_address = True
     request_queue_size = 128
 
 
-class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+class _UnixServer(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
-
-    def get_request(self):  # BaseHTTPRequestHandler wants a (host, port)-like client address
-        sock, _ = super().get_request()
-        return sock, ("unix", 0)
 
 
 class HttpApi:
@@ -186,7 +300,7 @@ class HttpApi:
             if os.path.exists(cfg.unix_socket):
                 os.unlink(cfg.unix_socket)  # a stale socket from a previous run
             # TCP_NODELAY does not exist on Unix sockets.
-            unix_handler = type("UnixAgentHandler", (handler,), {"disable_nagle_algorithm": False})
+            unix_handler = type("UnixAgentHandler", (handler,), {"nodelay": False})
             server = _UnixServer(cfg.unix_socket, unix_handler)
             os.chmod(cfg.unix_socket, 0o660)
             self.servers.append(server)
