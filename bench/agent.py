@@ -1,15 +1,22 @@
 """Benchmark the agent: raw onnxruntime, in-process Agent.predict, HTTP (sequential and 8
-keep-alive clients) against a Flask + scikit-learn baseline on waitress; agent RSS; MQTT bytes/hour.
+keep-alive clients) against two baselines measured in the same run (a bare stdlib HTTP server
+around onnxruntime, and Flask + scikit-learn on waitress); server CPU time per request; agent
+RSS; MQTT bytes/hour.
 
-Run: .venv/bin/python bench/agent.py   (writes bench/results/agent.md). Not a test.
+Requests per second depend on whatever else the machine runs; CPU time per request (the server
+process's user + system seconds over the requests it answered) does much less, so compare the
+agent with the baselines from the same run, and by CPU µs per request.
+
+Run: .venv/bin/python bench/agent.py [--http-only]   (writes bench/results/agent.md unless
+--http-only). Not a test.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import multiprocessing as mp
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -56,39 +63,68 @@ def time_calls(fn, n: int = 20000, warm: int = 2000) -> list[float]:
 
 
 def _client(port: int, body: bytes, duration: float, start_at: float, q) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", port)
-    headers = {"Content-Type": "application/json"}
+    """One keep-alive client: a pre-encoded request, the response framed by its Content-Length.
+
+    http.client would parse every response's headers with the `email` package and spend more
+    CPU than the server it measures (8 such clients on 2 cores starve any Python server).
+    """
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    request = (f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     while time.time() < start_at:
         time.sleep(0.001)
     lat = []
+    buf = b""
     end = time.perf_counter() + duration
     while True:
         t = time.perf_counter()
         if t > end:
             break
-        conn.request("POST", "/v1/predict", body, headers)
-        r = conn.getresponse()
-        r.read()
-        if r.status != 200:
-            raise RuntimeError(f"HTTP {r.status}")
+        sock.sendall(request)
+        while (head_end := buf.find(b"\r\n\r\n")) < 0:
+            buf += sock.recv(65536)
+        head = buf[:head_end].lower()
+        if not head.startswith(b"http/1.1 200"):
+            raise RuntimeError(head[:40].decode())
+        i = head.index(b"content-length:") + 15
+        j = head.find(b"\r\n", i)
+        size = head_end + 4 + int(head[i : j if j >= 0 else None])
+        while len(buf) < size:
+            buf += sock.recv(65536)
+        buf = buf[size:]
         lat.append((time.perf_counter() - t) * 1000.0)
-    conn.close()
+    sock.close()
     q.put(lat)
 
 
-def http_load(port: int, body: bytes, clients: int, duration: float = LOAD_S) -> dict[str, float]:
+def http_load(port: int, body: bytes, clients: int, duration: float = LOAD_S, pid: int | None = None) -> dict[str, float]:
+    """Latency percentiles and req/s; with `pid`, also that server's CPU µs per request."""
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     start_at = time.time() + 0.5
     procs = [ctx.Process(target=_client, args=(port, body, duration, start_at, q)) for _ in range(clients)]
+    server = psutil.Process(pid) if pid is not None else None
     for p in procs:
         p.start()
+    cpu0 = _cpu_s(server) if server else 0.0
     lats: list[float] = []
     for _ in procs:
         lats += q.get(timeout=duration + 30)
+    cpu1 = _cpu_s(server) if server else 0.0
     for p in procs:
         p.join()
-    return {"p50_ms": statistics.median(lats), "p99_ms": pct(lats, 99), "rps": len(lats) / duration}
+    out = {"p50_ms": statistics.median(lats), "p99_ms": pct(lats, 99), "rps": len(lats) / duration}
+    if server:
+        # The clients start together 0.5 s after the fork and the server idles until then, so
+        # this counts (nearly) only the load's requests. Counted per answered request.
+        out["cpu_us"] = (cpu1 - cpu0) / len(lats) * 1e6
+    return out
+
+
+def _cpu_s(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system
 
 
 # ---------------------------------------------------------------- baselines
@@ -109,22 +145,59 @@ serve(app, host="127.0.0.1", port=int(sys.argv[2]), threads=8, _quiet=True)
 '''
 
 
+BARE_APP = '''
+import json, sys
+import numpy as np, onnxruntime as ort
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+so = ort.SessionOptions()
+so.intra_op_num_threads = so.inter_op_num_threads = 1
+sess = ort.InferenceSession(open(sys.argv[1], "rb").read(), so, providers=["CPUExecutionProvider"])
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes: without it, 40 ms delayed ACKs
+    def log_message(self, *args): pass
+    def do_POST(self):
+        rows = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["rows"]
+        label, proba = sess.run(["label", "probabilities"], {"X": np.asarray(rows, dtype=np.float32)})
+        out = json.dumps({"predictions": label.tolist(), "probabilities": proba.tolist()}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), Handler).serve_forever()
+'''
+
+
+def _serve_and_load(script: str, args: list[str], body: bytes, tmp: Path) -> dict[str, dict[str, float]]:
+    path = tmp / "baseline_app.py"
+    path.write_text(script)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(path), *args, str(port)], cwd=ROOT)
+    try:
+        wait_for_port("127.0.0.1", port, 30)
+        http_load(port, body, 1, 1.0)  # warm up
+        return {"seq": http_load(port, body, 1, pid=proc.pid), "c8": http_load(port, body, CLIENTS, pid=proc.pid)}
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def bare_baseline(kind: str, body: bytes, tmp: Path) -> dict[str, dict[str, float]]:
+    """The floor for a Python server: stdlib ThreadingHTTPServer, json, onnxruntime, nothing else."""
+    from model_tools.bundle import read_bundle
+
+    model_path = tmp / f"{kind}.onnx"
+    model_path.write_bytes(read_bundle(bundle_bytes(kind, "1.0.0"), require_signature=False).model_bytes)
+    return _serve_and_load(BARE_APP, [str(model_path)], body, tmp)
+
+
 def flask_baseline(kind: str, body: bytes, tmp: Path) -> dict[str, dict[str, float]]:
     import pickle
 
     model_path = tmp / f"{kind}.pkl"
     model_path.write_bytes(pickle.dumps(estimator(kind)))
-    app = tmp / "flask_app.py"
-    app.write_text(FLASK_APP)
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, str(app), str(model_path), str(port)], cwd=ROOT)
-    try:
-        wait_for_port("127.0.0.1", port, 30)
-        http_load(port, body, 1, 1.0)  # warm up
-        return {"seq": http_load(port, body, 1), "c8": http_load(port, body, CLIENTS)}
-    finally:
-        proc.terminate()
-        proc.wait()
+    return _serve_and_load(FLASK_APP, [str(model_path)], body, tmp)
 
 
 # ---------------------------------------------------------------- agent
@@ -169,10 +242,11 @@ def agent_http(kind: str, body: bytes, tmp: Path, broker: Broker) -> dict[str, o
     proc = AgentProcess(config, tmp / f"agent-{kind}.toml").start()
     try:
         wait_for_port("127.0.0.1", port, 30)
+        pid = proc.proc.pid
         http_load(port, body, 1, 1.0)
-        seq = http_load(port, body, 1)
-        c8 = http_load(port, body, CLIENTS)
-        rss = psutil.Process(proc.proc.pid).memory_info().rss
+        seq = http_load(port, body, 1, pid=pid)
+        c8 = http_load(port, body, CLIENTS, pid=pid)
+        rss = psutil.Process(pid).memory_info().rss
         return {"seq": seq, "c8": c8, "rss_mib": rss / 2**20}
     finally:
         proc.stop()
