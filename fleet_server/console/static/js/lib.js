@@ -127,7 +127,7 @@ export function pill(text, kind) {
 }
 
 export function levelPill(level) {
-  if (!level) return el("span", { class: "pill ok" }, "ok");
+  if (!level || level === "ok") return el("span", { class: "pill ok" }, "ok");
   return el("span", { class: `pill ${level === "alert" ? "bad" : "warn"}` }, level);
 }
 

@@ -6,6 +6,7 @@ let rendered = "";
 // Nested report objects as a definition list (keys are report fields, values numbers/text).
 function report(obj, depth = 0) {
   if (obj === null || obj === undefined) return el("span", { class: "muted" }, "–");
+  if (obj instanceof Node) return obj;
   if (typeof obj !== "object") return el("span", {}, typeof obj === "number" ? fmtNum(obj, 4) : String(obj));
   if (Array.isArray(obj)) {
     if (obj.every((x) => typeof x !== "object")) return el("span", {}, obj.map((x) => (typeof x === "number" ? fmtNum(x, 4) : x)).join(", "));
@@ -16,18 +17,28 @@ function report(obj, depth = 0) {
   return el("dl", { class: `kv ${depth ? "nested" : ""}` }, entries.flatMap(([k, v]) => [el("dt", {}, k.replaceAll("_", " ")), el("dd", {}, report(v, depth + 1))]));
 }
 
-function parityBadge(p) {
-  if (!p || p.passed === undefined) return el("span", { class: "muted" }, "–");
-  return el("span", { class: `pill ${p.passed ? "ok" : "bad"}` }, p.passed ? "passed" : "failed");
+function parityPassed(p) {
+  if (!p) return undefined;
+  if (p.passed !== undefined) return p.passed;
+  const variants = Array.isArray(p.variants) ? p.variants : Object.values(p.variants || {});
+  const chosen = variants.find((v) => v.variant === p.chosen) || (variants.length === 1 ? variants[0] : null);
+  return chosen ? chosen.passed : undefined;
 }
 
-function detail(m) {
+function parityBadge(p) {
+  const passed = parityPassed(p);
+  if (passed === undefined) return el("span", { class: "muted" }, "–");
+  return el("span", { class: `pill ${passed ? "ok" : "bad"}` }, passed ? "passed" : "failed");
+}
+
+function detail(m, open) {
   const id = `m-${m.name}-${m.version}`.replace(/[^A-Za-z0-9_-]/g, "_");
-  return el("section", { class: "panel", id },
-    el("h2", {}, `${m.name} ${m.version}`, " ", el("a", { class: "button secondary small", href: `/console/models/${encodeURIComponent(m.name)}/${encodeURIComponent(m.version)}/bundle` }, "Download bundle")),
+  return el("details", { class: "panel", id, open },
+    el("summary", {}, el("h2", {}, `${m.name} ${m.version}`, " ", parityBadge(m.parity), el("span", { class: "muted small" }, `${fmtNum(m.devices)} device(s) · ${fmtBytes(m.size)}`), " ",
+      el("a", { class: "button secondary small", href: `/console/models/${encodeURIComponent(m.name)}/${encodeURIComponent(m.version)}/bundle` }, "Download bundle"))),
     el("div", { class: "grid three" },
-      el("div", {}, el("h3", {}, "Bundle"), report({ sha256: m.sha256, size: fmtBytes(m.size), signed_by: m.key_id, created: m.created_at, uploaded: fmtTime(m.uploaded_at), devices_running: m.devices,
-        "": el("a", { href: `/console/devices?version=${encodeURIComponent(m.version)}` }, "show devices") })),
+      el("div", {}, el("h3", {}, "Bundle"), report({ sha256: m.sha256, size: fmtBytes(m.size), signed_by: m.key_id, created: m.created_at, uploaded: fmtTime(m.uploaded_at),
+        devices_running: el("a", { href: `/console/devices?version=${encodeURIComponent(m.version)}` }, `${fmtNum(m.devices)} (show)`) })),
       el("div", {}, el("h3", {}, "Parity report"), report(m.parity)),
       el("div", {}, el("h3", {}, "Quantization"), report(m.quantization))),
     el("div", { class: "grid three" },
@@ -56,7 +67,8 @@ async function refresh() {
   const key = models.map((m) => `${m.name}/${m.version}/${m.devices}`).join("|");
   if (key !== rendered) {
     rendered = key;
-    document.getElementById("model-details").replaceChildren(...models.map(detail));
+    // The newest version is open; the others are one click away.
+    document.getElementById("model-details").replaceChildren(...models.map((m, i) => detail(m, i === models.length - 1)));
   }
 }
 

@@ -19,7 +19,7 @@ async function refresh() {
     type: "bar",
     data: {
       labels: o.versions.map(versionLabel),
-      datasets: [{ label: "devices", data: o.versions.map((v) => v.devices), backgroundColor: o.versions.map((v, i) => (v.version ? colors.series[i % colors.series.length] : colors.gray)), borderRadius: 4 }],
+      datasets: [{ label: "devices", data: o.versions.map((v) => v.devices), backgroundColor: o.versions.map((v, i) => (v.version ? colors.series[i % colors.series.length] : colors.gray)), borderRadius: 4, maxBarThickness: 34 }],
     },
     options: { indexAxis: "y", plugins: { legend: { display: false } }, scales: { x: { beginAtZero: true, ticks: { precision: 0 } } } },
   });

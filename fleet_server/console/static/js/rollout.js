@@ -7,8 +7,19 @@ const path = `/api/v1/rollouts/${encodeURIComponent(rolloutId)}`;
 let current = null;
 
 function stageSize(s) {
-  const share = s.count !== null && s.count !== undefined ? `${s.count} devices` : `${fmtNum(s.percent)} %`;
-  return s.size !== null && s.size !== undefined ? `${share} → ${s.size} device(s)` : share;
+  if (s.count !== null && s.count !== undefined) return `${s.count} device${s.count === 1 ? "" : "s"}`;
+  const share = `${fmtNum(s.percent)} %`;
+  return s.size !== null && s.size !== undefined ? `${share} → ${s.size} device${s.size === 1 ? "" : "s"}` : share;
+}
+
+// An audit row's detail in words: gate results as "name status", nested objects compact.
+function auditDetail(detail) {
+  return Object.entries(detail || {}).filter(([k]) => k !== "spec").map(([k, v]) => {
+    if (k === "gates" && v && typeof v === "object") {
+      return `gates: ${Object.entries(v).map(([name, g]) => `${name.replaceAll("_", " ")} ${g.status}${g.value !== null && g.value !== undefined ? ` (${fmtNum(g.value)})` : ""}`).join(", ")}`;
+    }
+    return `${k.replaceAll("_", " ")}: ${typeof v === "object" && v !== null ? JSON.stringify(v) : v}`;
+  }).join("; ");
 }
 
 function fmtGateValue(g) {
@@ -70,7 +81,7 @@ async function refresh() {
   replace("timeouts", to.count ? [`${to.count} device(s) did not report within ${fmtNum(to.timeout_s)} s and do not block the rollout (limit ${fmtNum(to.limit)} of the cohort): `, ...to.devices.map((d) => el("span", { class: "tag" }, d))] : `No device timed out (timeout ${fmtNum(to.timeout_s)} s).`);
   rows("#devices-table tbody", r.devices, (d) => el("tr", {}, el("td", {}, deviceLink(d.device)), el("td", {}, d.stage + 1), el("td", {}, pill(d.mode)), el("td", {}, pill(d.status)), el("td", {}, d.previous_version || "–"), el("td", {}, fmtClock(d.assigned_at))), "No device assigned yet.");
   rows("#audit-table tbody", [...(r.audit || [])].reverse(), (a) => el("tr", {}, el("td", {}, fmtTime(a.ts)), el("td", {}, a.actor || "–"), el("td", {}, a.action),
-    el("td", { class: "muted small" }, Object.entries(a.detail || {}).filter(([k]) => k !== "spec").map(([k, v]) => `${k}: ${typeof v === "object" ? JSON.stringify(v) : v}`).join("; "))), "Nothing yet.");
+    el("td", { class: "muted small wrap" }, auditDetail(a.detail))), "Nothing yet.");
 }
 
 const live = poll(refresh);
