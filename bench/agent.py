@@ -7,8 +7,7 @@ Requests per second depend on whatever else the machine runs; CPU time per reque
 process's user + system seconds over the requests it answered) does much less, so compare the
 agent with the baselines from the same run, and by CPU µs per request.
 
-Run: .venv/bin/python bench/agent.py [--http-only]   (writes bench/results/agent.md unless
---http-only). Not a test.
+Run: .venv/bin/python bench/agent.py   (writes bench/results/agent.md). Not a test.
 """
 
 from __future__ import annotations
@@ -42,6 +41,8 @@ from tests.brokers import Broker, free_port, wait_for_port  # noqa: E402
 
 CLIENTS = 8
 LOAD_S = 4.0
+AGENT_ENV_MALLOC_ARENA_MAX = "2"
+LOADAVG: list[float] = []  # 1-minute load average, sampled after each HTTP load
 
 
 def pct(values: list[float], q: float) -> float:
@@ -114,6 +115,7 @@ def http_load(port: int, body: bytes, clients: int, duration: float = LOAD_S, pi
     cpu1 = _cpu_s(server) if server else 0.0
     for p in procs:
         p.join()
+    LOADAVG.append(os.getloadavg()[0])
     out = {"p50_ms": statistics.median(lats), "p99_ms": pct(lats, 99), "rps": len(lats) / duration}
     if server:
         # The clients start together 0.5 s after the fork and the server idles until then, so
@@ -239,7 +241,11 @@ def agent_http(kind: str, body: bytes, tmp: Path, broker: Broker) -> dict[str, o
     port = free_port()
     config = make_config(tmp / f"http-{kind}", broker, listen=f"127.0.0.1:{port}", telemetry={"window_s": 60})
     install_active(config.path, bundle_bytes(kind, "1.0.0"))
-    proc = AgentProcess(config, tmp / f"agent-{kind}.toml").start()
+    os.environ["MALLOC_ARENA_MAX"] = AGENT_ENV_MALLOC_ARENA_MAX  # as edgefleet-agent.service runs it
+    try:
+        proc = AgentProcess(config, tmp / f"agent-{kind}.toml").start()
+    finally:
+        del os.environ["MALLOC_ARENA_MAX"]
     try:
         wait_for_port("127.0.0.1", port, 30)
         pid = proc.proc.pid
@@ -279,46 +285,81 @@ def mqtt_bytes_per_hour(tmp: Path, broker: Broker) -> float:
     return total
 
 
+def _ms(r: dict[str, float]) -> str:
+    return f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {r['rps']:,.0f} | {r['cpu_us']:.0f}"
+
+
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="edgefleet-bench-"))
     broker = Broker(tmp / "broker").start()
     X, _ = dataset()
     body = json.dumps({"rows": [[round(float(v), 6) for v in X[0]]]}).encode()
-    lines = [
-        "# edge_agent benchmark",
-        "",
-        f"Machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}. Single-row requests; "
-        f"HTTP with keep-alive, {CLIENTS} concurrent clients in {CLIENTS} processes, {LOAD_S:.0f} s each, loopback.",
-        "",
-        "| model | raw ORT run p50/p99 µs | Agent.predict p50/p99 µs | HTTP seq p50/p99 ms | HTTP seq req/s "
-        f"| HTTP {CLIENTS} clients p50/p99 ms | HTTP {CLIENTS} clients req/s | Flask+sklearn seq req/s "
-        f"| Flask+sklearn {CLIENTS} clients req/s (p99 ms) | speed-up | agent RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    load_start = os.getloadavg()[0]
+    models = (("lr", "LogisticRegression pipeline"), ("rf", "RandomForest (10 trees)"))
+    inproc_rows, http_rows, summary = [], [], []
     try:
-        for kind, label in (("lr", "LogisticRegression pipeline"), ("rf", "RandomForest (10 trees)")):
+        for kind, label in models:
             ip = in_process(kind, tmp)
             ah = agent_http(kind, body, tmp, broker)
+            bare = bare_baseline(kind, body, tmp)
             fl = flask_baseline(kind, body, tmp)
-            seq, c8 = ah["seq"], ah["c8"]
-            lines.append(
+            inproc_rows.append(
                 f"| {label} | {ip['raw_p50']:.1f} / {ip['raw_p99']:.1f} | {ip['agent_p50']:.1f} / {ip['agent_p99']:.1f} "
-                f"| {seq['p50_ms']:.2f} / {seq['p99_ms']:.2f} | {seq['rps']:,.0f} "
-                f"| {c8['p50_ms']:.2f} / {c8['p99_ms']:.2f} | {c8['rps']:,.0f} | {fl['seq']['rps']:,.0f} "
-                f"| {fl['c8']['rps']:,.0f} ({fl['c8']['p99_ms']:.1f}) | {c8['rps'] / fl['c8']['rps']:.1f}x "
                 f"| {ah['rss_mib']:.0f} |"
             )
-            print(lines[-1], flush=True)
+            for server, r in (("edgefleet agent", ah), ("bare stdlib + onnxruntime", bare), ("Flask + scikit-learn", fl)):
+                http_rows.append(f"| {label} | {server} | {_ms(r['seq'])} | {_ms(r['c8'])} |")
+            c8 = ah["c8"]
+            summary.append(
+                f"- {label}: {CLIENTS} clients {c8['rps']:,.0f} req/s, **{c8['rps'] / fl['c8']['rps']:.1f}x Flask** "
+                f"and {c8['rps'] / bare['c8']['rps']:.1f}x the bare server; CPU per request "
+                f"{c8['cpu_us'] / bare['c8']['cpu_us']:.2f}x the bare server's ({c8['cpu_us']:.0f} vs "
+                f"{bare['c8']['cpu_us']:.0f} µs)."
+            )
+            print(inproc_rows[-1], *http_rows[-3:], summary[-1], sep="\n", flush=True)
         bw = mqtt_bytes_per_hour(tmp, broker)
     finally:
         broker.stop()
-    load = os.getloadavg()[0]
-    lines += [
+    load_end = os.getloadavg()[0]
+    cores = os.cpu_count()
+    lines = [
+        "# edge_agent benchmark",
         "",
-        f"1-minute load average at the end of the run: {load:.1f} on {os.cpu_count()} cores "
-        "(numbers are only comparable on an otherwise idle machine).",
+        f"Machine: {cores} cores, Python {sys.version.split()[0]}. Single-row requests. "
+        f"1-minute load average: {load_start:.1f} at the start, {load_end:.1f} at the end, "
+        f"{min(LOADAVG):.1f}–{max(LOADAVG):.1f} during the HTTP loads, on {cores} cores "
+        "(above the core count other work competed with the benchmark: compare the servers with each other, "
+        "and by CPU per request, rather than with runs on an idle machine).",
         "",
-        f"MQTT telemetry at one prediction per second with default settings (60 s windows, 16 sampled rows, "
+        "## In process",
+        "",
+        "| model | raw ORT run p50/p99 µs | Agent.predict p50/p99 µs | agent RSS MiB |",
+        "|---|---|---|---|",
+        *inproc_rows,
+        "",
+        "Agent RSS: the `edgefleet agent run` process with the model loaded, HTTP, MQTT and telemetry running, "
+        f"after the HTTP loads, started with `MALLOC_ARENA_MAX={AGENT_ENV_MALLOC_ARENA_MAX}` as the systemd unit "
+        "does.",
+        "",
+        "## HTTP",
+        "",
+        f"POST /v1/predict over loopback with keep-alive; sequential (1 client) and {CLIENTS} concurrent clients in "
+        f"{CLIENTS} processes, {LOAD_S:.0f} s each. The clients send a pre-encoded request on a raw socket and frame "
+        "the answer by its Content-Length, so they cost less CPU than the servers they load. CPU µs/req is the "
+        "server process's user + system CPU time over the requests it answered (robust to other load on the "
+        "machine). The two baselines run in the same benchmark run: a bare stdlib ThreadingHTTPServer around "
+        "onnxruntime (json, no validation, telemetry or auth), and Flask + scikit-learn on waitress (8 threads).",
+        "",
+        "| model | server | seq p50/p99 ms | seq req/s | seq CPU µs/req "
+        f"| {CLIENTS} clients p50/p99 ms | {CLIENTS} clients req/s | {CLIENTS} clients CPU µs/req |",
+        "|---|---|---|---|---|---|---|---|",
+        *http_rows,
+        "",
+        *summary,
+        "",
+        "## MQTT",
+        "",
+        f"Telemetry at one prediction per second with default settings (60 s windows, 16 sampled rows, "
         f"6 features): **{bw / 1024:.0f} KiB per device per hour** (topic + payload + MQTT 5 PUBLISH/PUBACK "
         "overhead; TCP/IP headers and keep-alive pings not included).",
         "",
