@@ -17,9 +17,9 @@ from typing import Any
 import msgspec
 from sqlite_utils import Database
 
-from fleet_server import migrations
-from fleet_server.storage import BatchResult, Conflict, IngestBatch, Reject
-from fleet_server.telemetry import BucketSums, ShapeMismatch, bucket_start, sum_rows
+from fleet_server import migrations, sqlite_ingest
+from fleet_server.storage import BatchResult, Conflict, IngestBatch
+from fleet_server.telemetry import ShapeMismatch, sum_rows
 
 _json = msgspec.json.Encoder()
 
@@ -37,10 +37,7 @@ _BUCKET_COLUMNS = (
     "model", "model_version", "device", "bucket_start", "windows", "predictions", "requests", "errors",
     "latency", "latency_sum_ms", "features", "prediction",
 )
-_INSERT_BUCKET = (
-    "INSERT INTO buckets(model, model_version, device, bucket_start, windows, predictions, requests, errors, "
-    "latency, latency_sum_ms, features, prediction, updated_at, compacted) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-)
+_INSERT_BUCKET = sqlite_ingest.INSERT_BUCKET
 
 
 class SqliteStorage:
@@ -217,123 +214,10 @@ class SqliteStorage:
     # ------------------------------------------------------------------ ingest
 
     def store_batch(self, batch: IngestBatch, bucket_s: float, now: float) -> BatchResult:
-        result = BatchResult()
         with self._immediate() as conn:
-            windows, events = [], []
-            seen: dict[str, float] = {}
-            seq_stats: dict[str, list[int]] = {}  # device -> [min, max, count, dropped_total]
+            return sqlite_ingest.store_batch(conn, batch, bucket_s, now)
 
-            def fresh(device: str, seq: int, kind: str) -> bool:
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO seqs(device, seq, kind) VALUES (?,?,?)", (device, seq, kind)
-                )
-                if cur.rowcount == 0:
-                    result.duplicates += 1
-                    return False
-                s = seq_stats.get(device)
-                if s is None:
-                    seq_stats[device] = [seq, seq, 1, 0]
-                else:
-                    s[0], s[1], s[2] = min(s[0], seq), max(s[1], seq), s[2] + 1
-                return True
-
-            for w, received in batch.windows:
-                seen[w.device] = max(seen.get(w.device, 0.0), received)
-                if fresh(w.device, w.seq, "telemetry"):
-                    windows.append(w)
-                    s = seq_stats[w.device]
-                    s[3] = max(s[3], w.dropped_total)
-            for e, received in batch.events:
-                seen[e.device] = max(seen.get(e.device, 0.0), received)
-                if fresh(e.device, e.seq, "events"):
-                    events.append(e)
-
-            # Sum this batch's windows per bucket first, then merge each group into its row once.
-            groups: dict[tuple[str, str, float, str], tuple[BucketSums, list]] = {}
-            for w in windows:
-                key = (w.model or "", w.model_version or "", bucket_start(w, bucket_s), w.device)
-                sums, members = groups.setdefault(key, (BucketSums(), []))
-                try:
-                    sums.add_window(w)
-                    members.append(w)
-                except ShapeMismatch as exc:
-                    result.rejects.append(Reject("shape_mismatch", w.device, str(exc)))
-            stored: list = []
-            parts = []
-            for (model, version, start, device), (sums, members) in groups.items():
-                if not members:
-                    continue
-                parts.append(self._bucket_params(model, version, device, start, sums, now, 0))
-                stored += members
-            conn.executemany(_INSERT_BUCKET, parts)
-            conn.executemany(
-                "INSERT INTO windows(device, seq, model, model_version, window_start, window_end, sent_at, "
-                "stored_at, predictions, requests, errors, latency, prediction, shadow) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        w.device, w.seq, w.model or "", w.model_version or "", w.window_start, w.window_end,
-                        w.sent_at, now, w.predictions, w.requests, sum(w.errors.values()),
-                        dumps(w.latency.counts), dumps(w.prediction) if w.prediction is not None else None,
-                        dumps(w.shadow) if w.shadow is not None else None,
-                    )
-                    for w in stored
-                ],
-            )
-            result.stored_windows = len(stored)
-            result.lags = [now - w.sent_at for w in stored if w.sent_at > 0]
-            conn.executemany(
-                "INSERT INTO events(device, seq, ts, kind, from_state, to_state, event, version, rollout_id, "
-                "outcome, reason, stored_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        e.device, e.seq, e.ts, e.kind, e.from_state, e.to_state, e.event, e.version,
-                        e.rollout_id, e.outcome, e.reason, now,
-                    )
-                    for e in events
-                ],
-            )
-            result.stored_events = len(events)
-            conn.executemany(
-                "INSERT INTO seq_stats(device, first_seq, max_seq, received, dropped_total) VALUES (?,?,?,?,?) "
-                "ON CONFLICT(device) DO UPDATE SET first_seq = min(first_seq, excluded.first_seq), "
-                "max_seq = max(max_seq, excluded.max_seq), received = received + excluded.received, "
-                "dropped_total = max(dropped_total, excluded.dropped_total)",
-                [(d, *s) for d, s in seq_stats.items()],
-            )
-            for st, received, retained in batch.statuses:
-                seen[st.device] = max(seen.get(st.device, 0.0), received)
-                cond = " AND (status_ts IS NULL OR status_ts < ?)" if retained else ""
-                params = [st.state, st.ts, st.device] + ([st.ts] if retained else [])
-                cur = conn.execute(f"UPDATE devices SET status = ?, status_ts = ? WHERE id = ?{cond}", params)
-                result.snapshots += cur.rowcount
-            for rep, received in batch.reported:
-                seen[rep.device] = max(seen.get(rep.device, 0.0), received)
-                cur = conn.execute(
-                    "UPDATE devices SET reported = ?, reported_ts = ?, model = ?, active_version = ?, "
-                    "agent_version = ?, update_state = ? WHERE id = ? AND (reported_ts IS NULL OR reported_ts < ?)",
-                    (
-                        dumps(rep), rep.ts, rep.model, rep.active_version, rep.agent_version,
-                        rep.update_state, rep.device, rep.ts,
-                    ),
-                )
-                result.snapshots += cur.rowcount
-            conn.executemany(
-                "UPDATE devices SET last_seen = max(coalesce(last_seen, 0), ?) WHERE id = ?",
-                [(t, d) for d, t in seen.items()],
-            )
-            self._count_rejects(conn, batch.rejects + result.rejects, now)
-        return result
-
-    @staticmethod
-    def _bucket_params(
-        model: str, version: str, device: str, start: float, sums: BucketSums, now: float, compacted: int
-    ) -> tuple:
-        return (
-            model, version, device, start, sums.windows, sums.predictions, sums.requests,
-            dumps(sums.errors), dumps(sums.latency), sums.latency_sum_ms, dumps(sums.features or []),
-            dumps(sums.prediction) if sums.prediction is not None else None, now, compacted,
-        )
+    _bucket_params = staticmethod(sqlite_ingest.bucket_params)
 
     def compact_buckets(self, before: float, now: float, limit: int = 5000) -> int:
         """Merge the partial rows of buckets that started before `before`; returns rows removed."""
@@ -373,19 +257,6 @@ class SqliteStorage:
                 conn.execute(_INSERT_BUCKET, self._bucket_params(model, version, device, start, total, now, 1))
                 removed += len(rows) - 1
             return removed
-
-    def _count_rejects(self, conn: sqlite3.Connection, rejects: list[Reject], now: float) -> None:
-        counts: dict[tuple[str, str], list[Any]] = {}
-        for r in rejects:
-            entry = counts.setdefault((r.reason, r.device), [0, r.detail])
-            entry[0] += 1
-            entry[1] = r.detail or entry[1]
-        conn.executemany(
-            "INSERT INTO rejects(reason, device, count, last_at, last_detail) VALUES (?,?,?,?,?) "
-            "ON CONFLICT(reason, device) DO UPDATE SET count = count + excluded.count, "
-            "last_at = excluded.last_at, last_detail = excluded.last_detail",
-            [(reason, device, n, now, detail[:300]) for (reason, device), (n, detail) in counts.items()],
-        )
 
     def put_worker_stats(self, worker_id: str, pid: int, stats: dict[str, Any], now: float) -> None:
         with self._immediate() as conn:

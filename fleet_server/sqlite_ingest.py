@@ -1,0 +1,174 @@
+"""The SQLite ingest write path: one batch of validated messages in one transaction.
+
+Part of the SQLite storage (`SqliteStorage.store_batch` calls `store_batch` inside its
+`BEGIN IMMEDIATE`). Per batch, not per message: one statement dedupes the whole batch by
+(device, seq), windows are summed per bucket once, and every table gets one `executemany`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import msgspec
+
+from fleet_server.storage import BatchResult, IngestBatch, Reject
+from fleet_server.telemetry import BucketSums, bucket_start, sum_windows
+
+_json = msgspec.json.Encoder()
+
+INSERT_BUCKET = (
+    "INSERT INTO buckets(model, model_version, device, bucket_start, windows, predictions, requests, errors, "
+    "latency, latency_sum_ms, features, prediction, updated_at, compacted) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_INSERT_WINDOW = (
+    "INSERT INTO windows(device, seq, model, model_version, window_start, window_end, sent_at, stored_at, "
+    "predictions, requests, errors, latency, prediction, shadow) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+_INSERT_EVENT = (
+    "INSERT INTO events(device, seq, ts, kind, from_state, to_state, event, version, rollout_id, outcome, "
+    "reason, stored_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+# INSERT OR IGNORE ... RETURNING returns only the rows it inserted: the fresh (device, seq) keys
+# of the whole batch in one statement, instead of one round trip per message.
+_CLAIM_SEQS = (
+    "INSERT OR IGNORE INTO seqs(device, seq, kind) "
+    "SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?) RETURNING device, seq"
+)
+_UPSERT_SEQ_STATS = (
+    "INSERT INTO seq_stats(device, first_seq, max_seq, received, dropped_total) VALUES (?,?,?,?,?) "
+    "ON CONFLICT(device) DO UPDATE SET first_seq = min(first_seq, excluded.first_seq), "
+    "max_seq = max(max_seq, excluded.max_seq), received = received + excluded.received, "
+    "dropped_total = max(dropped_total, excluded.dropped_total)"
+)
+
+
+def _dumps(value: Any) -> str:
+    return _json.encode(value).decode()
+
+
+def bucket_params(
+    model: str, version: str, device: str, start: float, sums: BucketSums, now: float, compacted: int
+) -> tuple:
+    """Parameters of INSERT_BUCKET for one (partial or compacted) bucket row."""
+    return (
+        model, version, device, start, sums.windows, sums.predictions, sums.requests,
+        _dumps(sums.errors), _dumps(sums.latency), sums.latency_sum_ms, _dumps(sums.features or []),
+        _dumps(sums.prediction) if sums.prediction is not None else None, now, compacted,
+    )
+
+
+def claim_seqs(conn: sqlite3.Connection, keys: list[tuple[str, int, str]]) -> set[tuple[str, int]]:
+    """Record (device, seq, kind) keys; returns those not seen before (in this batch or earlier)."""
+    if not keys:
+        return set()
+    return set(conn.execute(_CLAIM_SEQS, (_json.encode(keys).decode(),)).fetchall())
+
+
+def store_batch(conn: sqlite3.Connection, batch: IngestBatch, bucket_s: float, now: float) -> BatchResult:
+    """Store a batch inside the caller's transaction, idempotent by (device, seq)."""
+    result = BatchResult()
+    seen: dict[str, float] = {}
+    for device, received in [(w.device, r) for w, r in batch.windows] + [(e.device, r) for e, r in batch.events]:
+        if received > seen.get(device, 0.0):
+            seen[device] = received
+
+    fresh = claim_seqs(
+        conn,
+        [(w.device, w.seq, "telemetry") for w, _ in batch.windows]
+        + [(e.device, e.seq, "events") for e, _ in batch.events],
+    )
+    seq_stats: dict[str, list[int]] = {}  # device -> [min, max, count, dropped_total]
+
+    def first_time(device: str, seq: int) -> bool:
+        # A key sent twice in one batch is fresh once: remove it on first use.
+        try:
+            fresh.remove((device, seq))
+        except KeyError:
+            result.duplicates += 1
+            return False
+        s = seq_stats.get(device)
+        if s is None:
+            seq_stats[device] = [seq, seq, 1, 0]
+        else:
+            s[0], s[1], s[2] = min(s[0], seq), max(s[1], seq), s[2] + 1
+        return True
+
+    groups: dict[tuple[str, str, float, str], list] = {}
+    for w, _ in batch.windows:
+        if first_time(w.device, w.seq):
+            s = seq_stats[w.device]
+            s[3] = max(s[3], w.dropped_total)
+            key = (w.model or "", w.model_version or "", bucket_start(w, bucket_s), w.device)
+            groups.setdefault(key, []).append(w)
+    events = [e for e, _ in batch.events if first_time(e.device, e.seq)]
+
+    # One partial bucket row per (model, version, bucket, device) and batch; readers sum them.
+    stored: list = []
+    parts = []
+    for (model, version, start, device), members in groups.items():
+        sums, kept, rejected = sum_windows(members)
+        result.rejects += [Reject("shape_mismatch", w.device, str(exc)) for w, exc in rejected]
+        if kept:
+            parts.append(bucket_params(model, version, device, start, sums, now, 0))
+            stored += kept
+    conn.executemany(INSERT_BUCKET, parts)
+    conn.executemany(
+        _INSERT_WINDOW,
+        [
+            (
+                w.device, w.seq, w.model or "", w.model_version or "", w.window_start, w.window_end,
+                w.sent_at, now, w.predictions, w.requests, sum(w.errors.values()),
+                _dumps(w.latency.counts), _dumps(w.prediction) if w.prediction is not None else None,
+                _dumps(w.shadow) if w.shadow is not None else None,
+            )
+            for w in stored
+        ],
+    )
+    result.stored_windows = len(stored)
+    result.lags = [now - w.sent_at for w in stored if w.sent_at > 0]
+    conn.executemany(
+        _INSERT_EVENT,
+        [
+            (e.device, e.seq, e.ts, e.kind, e.from_state, e.to_state, e.event, e.version, e.rollout_id,
+             e.outcome, e.reason, now)
+            for e in events
+        ],
+    )
+    result.stored_events = len(events)
+    conn.executemany(_UPSERT_SEQ_STATS, [(d, *s) for d, s in seq_stats.items()])
+
+    for st, received, retained in batch.statuses:
+        seen[st.device] = max(seen.get(st.device, 0.0), received)
+        cond = " AND (status_ts IS NULL OR status_ts < ?)" if retained else ""
+        params = [st.state, st.ts, st.device] + ([st.ts] if retained else [])
+        result.snapshots += conn.execute(f"UPDATE devices SET status = ?, status_ts = ? WHERE id = ?{cond}", params).rowcount
+    for rep, received in batch.reported:
+        seen[rep.device] = max(seen.get(rep.device, 0.0), received)
+        result.snapshots += conn.execute(
+            "UPDATE devices SET reported = ?, reported_ts = ?, model = ?, active_version = ?, "
+            "agent_version = ?, update_state = ? WHERE id = ? AND (reported_ts IS NULL OR reported_ts < ?)",
+            (_dumps(rep), rep.ts, rep.model, rep.active_version, rep.agent_version, rep.update_state,
+             rep.device, rep.ts),
+        ).rowcount
+    conn.executemany(
+        "UPDATE devices SET last_seen = max(coalesce(last_seen, 0), ?) WHERE id = ?",
+        [(t, d) for d, t in seen.items()],
+    )
+    count_rejects(conn, batch.rejects + result.rejects, now)
+    return result
+
+
+def count_rejects(conn: sqlite3.Connection, rejects: list[Reject], now: float) -> None:
+    """Add rejected messages to the per (reason, device) counters."""
+    counts: dict[tuple[str, str], list[Any]] = {}
+    for r in rejects:
+        entry = counts.setdefault((r.reason, r.device), [0, r.detail])
+        entry[0] += 1
+        entry[1] = r.detail or entry[1]
+    conn.executemany(
+        "INSERT INTO rejects(reason, device, count, last_at, last_detail) VALUES (?,?,?,?,?) "
+        "ON CONFLICT(reason, device) DO UPDATE SET count = count + excluded.count, "
+        "last_at = excluded.last_at, last_detail = excluded.last_detail",
+        [(reason, device, n, now, detail[:300]) for (reason, device), (n, detail) in counts.items()],
+    )
