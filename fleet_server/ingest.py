@@ -18,8 +18,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -35,7 +34,7 @@ from edge_agent.protocol import (
     subscription,
 )
 from fleet_server.config import ServerConfig
-from fleet_server.mqtt_link import make_client
+from fleet_server.mqtt_link import ack_all, make_client
 from fleet_server.storage import IngestBatch, Reject, Storage
 
 log = logging.getLogger(__name__)
@@ -43,8 +42,7 @@ log = logging.getLogger(__name__)
 SHARED_GROUP = "ingest"
 
 
-@dataclass
-class Incoming:
+class Incoming(NamedTuple):
     topic: str
     payload: bytes
     mid: int
@@ -119,14 +117,32 @@ def check_shape(window: TelemetryWindow, shapes: ProfileShapes) -> str | None:
     return None
 
 
+class TopicParser:
+    """(device, kind) of this fleet's device topics; remembers the valid ones (a few per device)."""
+
+    def __init__(self, fleet: str, size: int = 500_000) -> None:
+        self.fleet = fleet
+        self.size = size
+        self._valid: dict[str, tuple[str, str]] = {}
+
+    def __call__(self, name: str) -> tuple[str, str]:
+        hit = self._valid.get(name)
+        if hit is None:
+            msg_fleet, device, kind = parse_topic(name)
+            if msg_fleet != self.fleet or kind == "desired":
+                raise ProtocolError("foreign_topic", name[:200])
+            if len(self._valid) >= self.size:
+                self._valid.clear()
+            hit = self._valid[name] = (device, kind)
+        return hit
+
+
 def classify(
-    msg: Incoming, fleet: str, devices: DeviceDirectory, shapes: ProfileShapes, batch: IngestBatch
+    msg: Incoming, topics: TopicParser, devices: DeviceDirectory, shapes: ProfileShapes, batch: IngestBatch
 ) -> None:
     """Decode one message into the batch, or add the reason it was rejected."""
     try:
-        msg_fleet, device, kind = parse_topic(msg.topic)
-        if msg_fleet != fleet or kind == "desired":
-            raise ProtocolError("foreign_topic", msg.topic[:200])
+        device, kind = topics(msg.topic)
     except ProtocolError as exc:
         batch.rejects.append(Reject(exc.reason, "", exc.detail))
         return
@@ -199,7 +215,9 @@ class IngestWorker:
         self.stats = IngestStats()
         self.devices = DeviceDirectory(storage)
         self.shapes = ProfileShapes(storage)
-        self.queue: queue.Queue[Incoming | None] = queue.Queue()
+        self.topics = TopicParser(config.fleet)
+        # SimpleQueue: put() is one C call, so paho's network thread spends little on each message.
+        self.queue: queue.SimpleQueue[Incoming | None] = queue.SimpleQueue()
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
@@ -288,7 +306,7 @@ class IngestWorker:
     def _process(self, items: list[Incoming]) -> None:
         batch = IngestBatch()
         for msg in items:
-            classify(msg, self.config.fleet, self.devices, self.shapes, batch)
+            classify(msg, self.topics, self.devices, self.shapes, batch)
         delay = 0.05
         while True:
             try:
@@ -300,9 +318,8 @@ class IngestWorker:
                     return
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        for msg in items:
-            if msg.qos:
-                self.client.ack(msg.mid, msg.qos)
+        # Only now, with the batch committed, may the broker forget these messages.
+        ack_all(self.client, [msg.mid for msg in items if msg.qos == 1])
         with self.stats.lock:
             c = self.stats.counters
             c["received"] += len(items)
