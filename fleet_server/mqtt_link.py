@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import struct
 import threading
 from collections.abc import Sequence
@@ -21,12 +22,51 @@ from fleet_server.config import SERVER_USERNAME, ServerConfig
 log = logging.getLogger(__name__)
 
 
+class BufferedSocket:
+    """A plain TCP socket whose `recv` serves paho from a 64 KiB read buffer.
+
+    paho reads each packet with several small `recv` calls (type byte, length bytes one at a
+    time, body) and a `select` before each packet: ~5 system calls per message, most of its
+    network thread's time at thousands of messages a second. paho skips the wait in `select`
+    while `pending()` reports buffered bytes (the hook it has for TLS sockets), so one `recv`
+    here serves dozens of messages.
+    """
+
+    def __init__(self, sock: socket.socket, size: int = 65536) -> None:
+        self._sock = sock
+        self._size = size
+        self._data = b""
+        self._pos = 0
+
+    def recv(self, bufsize: int) -> bytes:
+        if self._pos >= len(self._data):
+            data = self._sock.recv(max(bufsize, self._size))  # BlockingIOError passes through
+            if len(data) <= bufsize:
+                return data
+            self._data, self._pos = data, 0
+        out = self._data[self._pos:self._pos + bufsize]
+        self._pos += len(out)
+        return out
+
+    def pending(self) -> int:
+        return len(self._data) - self._pos
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class _Client(mqtt.Client):
+    def _create_socket(self):  # paho's socket factory; plain TCP only (TLS buffers already)
+        sock = super()._create_socket()
+        return BufferedSocket(sock) if type(sock) is socket.socket else sock
+
+
 def make_client(
     config: ServerConfig, client_id: str, *, persistent: bool = False, manual_ack: bool = False
 ) -> tuple[mqtt.Client, dict[str, Any]]:
     """A paho MQTT 5 client logged in as the server account; returns (client, connect kwargs)."""
     parts = urlsplit(config.broker_url)
-    client = mqtt.Client(
+    client = _Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=mqtt.MQTTv5,
