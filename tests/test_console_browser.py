@@ -88,13 +88,15 @@ def test_drift_page_shows_the_alert_overlays_distributions_and_acknowledges(cons
     assert shifted["n"] == 2 and shifted["diff"] > 0.5, shifted
     shoot(page, "drift")
 
-    row = alerts.first
+    alert_id = alerts.first.get_attribute("data-alert")  # alerts keep opening: hold on to this one
+    row = page.locator(f'#alerts-table tbody tr[data-alert="{alert_id}"]')
     row.get_by_role("button", name="Acknowledge").click()
     expect(page.locator("#confirm")).to_be_visible()
     page.locator("#confirm-ok").click()
     expect(page.locator(".toast")).to_contain_text("acknowledged")
-    wait_until(lambda: any(a["acknowledged_by"] == "alice" for a in open_alerts_for(console_fleet, DRIFTED)), 10)
-    expect(alerts.first).to_contain_text("alice")
+    wait_until(lambda: console_fleet.svc.storage.get_alert(int(alert_id))["acknowledged_by"] == "alice", 10)
+    expect(row).to_contain_text("alice")
+    expect(row.get_by_role("button", name="Acknowledge")).to_have_count(0)
     alice.recorder.check()
 
 
@@ -136,10 +138,12 @@ def test_rollout_created_from_the_form_advances_pauses_resumes_and_aborts(consol
     second.locator('[name="percent"]').fill("100")
     second.locator('[name="min_soak_s"]').fill("600")  # stays in stage 2 while we act on it
     gates = page.locator("#gates")
-    # Agents, broker and server share a small machine: per-request latency is noisy.
-    gates.locator('[data-gate="p95_latency_ratio"] [name="threshold"]').fill("5")
-    for gate in ("error_rate_delta", "p95_latency_ratio", "prediction_js", "shadow_agreement", "input_drift_psi"):
+    for gate in ("error_rate_delta", "prediction_js", "shadow_agreement", "input_drift_psi"):
         gates.locator(f'[data-gate="{gate}"] [name="min_sample"]').fill("100")
+    # Agents, broker and server share a small machine: the first calls after a model swap can
+    # take 200 ms here, so the latency gate gets a looser ratio and a sample that dilutes them.
+    gates.locator('[data-gate="p95_latency_ratio"] [name="threshold"]').fill("5")
+    gates.locator('[data-gate="p95_latency_ratio"] [name="min_sample"]').fill("3000")
     shoot(page, "rollout-new")
     page.get_by_role("button", name="Create rollout").click()
     expect(page).to_have_url(re.compile(r"/console/rollouts/r-[0-9a-f]+$"))
