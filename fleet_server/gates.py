@@ -75,10 +75,17 @@ def _result(name: str, settings: dict[str, Any], value: float | None, sample: in
                       settings.get("unit", ""), detail)
 
 
+def _ratio(cand: float | None, base: float | None, floor_ms: float) -> float | None:
+    if not cand or not base:
+        return None
+    return max(cand, floor_ms) / max(base, floor_ms)
+
+
 def evaluate_gates(spec: RolloutSpec, mode: str, canary: CohortStats,
                    control: CohortStats) -> list[GateResult]:
     """Evaluate every enabled gate for a stage in `mode` ("shadow" or "live")."""
     results: list[GateResult] = []
+    floor = float(spec.gate("p95_latency_ratio").get("floor_ms", 0.0))
     enabled = spec.enabled_gates()
     shadow = mode == "shadow"
 
@@ -96,8 +103,8 @@ def evaluate_gates(spec: RolloutSpec, mode: str, canary: CohortStats,
             canary.shadow_agreed / canary.shadow_compared if canary.shadow_compared else None,
             canary.shadow_compared, "candidate's answer equals the active model's")
         cand, base = _p95(canary.shadow_latency), _p95(canary.latency)
-        add("p95_latency_ratio", cand / base if cand and base else None,
-            canary.shadow_compared, "candidate p95 / active p95 on the same devices")
+        add("p95_latency_ratio", _ratio(cand, base, floor), canary.shadow_compared,
+            f"candidate p95 {cand} ms / active p95 {base} ms on the same devices (floor {floor:g} ms)")
         cand_pred, base_pred = canary.shadow_prediction_counts, canary.prediction_counts
         sample = min(sum(cand_pred), sum(base_pred)) if cand_pred and base_pred else 0
         add("prediction_js", js_distance(cand_pred, base_pred) if sample else None, sample,
@@ -111,8 +118,8 @@ def evaluate_gates(spec: RolloutSpec, mode: str, canary: CohortStats,
         add("error_rate_delta", c_rate - k_rate if c_rate is not None else None,
             canary.predictions, why or f"canary {c_rate} vs control {k_rate}", alone)
         cand, base = _p95(canary.latency), _p95(control.latency)
-        add("p95_latency_ratio", cand / base if cand and base else None, canary.predictions,
-            why or f"canary p95 {cand} ms vs control p95 {base} ms", alone)
+        add("p95_latency_ratio", _ratio(cand, base, floor), canary.predictions,
+            why or f"canary p95 {cand} ms vs control p95 {base} ms (floor {floor:g} ms)", alone)
         a, b = canary.prediction_counts, control.prediction_counts
         sample = min(sum(a), sum(b)) if a and b else 0
         add("prediction_js", js_distance(a, b) if sample else None, sample,

@@ -15,6 +15,8 @@ from typing import Any
 class RolloutError(ValueError):
     """A rollout request that cannot be accepted; the message says why and what to change."""
 
+    status = 400  # the HTTP status the REST API answers with
+
 
 class RolloutState(enum.StrEnum):
     RUNNING = "running"
@@ -93,7 +95,9 @@ class Target:
 GATE_DEFAULTS: dict[str, dict[str, Any]] = {
     "update_failure_rate": {"max": 0.10, "min_sample": 1, "unit": "devices"},
     "error_rate_delta": {"max": 0.02, "min_sample": 200, "unit": "predictions"},
-    "p95_latency_ratio": {"max": 2.0, "min_sample": 200, "unit": "predictions"},
+    # Both p95s are raised to floor_ms first: below a millisecond, differences are scheduling
+    # noise (the agent's probation uses the same idea), not a slower model.
+    "p95_latency_ratio": {"max": 2.0, "min_sample": 200, "unit": "predictions", "floor_ms": 1.0},
     "prediction_js": {"max": 0.10, "min_sample": 500, "unit": "predictions"},
     "shadow_agreement": {"min": 0.95, "min_sample": 200, "unit": "comparisons"},
     "input_drift_psi": {"max": 0.25, "min_sample": 500, "unit": "predictions"},
@@ -160,7 +164,7 @@ def parse_spec(data: dict[str, Any]) -> RolloutSpec:
             raise RolloutError(f"unknown gate {name!r}; gates: {sorted(GATE_DEFAULTS)}")
         if not isinstance(settings, dict):
             raise RolloutError(f"gate {name!r}: settings must be an object, e.g. {{\"max\": 0.1}}")
-        bad = set(settings) - {"max", "min", "min_sample", "enabled"}
+        bad = set(settings) - {"max", "min", "min_sample", "enabled", "floor_ms"}
         if bad:
             raise RolloutError(f"gate {name!r}: unknown setting(s) {sorted(bad)}")
     on_failure = data.get("on_failure", "pause")

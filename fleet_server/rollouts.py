@@ -95,7 +95,7 @@ def create_rollout(svc: Services, data: dict[str, Any], actor: str = "") -> dict
         if not wanted:
             raise RolloutError("the target matches no registered device: check the tags, group or device ids")
         for other in svc.storage.list_rollouts(states=_ACTIVE, limit=10_000):
-            theirs = set(_matching(spec_of(other), devices))
+            theirs = set(_matching(spec_of(other).target, devices))
             theirs |= {r["device"] for r in svc.storage.rollout_devices(other["id"])}
             overlap = sorted(wanted & theirs)
             if overlap:

@@ -28,15 +28,15 @@ from fleet_server.devices import provision_device
 from fleet_server.registry import trust_key, upload_bundle
 from fleet_server.service import FleetServer
 from tests.agent_fixtures import bundle_bytes, dataset, install_active, keypair, public_pem
-from tests.server_fixtures import make_config, wait_until
+from tests.server_fixtures import ServerHandle, make_config, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 FAST_GATES = {  # small samples: a handful of devices serve a few thousand predictions a second
     "error_rate_delta": {"min_sample": 100},
-    # Agents, broker and server share two cores here: per-request latency is far noisier than on
-    # devices, so only the slow-model test keeps the default ratio.
-    "p95_latency_ratio": {"max": 5.0, "min_sample": 400},
+    # Agents, broker, server and the test share two cores and one GIL here: identical models
+    # measured up to 2.7x apart under load, so only the slow-model test keeps the default ratio.
+    "p95_latency_ratio": {"max": 5.0, "min_sample": 200},
     "prediction_js": {"min_sample": 200},
     "shadow_agreement": {"min_sample": 100},
     "input_drift_psi": {"min_sample": 200},
@@ -95,7 +95,7 @@ class AgentFleet:
 
     def run(self) -> AgentFleet:
         X, y = dataset()
-        common, rare = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
+        common, rare = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
         rng = np.random.default_rng(0)
 
         def loop() -> None:
@@ -250,7 +250,7 @@ def test_slow_model_is_caught_in_shadow_before_any_live_traffic(tmp_path):
     try:
         upload_bundle(fleet.svc, custom_bundle("slow", "2.0.0"))
         rid = rollouts.create_rollout(fleet.svc, plan("2.0.0", [stage(50, "shadow"), stage(100)], gates={
-            **FAST_GATES, "p95_latency_ratio": {"min_sample": 100}}))["id"]
+            **FAST_GATES, "p95_latency_ratio": {"max": 2.0, "min_sample": 100, "floor_ms": 0.1}}))["id"]
         paused = wait_state(fleet, rid, {"paused", "completed"}, 60)
         assert paused["state"] == "paused" and paused["stage"] == 0, _brief(fleet, rid)
         gate = {g["name"]: g for g in paused["gates"]}["p95_latency_ratio"]
@@ -276,5 +276,29 @@ def test_offline_device_times_out_then_converges(tmp_path):
         fleet.come_back("dev-03")
         wait_until(lambda: fleet.agents["dev-03"].active_version() == "2.0.0", 30,
                    message="the device that was away converges")
+    finally:
+        fleet.close()
+
+
+def test_api_refuses_bad_and_conflicting_rollouts(tmp_path):
+    fleet = start_fleet(tmp_path, 2)
+    handle = ServerHandle(fleet.server)  # type: ignore[arg-type]
+    try:
+        upload_bundle(fleet.svc, bundle_bytes("lr", "2.0.0"))
+        bad = handle.api("post", "/api/v1/rollouts", json={"model": "demo", "version": "9.9.9"})
+        assert bad.status_code == 400 and "not registered" in bad.json()["error"]
+        ok = handle.api("post", "/api/v1/rollouts", json=plan("2.0.0", [stage(50, soak=60)]))
+        assert ok.status_code == 201, ok.text
+        rid = ok.json()["rollout"]["id"]
+        clash = handle.api("post", "/api/v1/rollouts", json=plan("2.0.0", [stage(100)]))
+        assert clash.status_code == 409 and rid in clash.json()["error"]
+        paused = handle.api("post", f"/api/v1/rollouts/{rid}/pause", json={"reason": "lunch"})
+        assert paused.json()["rollout"]["state"] == "paused"
+        assert handle.api("post", f"/api/v1/rollouts/{rid}/pause").status_code == 400  # already paused
+        assert handle.api("get", "/api/v1/rollouts/nope", "viewer").status_code == 404
+        listed = handle.api("get", "/api/v1/rollouts", "viewer").json()["rollouts"]
+        assert [r["id"] for r in listed] == [rid]
+        assert [a["action"] for a in handle.api("get", f"/api/v1/rollouts/{rid}", "viewer").json()[
+            "rollout"]["audit"]] == ["create", "pause"]
     finally:
         fleet.close()
