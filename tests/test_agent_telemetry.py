@@ -149,7 +149,11 @@ def test_outbox_bound_drops_oldest_and_reports(tmp_path, broker, collector):
         dropped = agent.outbox.dropped_total
         assert dropped > 0
         kept = agent.outbox.count()
+        subscribed = collector.subscribed
         broker.start()
+        # The agent only publishes from tick(): hold it until the test's own subscriber is back,
+        # so that what is measured is the agent's delivery, not the collector's reconnect race.
+        wait_until(lambda: collector.subscribed > subscribed, 15, message="collector resubscribed")
 
         def delivered():
             now[0] += 0.5
