@@ -13,6 +13,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+TICK_S = 1e-6  # the least time between two readings
+
 
 @dataclass(frozen=True)
 class ClockState:
@@ -37,10 +39,16 @@ class SimClock:
         self._speed = float(speed)
         self._sim_origin = time.time() if start is None else float(start)
         self._real_origin = time.monotonic()
+        self._last = self._sim_origin
 
     def __call__(self) -> float:
         with self._lock:
-            return self._sim_origin + self._speed * (time.monotonic() - self._real_origin)
+            t = self._sim_origin + self._speed * (time.monotonic() - self._real_origin)
+            # Time never stands still between two readings, even on a hand-driven clock: the
+            # server keeps the newest `reported` snapshot by timestamp, and two snapshots taken
+            # one after the other must not tie.
+            self._last = max(t, self._last + TICK_S)
+            return self._last
 
     now = __call__
 
@@ -65,7 +73,8 @@ class SimClock:
             raise ValueError("simulated time never runs backwards")
         with self._lock:
             self._sim_origin += seconds
-            return self._sim_origin + self._speed * (time.monotonic() - self._real_origin)
+            self._last = max(self._sim_origin + self._speed * (time.monotonic() - self._real_origin), self._last)
+            return self._last
 
     def state(self) -> ClockState:
         with self._lock:
@@ -76,4 +85,5 @@ class SimClock:
         """The same running clock in a child process (`time.monotonic` is system-wide on Linux)."""
         clock = cls(state.speed)
         clock._sim_origin, clock._real_origin = state.sim_origin, state.real_origin
+        clock._last = state.sim_origin
         return clock

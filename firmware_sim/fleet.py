@@ -1,7 +1,8 @@
 """A simulated fleet: N real agents in this process, one driver thread, one simulated clock.
 
 The driver thread owns every agent's periodic work and network I/O: each step it serves the
-rows due on every device (one batched request each), ticks the agents (windows, outbox,
+rows due on every device (drawn in one vectorised call, sent in requests of the scenario's
+`batch` rows), ticks the agents (windows, outbox,
 probation, `reported`), applies faults, then polls all MQTT sockets through one selector.
 Update work (download, verify, self-test) runs on a small shared thread pool, as it would on a
 device. Nothing here re-implements the agent.
@@ -179,6 +180,7 @@ class SimFleet:
                 runtimes=self.runtimes,
                 executor=self.executor,
                 rate_per_s=self.scenario.rate_per_s,
+                batch=self.scenario.batch,
                 downloads=self.downloads if plan.download_fault_at(float("inf")) else None,
                 seed=self.scenario.seed,
             )
@@ -206,7 +208,12 @@ class SimFleet:
                 # Acks, connects and update events wake an agent between steps, as on a device.
                 now = self.clock()
                 for d in self.devices.values():
-                    if d.agent is not None and d.agent.wakeup_event.is_set() and not d.crash_pending:
+                    if d.agent is None:
+                        continue
+                    if d.crash_pending:
+                        with self._cond:
+                            self._kill(d, now)
+                    elif d.agent.wakeup_event.is_set():
                         d.agent.wakeup_event.clear()
                         d.agent.tick(now)
         except BaseException as exc:  # surface driver bugs to the caller instead of hanging
@@ -216,18 +223,26 @@ class SimFleet:
                 self._cond.notify_all()
 
     def _step(self, now: float) -> None:
+        # Under the lock: observers (states, stats, delivered) never see an agent half killed
+        # or half booted.
+        with self._cond:
+            self._step_locked(now)
+
+    def _step_locked(self, now: float) -> None:
         for device in self.devices.values():
-            agent = device.agent
-            if agent is not None and device.crash_pending:
-                if agent.link is not None:
-                    self.poller.forget(agent.link)
-                device.kill(now)
+            if device.agent is not None and device.crash_pending:
+                self._kill(device, now)
                 continue
             self._apply_network(device, now)
             device.step(now)
-        with self._cond:
-            self.stepped_to = now
-            self._cond.notify_all()
+        self.stepped_to = now
+        self._cond.notify_all()
+
+    def _kill(self, device: SimDevice, now: float) -> None:
+        assert device.agent is not None
+        if device.agent.link is not None:
+            self.poller.forget(device.agent.link)
+        device.kill(now)
 
     def _apply_network(self, device: SimDevice, now: float) -> None:
         down = device.plan.outage_at(device.elapsed(now)) is not None
@@ -269,6 +284,10 @@ class SimFleet:
     def delivered(self) -> bool:
         """Every running device that has a network is online with an empty outbox (the broker
         acknowledged everything it queued)."""
+        with self._cond:
+            return self._delivered()
+
+    def _delivered(self) -> bool:
         for d in self.devices.values():
             if d.agent is None or d.network_down:
                 continue
@@ -279,9 +298,14 @@ class SimFleet:
     # ------------------------------------------------------------------ looking at it
 
     def states(self) -> dict[str, DeviceState]:
-        return {device_id: d.state() for device_id, d in self.devices.items()}
+        with self._cond:
+            return {device_id: d.state() for device_id, d in self.devices.items()}
 
     def stats(self) -> FleetStats:
+        with self._cond:
+            return self._stats()
+
+    def _stats(self) -> FleetStats:
         now = self.clock()
         states = Counter()
         versions = Counter()

@@ -107,8 +107,8 @@ class FaultyDownloads:
 
     `url(original, mode)` gives the address a faulty device downloads from instead. `corrupt`
     flips one byte in the middle of the bundle (the agent's sha256 check must catch it);
-    `truncate` ends every response halfway through what was asked (the agent must resume with
-    Range requests). Authorization and Range headers are passed through unchanged.
+    `truncate` drops the connection halfway through every download that starts from the first
+    byte (the agent must resume it with a Range request). Authorization and Range headers are passed through unchanged.
     """
 
     def __init__(self) -> None:
@@ -173,7 +173,7 @@ class FaultyDownloads:
                     h.send_header(name, resp.headers[name])
             h.send_header("Content-Length", str(len(body)))
             h.end_headers()
-            if mode == "truncate" and len(body) > 1:
+            if mode == "truncate" and "Range" not in h.headers and len(body) > 1:
                 h.wfile.write(body[: len(body) // 2])
                 h.close_connection = True
                 return

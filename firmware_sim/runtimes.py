@@ -43,22 +43,22 @@ class RuntimeCache:
 
 
 def slowed(runtime: ModelRuntime, factor: float) -> ModelRuntime:
-    """The same model on a CPU `factor` times slower: every run busy-waits for the difference.
+    """The same model on a CPU `factor` times slower than the one its budget was measured on.
 
-    The agent measures latency with a real timer (telemetry, self-test budget, probation), so the
-    slowness has to be real time spent; busy-waiting keeps it on this device's thread only.
+    The agent measures latency with a real timer (telemetry, self-test budget, probation), so
+    the slowness has to be real time: each run waits `(factor - 1)` times the bundle's measured
+    single-row latency. The nominal latency is used rather than this machine's, which a busy
+    simulator would inflate; and the wait sleeps, so other devices keep running meanwhile.
     """
     if factor <= 1.0:
         return runtime
     slow = copy.copy(runtime)  # shares the session; only `_run` differs
     fast_run = runtime._run
+    extra_s = (factor - 1.0) * runtime.manifest.budget.latency_ms_p50 / 1000.0
 
     def run(names: Any, feeds: Any, options: Any) -> Any:
-        t0 = time.perf_counter()
         out = fast_run(names, feeds, options)
-        until = t0 + (time.perf_counter() - t0) * factor
-        while time.perf_counter() < until:
-            pass
+        time.sleep(extra_s)
         return out
 
     slow._run = run

@@ -66,11 +66,11 @@ class SimServer:
             assert publish_desired(self.svc, device_id, desired)
 
     def ingested(self, fleet: SimFleet) -> bool:
-        """The server stored every message each running device has acknowledged so far."""
+        """The server stored every message of every running device that has a network."""
         stats = {s["device"]: s for s in self.svc.storage.seq_stats()}
         for device_id, d in fleet.devices.items():
-            if d.agent is None or d.agent.outbox is None:
-                continue
+            if d.agent is None or d.agent.outbox is None or d.network_down:
+                continue  # a device without network keeps its outbox until it is back
             last = d.agent.outbox.next_seq - 1
             if last < 0:
                 continue
