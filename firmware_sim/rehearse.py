@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import socket
@@ -454,7 +455,7 @@ def rehearse(
         say(f"rollout {rid} created; rehearsing")
         passes, cpu, worst = 0, 0.0, 0.0
         last = (created["state"], created["stage"])
-        stage_reports: dict[int, StageReport] = {}
+        tracker = _StageTracker(svc, rid, t0)
         row = svc.storage.get_rollout(rid)
         while True:
             cpu0, wall0 = time.thread_time(), time.perf_counter()
@@ -463,9 +464,10 @@ def rehearse(
             worst = max(worst, time.perf_counter() - wall0)
             passes += 1
             row = svc.storage.get_rollout(rid)
+            tracker.population = (row.get("gates") or {}).get("population") or tracker.population
             now = (row["state"], row["stage"])
             if now != last:
-                _capture(svc, rid, t0, stage_reports)
+                tracker.capture()
                 say(f"{_dur(clock() - t0)}: stage {row['stage'] + 1}/{len(row['spec']['stages'])} {row['state']}"
                     + (f" ({row['reason']})" if row["reason"] else ""))
                 last = now
@@ -487,14 +489,14 @@ def rehearse(
                 ahead = (clock() - t0) / speed - (time.monotonic() - real_start)
                 if ahead > 0:
                     time.sleep(ahead)
-        _capture(svc, rid, t0, stage_reports)
+        tracker.capture()
         status = rollouts.rollout_status(svc, rid)
         outcome = status["state"] if status["state"] in ("completed", "paused", "aborted") else "unfinished"
         versions = Counter(s.active_version or "none" for s in fleet.states().values())
         return RehearsalReport(
             model=status["model"], version=status["version"], current_version=current["version"],
             devices=devices, outcome=outcome, reason=status["reason"],
-            stages=[stage_reports[i] for i in sorted(stage_reports)],
+            stages=tracker.reports(),
             sim_s=clock() - t0, real_s=time.monotonic() - real_start, passes=passes,
             controller_cpu_s=cpu, controller_max_pass_s=worst,
             desired_bytes=traffic.desired_bytes, download_bytes=traffic.download_bytes,
@@ -507,6 +509,9 @@ def rehearse(
         if fleet is not None:
             fleet.stop()
         server.stop()
+        # The server freezes the collector's generations and collects rarely: the agents' MQTT
+        # clients (two sockets each) would stay open until much later.
+        gc.collect()
         if tmp is not None:
             with contextlib.suppress(OSError):
                 tmp.cleanup()
@@ -529,31 +534,44 @@ def _wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def _capture(svc: Any, rid: str, t0: float, out: dict[int, StageReport]) -> None:
-    """Record every stage the rollout has reached, as its status document shows it now."""
-    from fleet_server import rollouts
+class _StageTracker:
+    """Every stage the rollout has reached, as its status document shows it after each change."""
 
-    status = rollouts.rollout_status(svc, rid)
-    members = status["devices"]
-    for st in status["stages"]:
-        i = st["index"]
-        if st["started_at"] is None:  # not reached
-            out.setdefault(i, StageReport(index=i, mode=st["mode"], devices=st["size"], min_soak_s=st["min_soak_s"]))
-            continue
-        mine = [m for m in members if m["stage"] <= i]
-        statuses = Counter(m["status"] for m in mine)
-        report = out.get(i) or StageReport(index=i, mode=st["mode"], devices=st["size"], min_soak_s=st["min_soak_s"])
-        if report.ended_at is not None:
-            continue  # a finished stage keeps what it measured when it ended
-        report.started_at = st["started_at"] - t0
-        report.ended_at = None if st["ended_at"] is None else st["ended_at"] - t0
-        report.devices = st["size"] if st["size"] is not None else report.devices
-        report.verdict = st["verdict"]
-        report.ended_by = st["ended_by"]
-        report.gates = [GateReading(g["name"], g["status"], g["value"], g["threshold"], g["comparison"],
-                                    g["sample"], g.get("min_sample"), g["unit"]) for g in st["gates"]]
-        report.updated = statuses.get("updated", 0)
-        report.failed = statuses.get("failed", 0)
-        report.timed_out = statuses.get("timed_out", 0)
-        report.waiting_for = list(status["waiting_for"]) if i == status["stage"] and report.ended_at is None else []
-        out[i] = report
+    def __init__(self, svc: Any, rid: str, t0: float) -> None:
+        self.svc, self.rid, self.t0 = svc, rid, t0
+        self.stages: dict[int, StageReport] = {}
+        # Only a stage's live gates carry the population; between two stages keep the last seen.
+        self.population = 0
+
+    def capture(self) -> None:
+        from fleet_server import rollouts
+        from fleet_server.rollout_model import parse_spec
+
+        status = rollouts.rollout_status(self.svc, self.rid)
+        spec = parse_spec(status["spec"])
+        self.population = status["population"] or self.population
+        for st in status["stages"]:
+            i = st["index"]
+            size = spec.stages[i].size(self.population) if self.population else None
+            report = self.stages.setdefault(i, StageReport(index=i, mode=st["mode"], devices=size,
+                                                           min_soak_s=st["min_soak_s"]))
+            if st["started_at"] is None or report.ended_at is not None:
+                continue  # not reached, or finished: it keeps what it measured when it ended
+            # A live stage's cohort: the devices taken so far that serve live (the rest of an
+            # earlier, larger shadow stage stays in shadow).
+            statuses = Counter(m["status"] for m in status["devices"]
+                               if m["stage"] <= i and (st["mode"] == "shadow" or m["mode"] == "live"))
+            report.devices = size
+            report.started_at = st["started_at"] - self.t0
+            report.ended_at = None if st["ended_at"] is None else st["ended_at"] - self.t0
+            report.verdict = st["verdict"]
+            report.ended_by = st["ended_by"]
+            report.gates = [GateReading(g["name"], g["status"], g["value"], g["threshold"], g["comparison"],
+                                        g["sample"], g.get("min_sample"), g["unit"]) for g in st["gates"]]
+            report.updated = statuses.get("updated", 0)
+            report.failed = statuses.get("failed", 0)
+            report.timed_out = statuses.get("timed_out", 0)
+            report.waiting_for = list(status["waiting_for"]) if report.ended_at is None else []
+
+    def reports(self) -> list[StageReport]:
+        return [self.stages[i] for i in sorted(self.stages)]
