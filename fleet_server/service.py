@@ -167,7 +167,10 @@ class FleetServer:
 
         self.app = create_app(self.config, services=self.svc)
         host, port = self.config.listen_host_port
-        self.wsgi = create_server(self.app, host=host, port=port, threads=self.config.threads, ident="edgefleet")
+        # poll(), not select(): a process with more than 1024 open files (a simulated fleet, a busy
+        # server) would hand select() descriptors it cannot watch.
+        self.wsgi = create_server(self.app, host=host, port=port, threads=self.config.threads, ident="edgefleet",
+                                  asyncore_use_poll=True)
         self._wsgi_thread = threading.Thread(target=self.wsgi.run, name="waitress", daemon=True)
         self._wsgi_thread.start()
 
