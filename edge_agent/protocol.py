@@ -7,6 +7,7 @@ not decode is a `ProtocolError` with a short `reason` the server counts rejects 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Literal
 
 import msgspec
@@ -29,6 +30,13 @@ LATENCY_EDGES_MS: tuple[float, ...] = (
 )
 
 UpdateMode = Literal["live", "shadow"]
+
+# Ground-truth feedback bins (right-closed). Calibration: the predicted top-class probability in
+# deciles (0, .1], (.1, .2], ..., (.9, 1]. Regression errors: |truth - prediction| in multiples
+# of the reference predictions' spread (see feedback_error_edges).
+CALIBRATION_EDGES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+FEEDBACK_ERROR_SCALE: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+FEEDBACK_ANOMALY_CLASSES: tuple[int, ...] = (-1, 1)  # outlier, inlier (scikit-learn's labels)
 
 
 class ProtocolError(ValueError):
@@ -70,6 +78,20 @@ def subscription(fleet: str = "+", kind: str = "+", shared_group: str | None = N
     """A subscription filter for device topics, optionally as an MQTT 5 shared subscription."""
     flt = f"{TOPIC_ROOT}/{fleet}/d/+/{kind}"
     return f"$share/{shared_group}/{flt}" if shared_group else flt
+
+
+def feedback_error_edges(prediction_edges: Sequence[float] | None) -> list[float]:
+    """Absolute-error bin edges of a regression model, from its profile's prediction edges.
+
+    The scale is the spread of the reference predictions between the outer profile edges (the
+    10th and 90th percentiles by default); if that is zero, the largest |edge|; else 1.0.
+    Agent and server both call this, so the bins of every device line up.
+    """
+    edges = list(prediction_edges or ())
+    scale = edges[-1] - edges[0] if len(edges) >= 2 else 0.0
+    if not scale > 0:
+        scale = max((abs(e) for e in edges), default=0.0) or 1.0
+    return [scale * k for k in FEEDBACK_ERROR_SCALE]
 
 
 # ---------------------------------------------------------------- server -> device
@@ -178,18 +200,32 @@ class Resources(msgspec.Struct, kw_only=True):
 
 
 class Feedback(msgspec.Struct, kw_only=True):
-    """Ground truth joined with predictions in this window (mergeable counts)."""
+    """Ground truth joined with one model version's predictions in a window (mergeable counts).
 
-    joined: int = 0
-    late: int = 0
-    unknown: int = 0
-    duplicate: int = 0
+    Every field adds up across windows and devices of the same `version`. Classification:
+    `confusion` is [true class][predicted class] in the order of the manifest's classes (anomaly
+    models: FEEDBACK_ANOMALY_CLASSES) and sums to `joined`; the calibration lists bin the
+    predicted top-class probability over CALIBRATION_EDGES (models with probabilities only).
+    Regression: `joined` is the count behind `abs_error_sum` / `sq_error_sum` (MAE, RMSE) and
+    `error_bins` counts |truth - prediction| over `feedback_error_edges(profile edges)`.
+    `late`, `unknown`, `duplicate` and `rejected` describe feedback that joined nothing: they
+    are counted in the window's main block (`TelemetryWindow.feedback`) only.
+    """
+
+    version: str | None = None  # model version that made the joined predictions
+    joined: int = 0  # feedback items joined into the counts below
+    unknown_label: int = 0  # joined to a prediction, but the truth is not one of its classes
+    late: int = 0  # well-formed id whose prediction is no longer in the record
+    unknown: int = 0  # id this agent never issued
+    duplicate: int = 0  # a second answer for the same prediction (the first one counts)
+    rejected: int = 0  # feedback requests refused as malformed (nothing in them was counted)
     confusion: list[list[int]] | None = None  # [true class][predicted class], classes order
     abs_error_sum: float = 0.0
     sq_error_sum: float = 0.0
-    error_bins: list[int] | None = None
+    error_bins: list[int] | None = None  # len(feedback_error_edges(...)) + 1 bins
     calibration_counts: list[int] | None = None  # predictions per probability decile
     calibration_hits: list[int] | None = None  # of those, how many were right
+    calibration_prob_sum: list[float] | None = None  # sum of top-class probabilities per decile
 
 
 class TelemetryWindow(msgspec.Struct, kw_only=True):
@@ -211,7 +247,8 @@ class TelemetryWindow(msgspec.Struct, kw_only=True):
     prediction: FeatureCounts | None = None  # aligned with the profile's prediction bins
     shadow: ShadowCounts | None = None
     sample: list[SampleRow] = []
-    feedback: Feedback | None = None
+    feedback: Feedback | None = None  # the window's model version, and the unjoinable counters
+    feedback_other: list[Feedback] = []  # late-arriving truth for predictions of other versions
     resources: Resources = msgspec.field(default_factory=Resources)
     dropped_total: int = 0  # outbox messages this device dropped since it was installed
 
