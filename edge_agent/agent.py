@@ -14,7 +14,7 @@ import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent import __version__
 from edge_agent.config import AgentConfig
+from edge_agent.feedback import FeedbackResult, PredictionRecord, format_ids, parse_items
 from edge_agent.link import MqttLink
 from edge_agent.outbox import Outbox
 from edge_agent.protocol import (
@@ -66,6 +67,15 @@ class Prediction:
     version: str
     output: Output
     classes: list[Any] | None = None  # of the model that answered (for probabilities' columns)
+    id_prefix: str = ""
+    first_id: int = -1  # counter of the first row's id; -1: no ids
+
+    @property
+    def ids(self) -> list[str]:
+        """One id per row, to send ground truth back with `Agent.feedback` (built on demand)."""
+        if self.first_id < 0:
+            return []
+        return format_ids(self.id_prefix, self.first_id, len(self.output.primary))
 
 
 def trusted_keys_from_config(config: AgentConfig) -> list[Ed25519PublicKey]:
@@ -118,6 +128,7 @@ class Agent:
             sample_exclude=config.telemetry.sample_exclude,
             rng=self.rng,
         )
+        self.prediction_record = PredictionRecord(config.feedback.max_records, config.feedback.horizon_s)
         self.outbox: Outbox | None = None
         self.link: MqttLink | None = None
         self.machine = UpdateMachine(self, self.faults)
@@ -235,7 +246,27 @@ class Agent:
         shadow = self._shadow
         if shadow is not None:
             self._run_shadow(shadow, rt, values, feeds, out)
-        return Prediction(rt.name, rt.version, out, rt.classes)
+        record = self.prediction_record
+        first = record.add(rt.manifest, out, self.clock())
+        return Prediction(rt.name, rt.version, out, rt.classes, record.prefix, first)
+
+    def feedback(self, items: Iterable[Any]) -> FeedbackResult:
+        """Join ground truth with recent predictions: `[{"id": ..., "label": ...}]` (classification)
+        or `[{"id": ..., "value": ...}]` (regression); one mapping alone is accepted too.
+
+        Every item lands in one count of the result (joined, unknown_label, late, unknown,
+        duplicate) and in the current telemetry window. A malformed item refuses the whole batch
+        with RequestError("bad_feedback") (status 422) naming it, and nothing is counted but the
+        refusal, so the caller can fix and resend without creating duplicates.
+        """
+        try:
+            parsed = parse_items(items)
+        except RequestError:
+            self.telemetry.record_feedback_rejected()
+            raise
+        result = self.prediction_record.join(parsed, self.clock())
+        self.telemetry.record_feedback(result)
+        return result
 
     def _run_shadow(self, shadow: ModelRuntime, active: ModelRuntime, values, feeds, out: Output) -> None:
         t0 = time.perf_counter()
@@ -434,6 +465,8 @@ class Agent:
         if self.outbox is not None and self.telemetry.window_start < self.clock() and self._active is not None:
             self._flush_window(self.clock())
         self.telemetry.set_model(runtime.manifest if runtime else None)
+        if runtime is not None:
+            self.prediction_record.register(runtime.manifest)
         self._active = runtime
 
     def set_shadow(self, runtime: ModelRuntime | None) -> None:

@@ -93,6 +93,12 @@ class UpdateConfig:
 
 
 @dataclass
+class FeedbackConfig:
+    max_records: int = 10_000  # predictions kept joinable (23 bytes each, preallocated)
+    horizon_s: float = 86_400.0  # older predictions count feedback as late
+
+
+@dataclass
 class AgentConfig:
     """Everything an agent needs; build it with `load_config` or directly (tests, simulator)."""
 
@@ -107,6 +113,7 @@ class AgentConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
 
     def __post_init__(self) -> None:
         if not valid_id(self.device_id):
@@ -123,6 +130,10 @@ class AgentConfig:
             raise ConfigError("[runtime] intra_op_threads must be at least 1")
         if self.update.keep_versions < 2:
             raise ConfigError("[update] keep_versions must be at least 2 (active and previous)")
+        if not 1 <= self.feedback.max_records <= 10_000_000:
+            raise ConfigError("[feedback] max_records must be between 1 and 10,000,000 (23 bytes of RAM each)")
+        if not self.feedback.horizon_s > 0:
+            raise ConfigError("[feedback] horizon_s must be positive")
 
     @property
     def path(self) -> Path:
@@ -138,6 +149,7 @@ SECTIONS: dict[str, type] = {
     "telemetry": TelemetryConfig,
     "outbox": OutboxConfig,
     "update": UpdateConfig,
+    "feedback": FeedbackConfig,
 }
 TOP_LEVEL = ("device_id", "fleet", "data_dir")
 

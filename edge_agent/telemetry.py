@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.feedback import FeedbackResult, FeedbackTally
 from edge_agent.protocol import (
     LATENCY_EDGES_MS,
     FeatureCounts,
+    Feedback,
     Histogram,
     Resources,
     SampleRow,
@@ -112,6 +114,28 @@ class _Window:
         self.sh_lat = [0] * (len(_LAT_EDGES) + 1)
         self.sh_lat_sum = 0.0
         self.sh_pred: Counts | None = None
+        self.fb = _FeedbackCounts()
+
+
+class _FeedbackCounts:
+    """The window's ground-truth feedback: tallies by model version and unjoinable counters."""
+
+    __slots__ = ("tallies", "late", "unknown", "duplicate", "rejected", "touched")
+
+    def __init__(self) -> None:
+        self.tallies: dict[str, FeedbackTally] = {}
+        self.late = self.unknown = self.duplicate = self.rejected = 0
+        self.touched = False
+
+    def blocks(self, version: str | None) -> tuple[Feedback | None, list[Feedback]]:
+        """The window's main block (its model version, plus the counters) and other versions'."""
+        if not self.touched:
+            return None, []
+        counters = dict(late=self.late, unknown=self.unknown, duplicate=self.duplicate, rejected=self.rejected)
+        own = self.tallies.get(version) if version is not None else None
+        main = own.freeze(**counters) if own is not None else Feedback(version=version, **counters)
+        others = [t.freeze() for v, t in self.tallies.items() if v != version]
+        return main, others
 
 
 class Telemetry:
@@ -161,7 +185,9 @@ class Telemetry:
                     self._features.append(Binner(p.distribution if p else None, spec.min, spec.max))
                 self._prediction = Binner(manifest.profile.prediction)
                 self._keep = [spec.name not in self.sample_exclude for spec in manifest.inputs]
+            feedback = self._w.fb
             self._w = _Window(self._w.start, self._features, self._prediction, manifest.version if manifest else None)
+            self._w.fb = feedback  # joins are attributed by version: none are lost on a switch
 
     # ------------------------------------------------------------------ recording
 
@@ -241,6 +267,28 @@ class Telemetry:
                 if w.sh_pred is not None:
                     w.sh_pred.add_many(self._prediction, primary)
 
+    def record_feedback(self, result: FeedbackResult) -> None:
+        """One batch of ground-truth feedback, joined by the agent's prediction record."""
+        with self._lock:
+            fb = self._w.fb
+            fb.touched = True
+            fb.late += result.late
+            fb.unknown += result.unknown
+            fb.duplicate += result.duplicate
+            for version, tally in result.tallies.items():
+                mine = fb.tallies.get(version)
+                if mine is None:
+                    fb.tallies[version] = tally
+                else:
+                    mine.merge(tally)
+
+    def record_feedback_rejected(self) -> None:
+        """A feedback request refused as malformed (nothing in it was joined)."""
+        with self._lock:
+            fb = self._w.fb
+            fb.touched = True
+            fb.rejected += 1
+
     # ------------------------------------------------------------------ windows
 
     def due(self, now: float) -> bool:
@@ -265,6 +313,7 @@ class Telemetry:
                 latency=Histogram(counts=w.sh_lat, sum_ms=round(w.sh_lat_sum, 6)),
                 prediction=w.sh_pred.freeze() if w.sh_pred is not None else None,
             )
+        feedback, feedback_other = w.fb.blocks(w.version)
         return TelemetryWindow(
             device=self.device,
             seq=seq,
@@ -281,6 +330,8 @@ class Telemetry:
             prediction=w.prediction.freeze() if w.prediction is not None else None,
             shadow=shadow,
             sample=w.sample,
+            feedback=feedback,
+            feedback_other=feedback_other,
             resources=resources,
             dropped_total=dropped_total,
         )

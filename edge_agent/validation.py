@@ -28,6 +28,7 @@ ERROR_STATUS: dict[str, int] = {
     "wrong_type": 422,
     "nan_not_allowed": 422,
     "unknown_category": 422,
+    "bad_feedback": 422,
     "runtime_error": 500,
     "no_model": 503,
 }

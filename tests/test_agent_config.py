@@ -31,7 +31,9 @@ def test_round_trip_and_defaults(tmp_path):
     ('data_dir = "d"\n', "'device_id'"),
     ('device_id = "a/b"\ndata_dir = "d"\n', "device_id"),
     ('device_id = "a"\ndata_dir = "d"\n[mqtt]\nurl = "http://x"\n', "mqtt://"),
-    ('device_id = "a"\ndata_dir = "d"\n[feedback]\n', "'feedback'"),
+    ('device_id = "a"\ndata_dir = "d"\n[feedback]\nmax_record = 10\n', "'max_record' in [feedback]"),
+    ('device_id = "a"\ndata_dir = "d"\n[feedback]\nmax_records = 0\n', "[feedback] max_records"),
+    ('device_id = "a"\ndata_dir = "d"\n[feedback]\nhorizon_s = -1\n', "[feedback] horizon_s"),
     ("device_id = ", "not valid TOML"),
 ])
 def test_bad_config_names_the_problem(tmp_path, text, needle):
