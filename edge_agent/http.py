@@ -1,9 +1,9 @@
-"""The local HTTP API: POST /v1/predict, GET /v1/health, /v1/model, /metrics.
+"""The local HTTP API: POST /v1/predict, /v1/feedback, GET /v1/health, /v1/model, /metrics.
 
 HTTP/1.1 keep-alive on a threading socketserver, with a small request parser of our own: the
 stdlib's BaseHTTPRequestHandler parses every request's headers with the `email` package, which
 cost more CPU than validation and inference together. Views only translate: read and decode
-the body, call `Agent.predict`, encode the answer. A response is one `sendall`; Nagle is off on
+the body, call `Agent.predict` (or `Agent.feedback`), encode the answer. A response is one `sendall`; Nagle is off on
 TCP sockets; nothing is logged per request.
 """
 
@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 
 from edge_agent.agent import Agent
+from edge_agent.feedback import items_from_payload
 from edge_agent.validation import RequestError, rows_from_payload
 
 log = logging.getLogger("edge_agent.http")
@@ -49,6 +50,10 @@ def _head(status: int, content_type: str) -> bytes:
 
 class _Close(Exception):
     """The connection cannot go on (client gone, or a request we cannot frame)."""
+
+
+class _Refused(Exception):
+    """The request was already answered with an error; nothing more to do."""
 
 
 class Connection:
@@ -191,36 +196,46 @@ class Connection:
 
             self.send(200, generate_latest(agent.registry), CONTENT_TYPE_LATEST)
         else:
-            self.error(RequestError("not_found", f"no endpoint {path[:100]}; see /v1/predict, /v1/health, /v1/model, /metrics"))
+            self.error(RequestError("not_found", f"no endpoint {path[:100]}; see /v1/predict, /v1/feedback, /v1/health, /v1/model, /metrics"))
 
     def do_post(self, path: str, headers: dict[str, str], version: str) -> None:
         if not self.authorized(headers, "POST"):
             return
-        if path != "/v1/predict":
+        if path == "/v1/predict":
+            self.predict(headers, version)
+        elif path == "/v1/feedback":
+            self.feedback(headers, version)
+        else:
             self.discard_body(headers, version)
-            self.error(RequestError("not_found", "POST only to /v1/predict"))
-            return
-        agent = self.agent
+            self.error(RequestError("not_found", "POST only to /v1/predict or /v1/feedback"))
+
+    def read_json(self, headers: dict[str, str], version: str) -> Any:
+        """The request's JSON body; raises RequestError, or _Refused once it has answered itself."""
         length = headers.get("content-length")
         if length is None:
             self.send(411, _encode({"error": "length_required", "message": "send a Content-Length header"}), close=True)
-            return
+            raise _Refused
         try:
             n = int(length)
         except ValueError:
             n = -1
-        limit = agent.config.http.max_body_bytes
+        limit = self.agent.config.http.max_body_bytes
         if n < 0 or n > limit:
-            agent.telemetry.record_error("body_too_large")
-            self.error(RequestError("body_too_large", f"body of {n} bytes; at most {limit} are accepted"), close=True)
-            return
+            # Not read: the connection cannot go on.
+            self.close = True
+            raise RequestError("body_too_large", f"body of {n} bytes; at most {limit} are accepted")
         body = self.read_body(n, headers, version)
         try:
-            try:
-                payload = _decode(body)
-            except msgspec.DecodeError as exc:
-                raise RequestError("malformed_json", f"the body is not valid JSON: {exc}") from exc
-            rows = rows_from_payload(payload, agent.config.http.max_rows)
+            return _decode(body)
+        except msgspec.DecodeError as exc:
+            raise RequestError("malformed_json", f"the body is not valid JSON: {exc}") from exc
+
+    def predict(self, headers: dict[str, str], version: str) -> None:
+        agent = self.agent
+        try:
+            rows = rows_from_payload(self.read_json(headers, version), agent.config.http.max_rows)
+        except _Refused:
+            return
         except RequestError as exc:
             agent.telemetry.record_error(exc.kind, exc.feature)
             self.error(exc)
@@ -231,13 +246,31 @@ class Connection:
             self.error(exc)
             return
         out = result.output
-        answer: dict[str, Any] = {"model": result.model, "version": result.version, "predictions": out.primary}
+        answer: dict[str, Any] = {"model": result.model, "version": result.version, "predictions": out.primary,
+                                  "ids": result.ids}
         if out.probabilities is not None:
             answer["probabilities"] = out.probabilities
             answer["classes"] = result.classes
         if out.labels is not None and out.values is not None:
             answer["scores"] = out.values
         self.send(200, _encode(answer))
+
+    def feedback(self, headers: dict[str, str], version: str) -> None:
+        agent = self.agent
+        try:
+            items = items_from_payload(self.read_json(headers, version))
+        except _Refused:
+            return
+        except RequestError as exc:
+            agent.telemetry.record_feedback_rejected()
+            self.error(exc)
+            return
+        try:
+            result = agent.feedback(items)  # counts its own refusals
+        except RequestError as exc:
+            self.error(exc)
+            return
+        self.send(200, _encode(result.to_dict()))
 
 
 class AgentHandler(socketserver.BaseRequestHandler):
