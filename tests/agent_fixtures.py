@@ -25,6 +25,7 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.config import (
     AgentConfig,
+    FeedbackConfig,
     HttpConfig,
     MqttConfig,
     OutboxConfig,
@@ -95,6 +96,26 @@ def bundle_bytes(kind: str = "lr", version: str = "1.0.0", signer: str | None = 
     key = keypair(signer)[0] if signer else None
     result = build_bundle(estimator(kind), (X[:800], y[:800]), validation=(X[800:], y[800:]),
                           name=name, version=version, quantize="float32", sign_key=key)
+    return result.bundle_bytes
+
+
+@cache
+def regression_dataset(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import make_regression
+
+    return make_regression(n_samples=1200, n_features=N_FEATURES, n_informative=4, noise=10.0, random_state=seed)
+
+
+@cache
+def regression_bundle_bytes(version: str = "1.0.0", name: str = "demo-reg") -> bytes:
+    """A small signed ridge-regression bundle (same six numeric inputs as the classifiers)."""
+    from sklearn.linear_model import Ridge
+
+    from model_tools.pipeline import build_bundle
+
+    X, y = regression_dataset()
+    result = build_bundle(Ridge(alpha=1.0).fit(X[:800], y[:800]), (X[:800], y[:800]), validation=(X[800:], y[800:]),
+                          name=name, version=version, quantize="float32", sign_key=keypair()[0])
     return result.bundle_bytes
 
 
@@ -327,8 +348,14 @@ def make_config(tmp_path: Path, broker=None, device: str = "dev-1", **kw: Any) -
         telemetry=TelemetryConfig(**{"window_s": 0.5, **kw.pop("telemetry", {})}),
         update=UpdateConfig(**update),
         outbox=OutboxConfig(**kw.pop("outbox", {})),
+        feedback=FeedbackConfig(**kw.pop("feedback", {})),
         **kw,
     )
+
+
+def outbox_windows(agent) -> list[Any]:
+    """The telemetry windows waiting in an agent's outbox (an agent without MQTT keeps them all)."""
+    return [decode("telemetry", m.payload) for m in agent.outbox.pending(limit=100_000) if m.kind == "telemetry"]
 
 
 def config_toml(config: AgentConfig) -> str:
