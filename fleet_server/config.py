@@ -47,6 +47,7 @@ class ServerConfig:
     ingest_batch_s: float = 0.1
     ingest_batch_max: int = 2000
     stats_interval_s: float = 2.0
+    samples_per_device: int = 200  # newest sampled rows kept per device; 0 keeps none
     max_queued_messages: int = 1_000_000
     trusted_key_files: list[str] = field(default_factory=list)
     # Default drift policy; per-model overrides live in the registry.
@@ -66,6 +67,8 @@ class ServerConfig:
             raise ConfigError(f"mqtt_url {self.mqtt_url!r} must start with mqtt:// or mqtts://")
         if self.bucket_s <= 0:
             raise ConfigError("bucket_s must be positive (seconds per drift bucket)")
+        if self.samples_per_device < 0:
+            raise ConfigError("samples_per_device must be 0 (keep no sampled rows) or more")
         if ":" not in self.listen:
             raise ConfigError(f"listen {self.listen!r} must be HOST:PORT, e.g. 127.0.0.1:8080")
 

@@ -164,7 +164,7 @@ def classify(
         if reason:
             batch.rejects.append(Reject("profile_mismatch", device, reason))
         else:
-            batch.windows.append((message, msg.received_at))
+            batch.windows.append((message, msg.received_at, len(msg.payload)))
     elif isinstance(message, UpdateEvent):
         batch.events.append((message, msg.received_at))
     elif isinstance(message, Status):
@@ -310,7 +310,9 @@ class IngestWorker:
         delay = 0.05
         while True:
             try:
-                result = self.storage.store_batch(batch, self.config.bucket_s, self.clock())
+                result = self.storage.store_batch(
+                    batch, self.config.bucket_s, self.clock(), samples_per_device=self.config.samples_per_device
+                )
                 break
             except Exception:  # a locked or full database must not kill ingest: retry, keep unacked
                 log.exception("storing an ingest batch failed; retrying in %.1fs", delay)

@@ -354,6 +354,30 @@ def m0004_operators(db: Database) -> None:
     )
 
 
+@migrations(name="0005_samples")
+def m0005_samples(db: Database) -> None:
+    # Each window's reservoir sample, newest first per device, bounded to the most recent
+    # `samples_per_device` rows: `upto` is the device's running count of sampled rows through
+    # this window, so one DELETE per device and batch drops what fell out of the bound. Rows are
+    # msgpack, not JSON: writing floats as text cost more than the rest of a window's storage.
+    # `windows.bytes` is the MQTT payload size, for telemetry bandwidth per device.
+    db.executescript(
+        """
+        CREATE TABLE samples (
+            device TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            model TEXT NOT NULL,
+            model_version TEXT NOT NULL,
+            window_end REAL NOT NULL,
+            upto INTEGER NOT NULL,
+            rows BLOB NOT NULL,                   -- msgpack [[[x...], y], ...]; excluded features nil
+            PRIMARY KEY (device, seq)
+        ) WITHOUT ROWID;
+        ALTER TABLE windows ADD COLUMN bytes INTEGER;
+        """
+    )
+
+
 def apply(db: Database) -> None:
     """Bring the schema up to date (idempotent; safe to call from every process)."""
     migrations.apply(db)

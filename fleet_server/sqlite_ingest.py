@@ -3,6 +3,8 @@
 Part of the SQLite storage (`SqliteStorage.store_batch` calls `store_batch` inside its
 `BEGIN IMMEDIATE`). Per batch, not per message: one statement dedupes the whole batch by
 (device, seq), windows are summed per bucket once, and every table gets one `executemany`.
+Each window's reservoir sample is kept in a per-device bound: one read and at most one DELETE per
+device and batch, never per row.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from fleet_server.storage import BatchResult, IngestBatch, Reject
 from fleet_server.telemetry import BucketSums, bucket_start, sum_windows
 
 _json = msgspec.json.Encoder()
+_msgpack = msgspec.msgpack.Encoder()
 
 INSERT_BUCKET = (
     "INSERT INTO buckets(model, model_version, device, bucket_start, windows, predictions, requests, errors, "
@@ -23,8 +26,16 @@ INSERT_BUCKET = (
 )
 _INSERT_WINDOW = (
     "INSERT INTO windows(device, seq, model, model_version, window_start, window_end, sent_at, stored_at, "
-    "predictions, requests, errors, latency, prediction, shadow) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+    "predictions, requests, errors, latency, prediction, shadow, bytes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
+_INSERT_SAMPLES = (
+    "INSERT INTO samples(device, seq, model, model_version, window_end, upto, rows) VALUES (?,?,?,?,?,?,?)"
+)
+# The device's running count of sampled rows is the newest stored window's `upto`.
+_SAMPLED_SO_FAR = (
+    "SELECT device, max(upto) FROM samples WHERE device IN (SELECT value FROM json_each(?)) GROUP BY device"
+)
+_TRIM_SAMPLES = "DELETE FROM samples WHERE device = ? AND upto <= ?"
 _INSERT_EVENT = (
     "INSERT INTO events(device, seq, ts, kind, from_state, to_state, event, version, rollout_id, outcome, "
     "reason, stored_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
@@ -65,17 +76,45 @@ def claim_seqs(conn: sqlite3.Connection, keys: list[tuple[str, int, str]]) -> se
     return set(conn.execute(_CLAIM_SEQS, (_json.encode(keys).decode(),)).fetchall())
 
 
-def store_batch(conn: sqlite3.Connection, batch: IngestBatch, bucket_s: float, now: float) -> BatchResult:
+def store_samples(conn: sqlite3.Connection, windows: list, keep: int) -> None:
+    """Keep the reservoir samples of freshly stored windows, at most the `keep` newest rows per
+    device (the oldest window still holding one of them is kept whole; readers trim it)."""
+    sampled = [w for w in windows if w.sample]
+    if keep <= 0 or not sampled:
+        return
+    devices = {w.device for w in sampled}
+    upto: dict[str, int] = dict.fromkeys(devices, 0)
+    upto.update(conn.execute(_SAMPLED_SO_FAR, (_json.encode(list(devices)).decode(),)).fetchall())
+    for w in sampled:
+        upto[w.device] += len(w.sample)
+    # Newest first, so that windows a backlog burst would trim at once are never written.
+    params = []
+    newer = dict.fromkeys(devices, 0)
+    for w in reversed(sampled):
+        if newer[w.device] >= keep:
+            continue
+        params.append(
+            (w.device, w.seq, w.model or "", w.model_version or "", w.window_end,
+             upto[w.device] - newer[w.device], _msgpack.encode(w.sample))
+        )
+        newer[w.device] += len(w.sample)
+    conn.executemany(_INSERT_SAMPLES, params)
+    conn.executemany(_TRIM_SAMPLES, [(d, n - keep) for d, n in upto.items() if n > keep])
+
+
+def store_batch(
+    conn: sqlite3.Connection, batch: IngestBatch, bucket_s: float, now: float, samples_per_device: int = 200
+) -> BatchResult:
     """Store a batch inside the caller's transaction, idempotent by (device, seq)."""
     result = BatchResult()
     seen: dict[str, float] = {}
-    for device, received in [(w.device, r) for w, r in batch.windows] + [(e.device, r) for e, r in batch.events]:
+    for device, received in [(w.device, r) for w, r, _ in batch.windows] + [(e.device, r) for e, r in batch.events]:
         if received > seen.get(device, 0.0):
             seen[device] = received
 
     fresh = claim_seqs(
         conn,
-        [(w.device, w.seq, "telemetry") for w, _ in batch.windows]
+        [(w.device, w.seq, "telemetry") for w, _, _ in batch.windows]
         + [(e.device, e.seq, "events") for e, _ in batch.events],
     )
     seq_stats: dict[str, list[int]] = {}  # device -> [min, max, count, dropped_total]
@@ -95,7 +134,9 @@ def store_batch(conn: sqlite3.Connection, batch: IngestBatch, bucket_s: float, n
         return True
 
     groups: dict[tuple[str, str, float, str], list] = {}
-    for w, _ in batch.windows:
+    sizes: dict[int, int] = {}
+    for w, _, size in batch.windows:
+        sizes[id(w)] = size
         if first_time(w.device, w.seq):
             s = seq_stats[w.device]
             s[3] = max(s[3], w.dropped_total)
@@ -120,11 +161,12 @@ def store_batch(conn: sqlite3.Connection, batch: IngestBatch, bucket_s: float, n
                 w.device, w.seq, w.model or "", w.model_version or "", w.window_start, w.window_end,
                 w.sent_at, now, w.predictions, w.requests, sum(w.errors.values()),
                 _dumps(w.latency.counts), _dumps(w.prediction) if w.prediction is not None else None,
-                _dumps(w.shadow) if w.shadow is not None else None,
+                _dumps(w.shadow) if w.shadow is not None else None, sizes[id(w)],
             )
             for w in stored
         ],
     )
+    store_samples(conn, stored, samples_per_device)
     result.stored_windows = len(stored)
     result.lags = [now - w.sent_at for w in stored if w.sent_at > 0]
     conn.executemany(

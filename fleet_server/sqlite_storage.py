@@ -22,6 +22,7 @@ from fleet_server.storage import BatchResult, Conflict, IngestBatch
 from fleet_server.telemetry import ShapeMismatch, sum_rows
 
 _json = msgspec.json.Encoder()
+_unpack = msgspec.msgpack.Decoder().decode
 
 
 def dumps(value: Any) -> str:
@@ -213,9 +214,11 @@ class SqliteStorage:
 
     # ------------------------------------------------------------------ ingest
 
-    def store_batch(self, batch: IngestBatch, bucket_s: float, now: float) -> BatchResult:
+    def store_batch(
+        self, batch: IngestBatch, bucket_s: float, now: float, *, samples_per_device: int = 200
+    ) -> BatchResult:
         with self._immediate() as conn:
-            return sqlite_ingest.store_batch(conn, batch, bucket_s, now)
+            return sqlite_ingest.store_batch(conn, batch, bucket_s, now, samples_per_device)
 
     _bucket_params = staticmethod(sqlite_ingest.bucket_params)
 
@@ -292,6 +295,36 @@ class SqliteStorage:
             "SELECT stored_at - sent_at FROM windows WHERE stored_at >= ? AND sent_at > 0", (since,)
         ).fetchall()
         return [r[0] for r in rows]
+
+    def recent_samples(self, device_id: str, limit: int = 200) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        if limit <= 0:
+            return out
+        # Windows newest first, decoded only until `limit` rows are collected.
+        cursor = self.db.conn.execute(
+            "SELECT seq, model, model_version, window_end, rows FROM samples WHERE device = ? ORDER BY seq DESC",
+            (device_id,),
+        )
+        for seq, model, version, window_end, rows in cursor:
+            for x, y in _unpack(rows):
+                out.append(
+                    {"seq": seq, "model": model, "model_version": version, "window_end": window_end, "x": x, "y": y}
+                )
+                if len(out) >= limit:
+                    cursor.close()
+                    return out
+        return out
+
+    def device_bandwidth(self, device_id: str, start: float | None, step_s: float) -> list[dict[str, Any]]:
+        rows = self.db.conn.execute(
+            "SELECT CAST(window_end / ?1 AS INTEGER) AS k, count(*), total(bytes), min(window_start) FROM windows "
+            "WHERE device = ?2 AND window_end >= ?3 GROUP BY k ORDER BY k",
+            (step_s, device_id, start if start is not None else float("-inf")),
+        ).fetchall()
+        return [
+            {"start": k * step_s, "messages": n, "bytes": int(size), "first_window_start": first}
+            for k, n, size, first in rows
+        ]
 
     # ------------------------------------------------------------------ drift buckets
 

@@ -57,11 +57,11 @@ def test_migrations_are_recorded_and_idempotent(tmp_path):
 
 def test_store_batch_dedupes_by_device_and_seq_across_telemetry_and_events(storage):
     event = UpdateEvent(device="a", seq=2, ts=1.0, kind="transition", from_state="idle", to_state="download")
-    batch = IngestBatch(windows=[(window("a", 1), 1.0), (window("a", 1), 1.0)], events=[(event, 1.0)])
+    batch = IngestBatch(windows=[(window("a", 1), 1.0, 100), (window("a", 1), 1.0, 100)], events=[(event, 1.0)])
     r1 = storage.store_batch(batch, 60.0, 200.0)
     assert (r1.stored_windows, r1.stored_events, r1.duplicates) == (1, 1, 1)
     # seq 2 was used by an event: a window with seq 2 is a duplicate too.
-    r2 = storage.store_batch(IngestBatch(windows=[(window("a", 2), 2.0)], events=[(event, 2.0)]), 60.0, 201.0)
+    r2 = storage.store_batch(IngestBatch(windows=[(window("a", 2), 2.0, 100)], events=[(event, 2.0)]), 60.0, 201.0)
     assert (r2.stored_windows, r2.stored_events, r2.duplicates) == (0, 0, 2)
     rows = storage.bucket_rows("m", "1")
     assert len(rows) == 1 and rows[0]["windows"] == 1
@@ -70,7 +70,7 @@ def test_store_batch_dedupes_by_device_and_seq_across_telemetry_and_events(stora
 
 def test_bucket_sums_roll_up_exactly(storage):
     batch = IngestBatch(
-        windows=[(window(d, s, start=100.0 + 5 * s, bins=(s, 1, 0)), 1.0) for d in "abc" for s in (1, 2, 3)]
+        windows=[(window(d, s, start=100.0 + 5 * s, bins=(s, 1, 0)), 1.0, 100) for d in "abc" for s in (1, 2, 3)]
     )
     storage.store_batch(batch, 60.0, 300.0)
     rows = storage.bucket_rows("m", "1")
@@ -84,7 +84,7 @@ def test_bucket_sums_roll_up_exactly(storage):
 
 
 def test_shape_mismatch_is_rejected_not_summed(storage):
-    batch = IngestBatch(windows=[(window("a", 1), 1.0), (window("a", 2, bins=(1, 2)), 1.0)])
+    batch = IngestBatch(windows=[(window("a", 1), 1.0, 100), (window("a", 2, bins=(1, 2)), 1.0, 100)])
     r = storage.store_batch(batch, 60.0, 2.0)
     assert r.stored_windows == 1 and r.rejects[0].reason == "shape_mismatch"
     assert storage.reject_counts()[0]["reason"] == "shape_mismatch"
@@ -92,7 +92,7 @@ def test_shape_mismatch_is_rejected_not_summed(storage):
 
 def test_partial_bucket_rows_compact_to_the_same_sums(storage):
     for s in (1, 2, 3):  # three batches: three partial rows of one bucket
-        storage.store_batch(IngestBatch(windows=[(window("a", s, start=100.0 + s), 1.0)]), 60.0, 1.0)
+        storage.store_batch(IngestBatch(windows=[(window("a", s, start=100.0 + s), 1.0, 100)]), 60.0, 1.0)
     before = sum_rows(storage.bucket_rows("m", "1"))
     assert len(storage.bucket_rows("m", "1")) == 3
     assert storage.compact_buckets(before=1e9, now=2.0) == 2
@@ -101,7 +101,7 @@ def test_partial_bucket_rows_compact_to_the_same_sums(storage):
 
 
 def test_loss_is_seq_gaps_minus_device_drops(storage):
-    ws = [(window("a", s, dropped=1), 1.0) for s in (1, 2, 4, 6)]
+    ws = [(window("a", s, dropped=1), 1.0, 100) for s in (1, 2, 4, 6)]
     storage.store_batch(IngestBatch(windows=ws), 60.0, 1.0)
     loss = loss_summary(storage.seq_stats("a")[0])
     assert loss["missing"] == 2 and loss["dropped_by_device"] == 1 and loss["lost"] == 1
@@ -113,7 +113,7 @@ def test_list_devices_filters(storage):
     storage.revoke_device("c", 5.0)
     assert [d["id"] for d in storage.list_devices(tags={"site": "x"})] == ["a"]
     assert storage.devices_generation() == 4
-    storage.store_batch(IngestBatch(windows=[(window("b", 1), 50.0)]), 60.0, 50.0)
+    storage.store_batch(IngestBatch(windows=[(window("b", 1), 50.0, 100)]), 60.0, 50.0)
     assert [d["id"] for d in storage.list_devices(seen_after=10.0)] == ["b"]
     assert [d["id"] for d in storage.list_devices(seen_before=10.0)] == ["a"]
 
