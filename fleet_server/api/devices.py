@@ -1,10 +1,10 @@
-"""Devices API: provision, list with filters, show, revoke, events."""
+"""Devices API: provision, list with filters, show, revoke, events, sampled rows, bandwidth."""
 
 from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
-from fleet_server import devices
+from fleet_server import device_data, devices
 from fleet_server.api.common import (
     ApiError,
     arg_bool,
@@ -74,3 +74,17 @@ def revoke_device(device_id: str):
 @require(Role.VIEWER)
 def device_events(device_id: str):
     return jsonify(events=devices.device_events(services(), device_id, min(arg_int("limit", 100), 1000)))
+
+
+@bp.get("/devices/<device_id>/samples")
+@require(Role.VIEWER)
+def device_samples(device_id: str):
+    return jsonify(device_data.recent_samples(services(), device_id, arg_int("limit", 50)))
+
+
+@bp.get("/devices/<device_id>/bandwidth")
+@require(Role.VIEWER)
+def device_bandwidth(device_id: str):
+    return jsonify(
+        device_data.bandwidth(services(), device_id, arg_float("start"), arg_float("step_s") or 3600.0)
+    )

@@ -33,6 +33,13 @@ OPERATIONS: list[tuple[str, str, str, str | None, list[tuple[str, str, str, str]
      "operator", [("device_id", P, "string", "device id")], None),
     ("get", "/api/v1/devices/{device_id}/events", "Update history of a device (newest first)", "viewer",
      [("device_id", P, "string", "device id"), ("limit", Q, "integer", "max events")], None),
+    ("get", "/api/v1/devices/{device_id}/samples",
+     "Recent sampled (input, output) rows, newest first, with each model version's column names", "viewer",
+     [("device_id", P, "string", "device id"), ("limit", Q, "integer", "max rows (default 50, max 1000)")], None),
+    ("get", "/api/v1/devices/{device_id}/bandwidth", "Telemetry messages and bytes per hour over time", "viewer", [
+        ("device_id", P, "string", "device id"), ("start", Q, "number", "unix time (default: 24 hours ago)"),
+        ("step_s", Q, "number", "seconds per point (default 3600)"),
+    ], None),
     ("get", "/api/v1/models", "List registered model versions with their manifests' reports", "viewer",
      [("name", Q, "string", "only this model")], None),
     ("post", "/api/v1/models", "Upload a signed bundle (verified against the trusted keys)", "operator", [],
