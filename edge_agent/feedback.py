@@ -209,12 +209,13 @@ def parse_items(items: Iterable[Any]) -> list[tuple[str, Any]]:
             raise RequestError("bad_feedback", f'feedback item {i} needs exactly one of "label" (classification) '
                                'and "value" (regression)', row=i)
         truth = item["label"] if has_label else item["value"]
-        if isinstance(truth, bool) or not isinstance(truth, (str, int, float)) or (
-            has_value and (isinstance(truth, str) or not math.isfinite(truth))
-        ) or (isinstance(truth, float) and not math.isfinite(truth)):
-            want = "a finite number" if has_value else "a class label (string or number)"
-            raise RequestError("bad_feedback", f"feedback item {i}: {'value' if has_value else 'label'} "
-                               f"{truth!r} is not {want}", row=i)
+        number = isinstance(truth, float) and math.isfinite(truth) or (
+            type(truth) is int and -(2**63) <= truth < 2**63  # JSON may carry ints of any size
+        )
+        if not (number or (has_label and isinstance(truth, str))):
+            want = "a class label (string or number)" if has_label else "a finite number"
+            raise RequestError("bad_feedback", f"feedback item {i}: {'label' if has_label else 'value'} "
+                               f"{truth!r:.80} is not {want}", row=i)
         out.append((pid, truth))
     return out
 
