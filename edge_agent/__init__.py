@@ -13,12 +13,14 @@ except PackageNotFoundError:  # running from a source tree
 
 from edge_agent.agent import Agent, Prediction  # noqa: E402
 from edge_agent.config import AgentConfig, ConfigError, config_from_dict, load_config  # noqa: E402
+from edge_agent.feedback import FeedbackResult  # noqa: E402
 from edge_agent.validation import RequestError  # noqa: E402
 
 __all__ = [
     "Agent",
     "AgentConfig",
     "ConfigError",
+    "FeedbackResult",
     "Prediction",
     "RequestError",
     "__version__",

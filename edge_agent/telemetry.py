@@ -277,10 +277,9 @@ class Telemetry:
             fb.duplicate += result.duplicate
             for version, tally in result.tallies.items():
                 mine = fb.tallies.get(version)
-                if mine is None:
-                    fb.tallies[version] = tally
-                else:
-                    mine.merge(tally)
+                if mine is None:  # a copy: the caller keeps its result
+                    mine = fb.tallies[version] = FeedbackTally(tally.model)
+                mine.merge(tally)
 
     def record_feedback_rejected(self) -> None:
         """A feedback request refused as malformed (nothing in it was joined)."""
