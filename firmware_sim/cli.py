@@ -67,3 +67,12 @@ def scenarios() -> None:
     for path in sorted(SCENARIO_DIR.glob("*.toml")):
         s = load_scenario(path)
         click.echo(f"{path.stem:16} {s.description}")
+
+
+def _register_rehearse() -> None:
+    from firmware_sim.rehearse import rehearse_command
+
+    sim.add_command(rehearse_command)
+
+
+_register_rehearse()
