@@ -64,6 +64,8 @@ class ConsoleFleet:
         data = tomllib.loads(text)
         data["data_dir"] = str(self.root / device_id)
         data["update"] = {"probation_predictions": 50, "probation_s": 1.0, "probation_latency_factor": 50.0}
+        if device_id == DRIFTED:
+            data["telemetry"]["sample_exclude"] = ["x1"]  # a private feature: null in sampled rows
         if preinstalled:
             install_active(Path(data["data_dir"]), bundle_bytes("lr", "1.0.0"))
         agent = Agent(config_from_dict(data), hardware=Hardware(arch="aarch64", ram_mb=4096, cpu_count=4,

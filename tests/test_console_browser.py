@@ -59,7 +59,15 @@ def test_overview_shows_devices_versions_and_a_device_history(console_fleet, ali
     for state in ("Download", "Verify", "Activate", "Commit"):
         expect(timeline).to_contain_text(state)
     expect(page.locator("#telemetry")).to_contain_text("Windows per minute")
-    page.wait_for_function("() => window.Chart && Chart.getChart('latency-chart')")
+    expect(page.locator("#bandwidth")).to_contain_text("Bytes per hour")
+    expect(page.locator("#bandwidth dd").first).to_contain_text("/h")
+    # Sampled rows under the manifest's feature names; x1 is excluded on this device, so null.
+    samples = page.locator("#samples table")
+    expect(samples.locator("thead")).to_contain_text("x0")
+    expect(samples.locator("thead")).to_contain_text("label")
+    expect(samples.locator("tbody tr").first).to_be_visible()
+    expect(samples.locator("tbody tr").first.locator("td").nth(2)).to_have_text("null")
+    page.wait_for_function("() => window.Chart && Chart.getChart('latency-chart') && Chart.getChart('bandwidth-chart')")
     shoot(page, "device")
     alice.recorder.check()
 

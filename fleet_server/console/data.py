@@ -10,7 +10,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from edge_agent.protocol import LATENCY_EDGES_MS
-from fleet_server import alerts_service, devices, drift_service, registry
+from fleet_server import alerts_service, device_data, devices, drift_service, registry
 from fleet_server.devices import loss_summary
 from fleet_server.drift import latency_percentile
 from fleet_server.telemetry import EXTRA_SLOTS, BucketSums, sum_rows
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from fleet_server.service import Services
 
 PAGE_SIZES = (25, 50, 100, 200)
+DEVICE_PAGE_SAMPLES = 50  # sampled rows the device page shows
 DEVICE_SORTS = ("id", "last_seen", "version", "status")
 
 
@@ -207,7 +208,8 @@ def _bucket_point(start: float, sums: BucketSums) -> dict[str, Any]:
 
 
 def device_detail(svc: Services, device_id: str, since_s: float = 6 * 3600) -> dict[str, Any]:
-    """Hardware, versions, update history, latency/error series, telemetry rate and drift."""
+    """Hardware, versions, update history, latency/error series, telemetry rate and bandwidth,
+    drift and the newest sampled rows."""
     d = devices.get_device(svc, device_id)
     reported = d.get("reported") or {}
     events = svc.storage.events(device_id, 200)
@@ -239,6 +241,8 @@ def device_detail(svc: Services, device_id: str, since_s: float = 6 * 3600) -> d
         )
     bucket_s = svc.config.bucket_s
     windows = sum(p["windows"] for p in series)
+    # Bandwidth per drift bucket (at most 500 points), from when the device was added.
+    bw_start = max(start, d["created_at"])
     return {
         "device": {**device_row(d), "created_at": d["created_at"], "revoked_at": d["revoked_at"]},
         "hardware": reported.get("hardware") or {},
@@ -256,6 +260,8 @@ def device_detail(svc: Services, device_id: str, since_s: float = 6 * 3600) -> d
             "windows_per_min": (windows / (len(series) * bucket_s) * 60.0) if series else 0.0,
             "predictions": sum(p["predictions"] for p in series),
         },
+        "bandwidth": device_data.bandwidth(svc, device_id, bw_start, max(bucket_s, (svc.clock() - bw_start) / 500)),
+        "samples": device_data.recent_samples(svc, device_id, DEVICE_PAGE_SAMPLES),
         "drift": drift,
         "alerts": [alert_row(a) for a in alerts_service.list_alerts(svc, scope=f"device:{device_id}", limit=50)],
         "server_time": svc.clock(),

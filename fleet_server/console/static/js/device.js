@@ -1,4 +1,5 @@
-// Device detail: versions, hardware, telemetry series, drift, alerts and the update timeline.
+// Device detail: versions, hardware, telemetry series and bandwidth, drift, alerts, the newest
+// sampled rows and the update timeline.
 import { ago, api, chartDefaults, colors, el, fmtBytes, fmtClock, fmtNum, fmtTime, kv, levelPill, pill, poll, replace, upsertChart } from "./lib.js";
 
 chartDefaults();
@@ -28,6 +29,31 @@ function timeline(events) {
       e.event ? el("span", { class: "muted" }, e.event) : null,
       e.rollout_id ? el("a", { href: `/console/rollouts/${encodeURIComponent(e.rollout_id)}`, class: "muted" }, "rollout") : null,
       e.reason ? el("span", { class: "reason" }, e.reason) : null);
+  });
+}
+
+function sampleValue(v) {
+  // null: the feature is excluded from samples on the device (privacy), or the output was missing.
+  if (v === null || v === undefined) return el("td", { class: "null", title: "not sent by the device" }, "null");
+  return el("td", { class: typeof v === "number" ? "num" : "" }, typeof v === "number" ? fmtNum(v, 4) : String(v));
+}
+
+// One table per model version among the rows, headed by that version's feature names.
+function sampleTables(s) {
+  if (!s.samples.length) return [el("p", { class: "muted" }, "No sampled rows yet.")];
+  const many = s.columns.length > 1;
+  return s.columns.map((c) => {
+    const rows = s.samples.filter((r) => r.model === c.model && r.model_version === c.model_version);
+    const width = Math.max(c.features.length, ...rows.map((r) => r.x.length));
+    const names = Array.from({ length: width }, (_, i) => c.features[i] ?? `x${i}`);
+    return el("div", {},
+      many ? el("h3", {}, `${c.model} ${c.model_version}`) : null,
+      el("table", { class: "data compact samples" },
+        el("thead", {}, el("tr", {}, el("th", {}, "Time"), names.map((n) => el("th", { title: n }, n)), el("th", { title: `output ${c.output}` }, `→ ${c.output}`))),
+        el("tbody", {}, rows.map((r) => el("tr", {},
+          el("td", { title: `window ending ${fmtTime(r.window_end)}, seq ${r.seq}` }, fmtClock(r.window_end)),
+          names.map((_, i) => sampleValue(r.x[i])),
+          sampleValue(r.y))))));
   });
 }
 
@@ -87,6 +113,23 @@ async function refresh() {
     ] },
     options: { plugins: { legend: { position: "bottom" } }, scales: { y: { beginAtZero: true, title: { display: true, text: "predictions" } }, y1: { beginAtZero: true, position: "right", grid: { drawOnChartArea: false }, ticks: { precision: 0 }, title: { display: true, text: "windows" } }, x: { ticks: { maxTicksLimit: 8 } } } },
   });
+  const bw = d.bandwidth;
+  kv("bandwidth", [
+    ["Bytes per hour", bw.messages ? el("strong", {}, `${fmtBytes(bw.bytes_per_hour)}/h`) : null],
+    ["Messages per hour", bw.messages ? fmtNum(Math.round(bw.messages_per_hour)) : null],
+    ["Average message", bw.bytes_per_message ? fmtBytes(bw.bytes_per_message) : null],
+    ["Received", bw.messages ? `${fmtBytes(bw.bytes)} in ${fmtNum(bw.messages)} messages` : null],
+  ]);
+  upsertChart(charts, "bandwidth", "bandwidth-chart", {
+    type: "line",
+    data: { labels: bw.points.map((p) => fmtClock(p.start)), datasets: [
+      { label: "bytes per hour", data: bw.points.map((p) => p.bytes_per_hour), borderColor: colors.violet, backgroundColor: "rgba(124,58,237,.12)", fill: true, pointRadius: 0 },
+    ] },
+    options: { plugins: { legend: { display: false } }, scales: { y: { beginAtZero: true, title: { display: true, text: "bytes / hour" }, ticks: { callback: (v) => fmtBytes(v) } }, x: { ticks: { maxTicksLimit: 6 } } } },
+  });
+  const s = d.samples;
+  replace("samples-note", `Newest ${fmtNum(s.samples.length)} of the ${fmtNum(s.kept_per_device)} rows kept per device; null: a feature the device does not send.`);
+  replace("samples", sampleTables(s));
   replace("drift", d.drift.length ? d.drift.map((m) => el("div", {},
     el("h3", {}, `${m.model} ${m.version} `, el("span", { class: "muted" }, `${fmtNum(m.predictions)} predictions`), " ",
       el("a", { href: `/console/drift?mv=${encodeURIComponent(`${m.model}/${m.version}`)}&kind=device&value=${encodeURIComponent(deviceId)}` }, "details")),
