@@ -14,7 +14,8 @@ import shutil
 import stat
 import tempfile
 import zipfile
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -217,9 +218,16 @@ def _check_member_name(info: zipfile.ZipInfo) -> None:
 
 
 def _read_zip_members(
-    source: str | os.PathLike[str] | bytes, limits: BundleLimits
+    source: str | os.PathLike[str] | bytes,
+    limits: BundleLimits,
+    check_small: Callable[[Mapping[str, bytes]], None] | None = None,
 ) -> dict[str, bytes]:
-    """Open the zip defensively and return its members' bytes."""
+    """Open the zip defensively and return its members' bytes.
+
+    manifest.json and manifest.sig are read first and handed to `check_small` (the signature
+    check), so that a bundle nobody trusted signed is refused before its large members are
+    inflated: a zip bomb within the size limits still costs no more than the manifest.
+    """
     if isinstance(source, (bytes, bytearray, memoryview)):
         fileobj: io.BufferedIOBase | str | os.PathLike[str] = io.BytesIO(bytes(source))
         label = "bundle"
@@ -230,7 +238,7 @@ def _read_zip_members(
             raise BundleError(f"{label}: no such bundle file")
     try:
         zf = zipfile.ZipFile(fileobj)
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError) as exc:
         raise UnsafeBundleError(
             f"{label} is not a zip file or is truncated ({exc}); download it again"
         ) from exc
@@ -262,34 +270,53 @@ def _read_zip_members(
                 f"{label} unpacks to {declared_total} bytes, over the {limits.max_total_bytes}-byte limit"
             )
         members: dict[str, bytes] = {}
+        small = [i for i in infos if i.filename in (MANIFEST, SIGNATURE)]
+        for info in small:
+            members[info.filename] = _inflate(zf, info, limits, label)
+        if check_small is not None:
+            check_small(members)
         for info in infos:
-            limit = limits.for_member(info.filename)
-            try:
-                with zf.open(info) as fh:
-                    # Never trust the header's size: read at most limit + 1 bytes (zip bombs).
-                    data = fh.read(limit + 1)
-            except zipfile.BadZipFile as exc:
-                raise TamperedBundleError(
-                    f"bundle member {info.filename!r} is corrupt ({exc}): the file was modified "
-                    "or damaged in transit; download it again"
-                ) from exc
-            except (EOFError, OSError, zipfile.LargeZipFile) as exc:
-                raise UnsafeBundleError(
-                    f"{label} is truncated or damaged reading {info.filename!r} ({exc}); download it again"
-                ) from exc
-            if len(data) > limit:
-                raise UnsafeBundleError(
-                    f"bundle member {info.filename!r} decompresses past its {limit}-byte limit "
-                    "(its header lies about its size): refusing it"
-                )
-            members[info.filename] = data
+            if info not in small:
+                members[info.filename] = _inflate(zf, info, limits, label)
     return members
+
+
+def _inflate(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: BundleLimits, label: str) -> bytes:
+    """One member's bytes, never more than its limit whatever its header claims."""
+    limit = limits.for_member(info.filename)
+    try:
+        with zf.open(info) as fh:
+            # Never trust the header's size: read at most limit + 1 bytes (zip bombs).
+            data = fh.read(limit + 1)
+    except zipfile.BadZipFile as exc:
+        raise TamperedBundleError(
+            f"bundle member {info.filename!r} is corrupt ({exc}): the file was modified "
+            "or damaged in transit; download it again"
+        ) from exc
+    except (zlib.error, ValueError, NotImplementedError) as exc:
+        # A damaged deflate stream, compression method or header offset: not a zip error to
+        # zipfile, but damage all the same.
+        raise TamperedBundleError(
+            f"bundle member {info.filename!r} is corrupt ({type(exc).__name__}: {exc}): the file was "
+            "modified or damaged in transit; download it again"
+        ) from exc
+    except (EOFError, OSError, zipfile.LargeZipFile) as exc:
+        raise UnsafeBundleError(
+            f"{label} is truncated or damaged reading {info.filename!r} ({exc}); download it again"
+        ) from exc
+    if len(data) > limit:
+        raise UnsafeBundleError(
+            f"bundle member {info.filename!r} decompresses past its {limit}-byte limit "
+            "(its header lies about its size): refusing it"
+        )
+    return data
 
 
 def _verify_members(
     members: Mapping[str, bytes],
     trusted_keys: Iterable[Ed25519PublicKey] | None,
     require_signature: bool,
+    revoked_key_ids: Collection[str] = (),
 ) -> Bundle:
     """Signature first, then the manifest, then every member's hash."""
     extra = sorted(set(members) - set(MEMBERS))
@@ -309,7 +336,7 @@ def _verify_members(
                 "bundle is not signed (manifest.sig missing or empty): "
                 "convert it again with --sign-key"
             )
-        signer = verify_signature(list(trusted_keys or []), manifest_bytes, signature)
+        signer = verify_signature(list(trusted_keys or []), manifest_bytes, signature, revoked_key_ids)
     try:
         manifest = decode_manifest(manifest_bytes)
     except ManifestError as exc:
@@ -346,11 +373,25 @@ def read_bundle(
     *,
     require_signature: bool = True,
     limits: BundleLimits = BundleLimits(),  # noqa: B008 - frozen, immutable default
+    revoked_key_ids: Collection[str] = (),
 ) -> Bundle:
-    """Open a bundle safely and verify it: member hashes and (by default) the signature."""
-    return _verify_members(
-        _read_zip_members(path_or_bytes, limits), trusted_keys, require_signature
-    )
+    """Open a bundle safely and verify it: member hashes and (by default) the signature, which
+    must not be by a key in `revoked_key_ids` (checked before the large members are inflated)."""
+    keys = list(trusted_keys or [])
+
+    def check_signature(small: Mapping[str, bytes]) -> None:
+        if not require_signature:
+            return
+        if MANIFEST not in small:
+            raise TamperedBundleError("bundle has no manifest.json: it is not an edgefleet bundle")
+        if not small.get(SIGNATURE):
+            raise SignatureError(
+                "bundle is not signed (manifest.sig missing or empty): convert it again with --sign-key"
+            )
+        verify_signature(keys, small[MANIFEST], small[SIGNATURE], revoked_key_ids)
+
+    members = _read_zip_members(path_or_bytes, limits, check_signature)
+    return _verify_members(members, keys, require_signature, revoked_key_ids)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -369,13 +410,15 @@ def extract_bundle(
     require_signature: bool = True,
     limits: BundleLimits = BundleLimits(),  # noqa: B008
     overwrite: bool = False,
+    revoked_key_ids: Collection[str] = (),
 ) -> Bundle:
     """Verify a bundle, then install its members into `dest_dir` atomically.
 
     Members go to a temp dir beside `dest_dir`, are fsynced, and the dir is renamed into
     place, so a power cut leaves either no `dest_dir` or a complete one.
     """
-    bundle = read_bundle(path, trusted_keys, require_signature=require_signature, limits=limits)
+    bundle = read_bundle(path, trusted_keys, require_signature=require_signature, limits=limits,
+                         revoked_key_ids=revoked_key_ids)
     dest = Path(dest_dir)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.exists() and not overwrite:

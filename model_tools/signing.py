@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -109,8 +109,17 @@ def sign(private_key: Ed25519PrivateKey, data: bytes) -> bytes:
     return private_key.sign(data)
 
 
-def verify_signature(public_keys: Iterable[Ed25519PublicKey], data: bytes, signature: bytes) -> str:
-    """Return the key_id of the trusted key that verifies `signature`; raise SignatureError otherwise."""
+def verify_signature(
+    public_keys: Iterable[Ed25519PublicKey],
+    data: bytes,
+    signature: bytes,
+    revoked_key_ids: Collection[str] = (),
+) -> str:
+    """Return the key_id of the trusted key that verifies `signature`; raise SignatureError otherwise.
+
+    A signature by a key in `revoked_key_ids` is refused by name, even when that key is still
+    among `public_keys` (revocation wins over trust: a leaked key may sit in old configs).
+    """
     keys = list(public_keys or [])
     if not keys:
         raise SignatureError(
@@ -123,7 +132,13 @@ def verify_signature(public_keys: Iterable[Ed25519PublicKey], data: bytes, signa
             key.verify(signature, data)
         except InvalidSignature:
             continue
-        return key_id(key)
+        kid = key_id(key)
+        if kid in revoked_key_ids:
+            raise SignatureError(
+                f"the bundle is signed by key {kid}, which is revoked: do not use it; "
+                "re-sign the model with a key that is not revoked"
+            )
+        return kid
     ids = ", ".join(key_id(k) for k in keys)
     raise SignatureError(
         f"signature does not verify with any trusted key ({ids}): the manifest was changed "
