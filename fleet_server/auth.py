@@ -15,8 +15,10 @@ import hashlib
 import hmac
 import secrets
 import threading
+import time
 from collections import OrderedDict
 from enum import StrEnum
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -84,6 +86,44 @@ def new_token() -> str:
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TokenExpired(Exception):
+    """A known API token whose expiry has passed; the message says when and what to do."""
+
+    def __init__(self, identity: dict[str, Any], expired_at: float) -> None:
+        super().__init__(
+            f"API token {identity['name']!r} expired at "
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(expired_at))}: "
+            "create a new one with 'edgefleet server create-token'"
+        )
+        self.identity = identity
+        self.expired_at = expired_at
+
+
+def issue_token(storage: Any, name: str, role: str, now: float, expires_in_s: float | None = None) -> str:
+    """Create an API token (returned once; only its hash is stored), optionally expiring."""
+    if expires_in_s is not None and not expires_in_s > 0:
+        raise ValueError(f"a token's lifetime must be positive, got {expires_in_s} seconds")
+    token = new_token()
+    token_id = storage.insert_token(name, role, token_hash(token), now)
+    if expires_in_s is not None:
+        # The Storage interface predates expiry; SQLite is its only implementation.
+        storage.db["tokens"].update(token_id, {"expires_at": now + expires_in_s})
+    return token
+
+
+def token_identity(storage: Any, token: str, now: float) -> dict[str, Any] | None:
+    """The identity (id, name, role) of a valid token, None for an unknown or revoked one;
+    raises TokenExpired for a known token past its expiry."""
+    identity = storage.find_token(token_hash(token))
+    if identity is None:
+        return None
+    row = next(iter(storage.db.query("SELECT expires_at FROM tokens WHERE id = ?", [identity["id"]])), None)
+    expires_at = row["expires_at"] if row else None
+    if expires_at is not None and now >= expires_at:
+        raise TokenExpired(identity, expires_at)
+    return {**identity, "expires_at": expires_at}
 
 
 def constant_time_equal(a: str, b: str) -> bool:

@@ -378,6 +378,23 @@ def m0005_samples(db: Database) -> None:
     )
 
 
+@migrations(name="0007_token_expiry_key_revocation")
+def m0007_token_expiry_key_revocation(db: Database) -> None:
+    # API tokens may expire (`create-token --expires-in`; NULL never expires). A revoked signing
+    # key stays listed in `revoked_keys` even when its PEM also comes from `trusted_key_files`, so
+    # no bundle signed by it is registered again.
+    db.executescript(
+        """
+        ALTER TABLE tokens ADD COLUMN expires_at REAL;
+        CREATE TABLE revoked_keys (
+            key_id TEXT PRIMARY KEY,
+            revoked_at REAL NOT NULL,
+            reason TEXT NOT NULL DEFAULT ''
+        );
+        """
+    )
+
+
 def apply(db: Database) -> None:
     """Bring the schema up to date (idempotent; safe to call from every process)."""
     migrations.apply(db)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -54,8 +55,37 @@ def trust_key(svc: Services, pem: bytes | str, comment: str = "") -> str:
     key = parse_public_key(pem)
     canonical = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     kid = key_id(key)
+    revoked = revoked_keys(svc).get(kid)
+    if revoked is not None:
+        raise RegistryError(
+            f"key {kid} was revoked ({revoked['reason'] or 'no reason given'}): a revoked key is never "
+            "trusted again; sign bundles with a new key ('edgefleet model keygen') and trust that one",
+            409,
+        )
     svc.storage.add_trusted_key(kid, canonical.decode(), comment, svc.clock())
     return kid
+
+
+KEY_ID = re.compile(r"^[0-9a-f]{16}$")
+
+
+def revoked_keys(svc: Services) -> dict[str, dict[str, Any]]:
+    """Revoked signing keys by key id (the Storage interface predates revocation; SQLite is its
+    only implementation)."""
+    return {row["key_id"]: row for row in svc.storage.db.query("SELECT * FROM revoked_keys")}
+
+
+def revoke_key(svc: Services, kid: str, reason: str = "") -> bool:
+    """Revoke a bundle-signing key: bundles it signed are refused from now on, also when its PEM
+    comes from `trusted_key_files`. Returns False when it was already revoked. Devices refuse
+    them through their own `[trust] revoked_key_ids`."""
+    kid = kid.strip().lower()
+    if not KEY_ID.match(kid):
+        raise RegistryError(f"{kid[:40]!r} is not a key id: use the 16 hex digits listed by GET /api/v1/keys")
+    if kid in revoked_keys(svc):
+        return False
+    svc.storage.db["revoked_keys"].insert({"key_id": kid, "revoked_at": svc.clock(), "reason": reason})
+    return True
 
 
 def trusted_key_pems(svc: Services) -> list[str]:
@@ -111,7 +141,7 @@ def upload_bundle(svc: Services, data: bytes) -> dict[str, Any]:
             "(or POST /api/v1/keys), then upload again"
         )
     try:
-        bundle = read_bundle(data, keys, require_signature=True)
+        bundle = read_bundle(data, keys, require_signature=True, revoked_key_ids=revoked_keys(svc))
     except BundleError as exc:
         raise RegistryError(f"bundle refused: {exc}", 422) from exc
     name, version = bundle.manifest.name, bundle.manifest.version

@@ -17,7 +17,15 @@ from typing import Any
 from flask import Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from fleet_server.auth import CSRF_HEADER, SESSION_COOKIE, Role, constant_time_equal, token_hash
+from fleet_server.auth import (
+    CSRF_HEADER,
+    SESSION_COOKIE,
+    Role,
+    TokenExpired,
+    constant_time_equal,
+    token_hash,
+    token_identity,
+)
 from fleet_server.service import Services
 
 log = logging.getLogger(__name__)
@@ -36,10 +44,24 @@ def services() -> Services:
 
 
 def bearer_identity() -> dict[str, Any] | None:
+    """The identity of the request's Bearer token, None without a valid one; an expired token
+    is refused here (401, audited) with a message that says so."""
     header = request.headers.get("Authorization", "")
     if not header.startswith("Bearer "):
         return None
-    return services().storage.find_token(token_hash(header[7:].strip()))
+    svc = services()
+    try:
+        return token_identity(svc.storage, header[7:].strip(), svc.clock())
+    except TokenExpired as exc:
+        refused(401, str(exc))
+        audit(request.endpoint or request.path, "denied", exc.identity, reason="token expired")
+        raise ApiError(str(exc), 401) from None
+
+
+def refused(status: int, reason: str) -> None:
+    """Log a refused request (who, what, why) for the operator's log."""
+    log.warning("refused %s %s from %s: %d %s", request.method, request.path[:200], request.remote_addr,
+                status, reason[:300])
 
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -102,14 +124,14 @@ def require(role: Role) -> Callable:
             if identity is None and "Authorization" not in request.headers:
                 identity = session_identity()
             if identity is None:
-                raise ApiError(
-                    "missing or invalid API token: send 'Authorization: Bearer TOKEN' "
-                    "(create one with 'edgefleet server create-token')",
-                    401,
-                )
+                message = ("missing or invalid API token: send 'Authorization: Bearer TOKEN' "
+                           "(create one with 'edgefleet server create-token')")
+                refused(401, message)
+                raise ApiError(message, 401)
             changes = request.method not in SAFE_METHODS
             action = request.endpoint or request.path
             if changes and identity.get("via") == "session" and not csrf_ok(identity):
+                refused(403, f"missing or wrong CSRF token ({identity.get('name')})")
                 audit(action, "denied", identity, reason="missing or wrong CSRF token")
                 raise ApiError(
                     f"missing or wrong CSRF token: send the session's token in the {CSRF_HEADER} header "
@@ -117,6 +139,7 @@ def require(role: Role) -> Callable:
                     403,
                 )
             if not Role(identity["role"]).allows(role):
+                refused(403, f"{identity.get('name')} ({identity['role']}) needs {role.value}")
                 audit(action, "denied", identity, reason=f"needs {role.value}")
                 raise ApiError(f"this needs an {role.value} role; yours is {identity['role']}", 403)
             g.identity = identity
