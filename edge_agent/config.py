@@ -52,6 +52,7 @@ class ServerConfig:
 class TrustConfig:
     public_keys: list[str] = field(default_factory=list)
     public_keys_pem: list[str] = field(default_factory=list)
+    revoked_key_ids: list[str] = field(default_factory=list)  # refused even when listed above
 
 
 @dataclass
@@ -134,6 +135,12 @@ class AgentConfig:
             raise ConfigError("[feedback] max_records must be between 1 and 10,000,000 (23 bytes of RAM each)")
         if not self.feedback.horizon_s > 0:
             raise ConfigError("[feedback] horizon_s must be positive")
+        for kid in self.trust.revoked_key_ids:
+            if len(kid) != 16 or not all(c in "0123456789abcdef" for c in kid):
+                raise ConfigError(
+                    f"[trust] revoked_key_ids: {kid[:40]!r} is not a key id (16 lowercase hex digits, "
+                    "as 'edgefleet model verify' and GET /api/v1/keys print them)"
+                )
 
     @property
     def path(self) -> Path:

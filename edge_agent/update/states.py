@@ -104,6 +104,12 @@ def download_state(m: UpdateMachine) -> Event | None:
     return Event.SUCCESS if _still_wanted(m) else Event.NOTHING_TO_DO
 
 
+def revoked_key_ids(m: UpdateMachine) -> list[str]:
+    """Signing keys the device refuses (`[trust] revoked_key_ids`), even if it still trusts them."""
+    trust = getattr(m.host.config, "trust", None)
+    return list(getattr(trust, "revoked_key_ids", ()))
+
+
 def verify(m: UpdateMachine) -> Event | None:
     d = m.ctx.desired
     assert d is not None
@@ -115,7 +121,7 @@ def verify(m: UpdateMachine) -> Event | None:
         path.unlink(missing_ok=True)  # a corrupt file must not be resumed
         return m.fail(f"verify: sha256 of the download is {actual[:12]}..., desired says {d.sha256[:12]}...")
     try:
-        bundle = read_bundle(path, m.host.trusted_keys())
+        bundle = read_bundle(path, m.host.trusted_keys(), revoked_key_ids=revoked_key_ids(m))
     except BundleError as exc:
         return m.fail(f"verify: {exc}")
     manifest = bundle.manifest
@@ -140,6 +146,7 @@ def install(m: UpdateMachine) -> Event | None:
             m.host.data.version_dir(d.version),
             m.host.trusted_keys(),
             overwrite=True,
+            revoked_key_ids=revoked_key_ids(m),
         )
     except (BundleError, OSError) as exc:
         return m.fail(f"install: {exc}")
