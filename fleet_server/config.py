@@ -37,6 +37,15 @@ class ServerConfig:
     broker_host: str = "127.0.0.1"
     device_mqtt_url: str = ""  # URL written into agent configs; default the broker's URL
     mqtt_ca_file: str = ""
+    # TLS (docs/security.md): the managed broker adds an MQTT-over-TLS listener and the HTTP API
+    # serves HTTPS, with the certificates `edgefleet server tls-init` writes to DATA_DIR/tls/.
+    tls: bool = False
+    https: bool | None = None  # HTTPS on `listen`; default: follows `tls`
+    broker_tls_listen: str = "127.0.0.1:8883"  # the managed broker's TLS listener (0.0.0.0:8883 for a LAN)
+    tls_cert_file: str = ""  # default DATA_DIR/tls/server.pem
+    tls_key_file: str = ""  # default DATA_DIR/tls/server.key
+    tls_ca_file: str = ""  # the CA devices trust; default DATA_DIR/tls/ca.pem
+    device_ca_file: str = "edgefleet-ca.pem"  # ca_file written into agent configs (relative: beside the config)
     worker_id: str = "0"  # distinct per ingest process: it names the persistent MQTT session
     session_expiry_s: int = 7 * 24 * 3600
     bucket_s: float = 300.0  # drift time bucket
@@ -71,6 +80,8 @@ class ServerConfig:
             raise ConfigError("samples_per_device must be 0 (keep no sampled rows) or more")
         if ":" not in self.listen:
             raise ConfigError(f"listen {self.listen!r} must be HOST:PORT, e.g. 127.0.0.1:8080")
+        if ":" not in self.broker_tls_listen or not self.broker_tls_listen.rpartition(":")[2].isdigit():
+            raise ConfigError(f"broker_tls_listen {self.broker_tls_listen!r} must be HOST:PORT, e.g. 0.0.0.0:8883")
 
     # ------------------------------------------------------------------ derived values
 
@@ -84,7 +95,30 @@ class ServerConfig:
 
     @property
     def device_broker_url(self) -> str:
-        return self.device_mqtt_url or self.broker_url
+        if self.device_mqtt_url:
+            return self.device_mqtt_url
+        if self.tls and self.managed_broker:
+            host, port = self.broker_tls_host_port
+            if host in ("", "0.0.0.0", "::"):  # a wildcard: devices use the name they download from
+                host = urlsplit(self.server_url).hostname or "localhost"
+            return f"mqtts://{_url_host(host)}:{port}"
+        return self.broker_url
+
+    @property
+    def broker_tls_host_port(self) -> tuple[str, int]:
+        host, _, port = self.broker_tls_listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @property
+    def serves_https(self) -> bool:
+        return self.tls if self.https is None else self.https
+
+    @property
+    def tls_files(self) -> tuple[Path, Path, Path]:
+        """(server certificate, its key, the CA devices trust)."""
+        d = self.data_dir / "tls"
+        return (Path(self.tls_cert_file or d / "server.pem"), Path(self.tls_key_file or d / "server.key"),
+                Path(self.tls_ca_file or d / "ca.pem"))
 
     @property
     def listen_host_port(self) -> tuple[str, int]:
@@ -93,7 +127,8 @@ class ServerConfig:
 
     @property
     def server_url(self) -> str:
-        return (self.public_url or f"http://{self.listen}").rstrip("/")
+        scheme = "https" if self.serves_https else "http"
+        return (self.public_url or f"{scheme}://{self.listen}").rstrip("/")
 
     @property
     def db_path(self) -> Path:
@@ -125,6 +160,10 @@ class ServerConfig:
     def ensure_dirs(self) -> None:
         for d in (self.data_dir, self.bundles_dir, self.secrets_dir):
             d.mkdir(parents=True, exist_ok=True)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def load_config(data_dir: str | Path, **overrides: Any) -> ServerConfig:

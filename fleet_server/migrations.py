@@ -395,6 +395,39 @@ def m0007_token_expiry_key_revocation(db: Database) -> None:
     )
 
 
+@migrations(name="0008_feedback")
+def m0008_feedback(db: Database) -> None:
+    # Ground-truth feedback counts per (model version, device, time bucket), one partial row per
+    # ingest batch like `buckets` before compaction; readers sum them. `stored_at` lets rollout
+    # gates take exactly the feedback received since a stage started. Performance alerts share
+    # the alerts table: `kind` tells them from drift alerts.
+    db.executescript(
+        """
+        CREATE TABLE feedback (
+            id INTEGER PRIMARY KEY,
+            model TEXT NOT NULL,
+            model_version TEXT NOT NULL,          -- the version that made the joined predictions
+            device TEXT NOT NULL,
+            bucket_start REAL NOT NULL,
+            stored_at REAL NOT NULL,
+            joined INTEGER NOT NULL,
+            unknown_label INTEGER NOT NULL,
+            late INTEGER NOT NULL,
+            unknown INTEGER NOT NULL,
+            duplicate INTEGER NOT NULL,
+            rejected INTEGER NOT NULL,
+            confusion TEXT,                       -- JSON [true][predicted]
+            abs_error_sum REAL NOT NULL,
+            sq_error_sum REAL NOT NULL,
+            error_bins TEXT,                      -- JSON
+            calibration TEXT                      -- JSON [counts, hits, prob_sums]
+        );
+        CREATE INDEX feedback_key ON feedback(model, model_version, bucket_start, device);
+        CREATE INDEX feedback_stored ON feedback(model, stored_at);
+        ALTER TABLE alerts ADD COLUMN kind TEXT NOT NULL DEFAULT 'drift';
+        """
+    )
+
 def apply(db: Database) -> None:
     """Bring the schema up to date (idempotent; safe to call from every process)."""
     migrations.apply(db)
