@@ -57,6 +57,30 @@ def password_file_text(server_hash: str, accounts: list[tuple[str, str]]) -> str
     return "\n".join(lines) + "\n"
 
 
+def tls_listener_conf(config: ServerConfig) -> str:
+    """The MQTT-over-TLS listener for devices (TLS 1.2+, server certificate from tls-init).
+
+    The plain listener stays on loopback for the server's own clients: a device's password never
+    crosses the network unencrypted.
+    """
+    if not config.tls:
+        return ""
+    cert, key, ca = config.tls_files
+    missing = [str(p) for p in (cert, key, ca) if not p.is_file()]
+    if missing:
+        raise BrokerError(f"tls is on but {', '.join(missing)} is missing: run 'edgefleet server tls-init "
+                          f"--data-dir {config.data_dir}' (or fix tls_cert_file / tls_key_file / tls_ca_file)")
+    host, port = config.broker_tls_host_port
+    return (
+        f"\nlistener {port}{' ' + host if host else ''}\n"
+        "protocol mqtt\n"
+        f"cafile {ca}\n"
+        f"certfile {cert}\n"
+        f"keyfile {key}\n"
+        "tls_version tlsv1.2\n"
+    )
+
+
 def mosquitto_conf(config: ServerConfig) -> str:
     d = config.broker_dir
     return (
@@ -89,6 +113,7 @@ def mosquitto_conf(config: ServerConfig) -> str:
         "log_type warning\n"
         "log_type notice\n"
         "connection_messages false\n"
+        + tls_listener_conf(config)
     )
 
 
@@ -207,24 +232,32 @@ class ManagedBroker:
         self._wait_listening()
 
     def _wait_listening(self, timeout: float = 10.0) -> None:
+        addresses = [(self.config.broker_host, self.config.broker_port)]
+        if self.config.tls:
+            host, port = self.config.broker_tls_host_port
+            addresses.append((host if host not in ("", "0.0.0.0", "::") else "127.0.0.1", port))
+        deadline = time.monotonic() + timeout
+        for host, port in addresses:
+            self._wait_port(host, port, deadline, timeout)
+
+    def _wait_port(self, host: str, port: int, deadline: float, timeout: float) -> None:
         import socket
 
-        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 err = (self.dir / "mosquitto.stderr").read_text(errors="replace")
                 raise BrokerError(
                     f"mosquitto exited with code {self.proc.returncode}: {err.strip()[:500]} "
-                    f"(is port {self.config.broker_port} free? see {self.dir / 'mosquitto.log'})"
+                    f"(is port {port} free? see {self.dir / 'mosquitto.log'})"
                 )
             try:
-                with socket.create_connection((self.config.broker_host, self.config.broker_port), timeout=0.2):
+                with socket.create_connection((host, port), timeout=0.2):
                     return
             except OSError:
                 time.sleep(0.02)
         raise BrokerError(
-            f"the managed broker does not listen on {self.config.broker_host}:{self.config.broker_port} "
-            f"after {timeout}s; see {self.dir / 'mosquitto.log'}"
+            f"the managed broker does not listen on {host}:{port} after {timeout}s; "
+            f"see {self.dir / 'mosquitto.log'}"
         )
 
     def _kill(self, pid: int, timeout: float = 10.0) -> None:

@@ -61,6 +61,11 @@ def agent_config_toml(
 ) -> str:
     """The agent config file for one device (the only place it is generated)."""
     keys = "".join(f"  {_toml_str(pem.strip())},\n" for pem in trusted_pems)
+    ca_file, ca_note = config.mqtt_ca_file, ""
+    if config.tls or config.serves_https:
+        # Relative paths resolve beside the config file: ship the server's CA with it.
+        ca_file = config.device_ca_file
+        ca_note = f"# TLS: install the server's CA ({config.tls_files[2]}) as {ca_file} (relative: beside this file).\n"
     return (
         f"# edgefleet agent configuration for device {device_id}\n"
         "# Keep this file private: it holds the device's MQTT and download password.\n"
@@ -71,7 +76,7 @@ def agent_config_toml(
         f"url = {_toml_str(config.device_broker_url)}\n"
         f"username = {_toml_str(device_id)}\n"
         f"password = {_toml_str(password)}\n"
-        f"ca_file = {_toml_str(config.mqtt_ca_file)}\n"
+        f"{ca_note}ca_file = {_toml_str(ca_file)}\n"
         "\n[server]\n"
         f"url = {_toml_str(config.server_url)}\n"
         "\n[trust]\n"

@@ -111,6 +111,7 @@ class FleetServer:
         self.notifier = None
         self.loops: list[Loop] = []
         self.wsgi = None
+        self.https = None  # fleet_server.tls.HttpsServer when the API is served over TLS
         self._wsgi_thread: threading.Thread | None = None
         self.app = None
         self._stopped = threading.Event()
@@ -120,7 +121,10 @@ class FleetServer:
         host, port = self.config.listen_host_port
         if self.wsgi is not None:
             port = self.wsgi.effective_port
-        return f"http://{host}:{port}"
+        if self.https is not None:
+            port = self.https.port
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.config.serves_https else 'http'}://{host}:{port}"
 
     def start(self) -> FleetServer:
         from fleet_server.alerts_service import Notifier, evaluate_closed
@@ -167,6 +171,12 @@ class FleetServer:
 
         self.app = create_app(self.config, services=self.svc)
         host, port = self.config.listen_host_port
+        if self.config.serves_https:
+            from fleet_server.tls import HttpsServer
+
+            cert, key, _ = self.config.tls_files
+            self.https = HttpsServer(self.app, host, port, cert, key, threads=self.config.threads).start()
+            return
         # poll(), not select(): a process with more than 1024 open files (a simulated fleet, a busy
         # server) would hand select() descriptors it cannot watch.
         self.wsgi = create_server(self.app, host=host, port=port, threads=self.config.threads, ident="edgefleet",
@@ -179,6 +189,8 @@ class FleetServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self.https is not None:
+            self.https.stop()
         if self.wsgi is not None:
             # waitress has no public shutdown: finish the worker threads' current requests,
             # then close the sockets, which ends run()'s loop (as webtest's StopableWSGIServer).
