@@ -213,20 +213,51 @@ def trust_key(data_dir: Path, pubkey: Path, comment: str) -> None:
     click.echo(f"trusted key {trust(_services(data_dir), pubkey.read_bytes(), comment or pubkey.name)}")
 
 
+def parse_duration(text: str) -> float:
+    """Seconds in `90`, `90s`, `15m`, `12h`, `30d` or `2w`."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    text = text.strip().lower()
+    factor = units.get(text[-1:], 0)
+    number = text[:-1] if factor else text
+    try:
+        value = float(number) * (factor or 1)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a duration: use e.g. 3600, 90m, 12h, 30d") from None
+    if not value > 0:
+        raise click.BadParameter(f"{text!r} must be a positive duration")
+    return value
+
+
 @server.command("create-token")
 @data_dir_option
 @click.option("--role", type=click.Choice(["viewer", "operator"]), default="viewer", show_default=True,
               help="viewer reads; operator also changes devices, models, alerts and webhooks.")
 @click.option("--name", default="cli", show_default=True, help="Who or what the token is for.")
+@click.option("--expires-in", metavar="DURATION",
+              help="Refuse the token after this long (seconds, or 90m, 12h, 30d, 2w); default: never.")
 @user_errors
-def create_token(data_dir: Path, role: str, name: str) -> None:
+def create_token(data_dir: Path, role: str, name: str, expires_in: str | None) -> None:
     """Create an API token (printed once; only its hash is stored)."""
-    from fleet_server.auth import new_token, token_hash
+    from fleet_server.auth import issue_token
 
+    lifetime = parse_duration(expires_in) if expires_in else None
     svc = _services(data_dir)
-    token = new_token()
-    svc.storage.insert_token(name, role, token_hash(token), svc.clock())
-    click.echo(token)
+    click.echo(issue_token(svc.storage, name, role, svc.clock(), lifetime))
+
+
+@server.command("revoke-key")
+@data_dir_option
+@click.argument("key_id")
+@click.option("--reason", default="", help="Why (stored with the revocation, shown in refusals).")
+@user_errors
+def revoke_key(data_dir: Path, key_id: str, reason: str) -> None:
+    """Revoke a bundle-signing key: uploads of bundles it signed are refused from now on."""
+    from fleet_server.registry import revoke_key as revoke
+
+    if revoke(_services(data_dir), key_id, reason):
+        click.echo(f"key {key_id} revoked; add it to [trust] revoked_key_ids of every device config too")
+    else:
+        click.echo(f"key {key_id} was already revoked")
 
 
 @server.command("create-operator")
@@ -264,23 +295,19 @@ def broker_config(data_dir: Path) -> None:
 @server.command("tls-init")
 @data_dir_option
 @click.option("--hostname", "hostnames", multiple=True, metavar="NAME",
-              help="A host name or IP address devices use to reach the server; repeatable "
-                   "(localhost, 127.0.0.1 and ::1 are always included).")
+              help="A DNS name or IP address devices use to reach the server; repeatable.")
 @click.option("--days", type=int, default=397, show_default=True, help="Validity of the server certificate.")
 @click.option("--ca-days", type=int, default=3650, show_default=True, help="Validity of a newly created CA.")
-@click.option("--new-ca", is_flag=True,
-              help="Replace an existing CA (every device then needs the new ca.pem).")
+@click.option("--new-ca", is_flag=True, help="Replace an existing CA; every device then needs the new ca.pem.")
 @user_errors
 def tls_init(data_dir: Path, hostnames: tuple[str, ...], days: int, ca_days: int, new_ca: bool) -> None:
-    """Create the CA and (re)issue the broker/HTTPS server certificate in DATA_DIR/tls/."""
+    """Create the CA and (re)issue the server certificate for the broker's TLS listener and HTTPS."""
     from fleet_server.tls import init_tls
 
     r = init_tls(data_dir, hostnames, days=days, ca_days=ca_days, new_ca=new_ca)
     click.echo(f"{'created' if r.ca_created else 'kept'} CA {r.paths.ca_cert} (sha256 {r.ca_fingerprint})")
-    click.echo(f"server certificate {r.paths.server_cert} for {', '.join(r.names)}, "
-               f"valid until {r.not_after:%Y-%m-%d}")
-    click.echo(f"devices trust {r.paths.ca_cert}; enable with 'tls = true' in {data_dir / 'server.toml'}",
-               err=True)
+    click.echo(f"server certificate {r.paths.server_cert} for {', '.join(r.names)}, valid until "
+               f"{r.not_after:%Y-%m-%d}")
 
 
 # ------------------------------------------------------------------ rollouts
