@@ -119,7 +119,7 @@ def _apply(svc: Services, model: str, version: str, target: str, t: AlertTransit
     else:
         open_rows = [
             a
-            for a in svc.storage.open_alerts(model, version, t.scope)
+            for a in svc.storage.open_alerts(model, version, t.scope, kind="drift")
             if a["target_index"] == t.feature_index and a["severity"] == t.level.value
         ]
         alert_id = open_rows[0]["id"] if open_rows else 0
@@ -131,7 +131,15 @@ def _apply(svc: Services, model: str, version: str, target: str, t: AlertTransit
 
 
 def evaluate_closed(svc: Services) -> list[Notification]:
-    """One pass of the background loop over every model version with drift buckets."""
+    """One pass of the background loop over every model version with drift buckets, then the
+    performance alerts of every version with feedback (fleet_server.performance_service)."""
+    from fleet_server import performance_service
+
+    return evaluate_drift_closed(svc) + performance_service.evaluate_closed(svc)
+
+
+def evaluate_drift_closed(svc: Services) -> list[Notification]:
+    """Drift alerts: every model version with drift buckets, every scope."""
     closed_end = svc.clock() - svc.config.bucket_grace_s - svc.config.bucket_s
     notes: list[Notification] = []
     for v in svc.storage.bucketed_versions():

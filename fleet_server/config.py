@@ -64,6 +64,10 @@ class ServerConfig:
     alert_psi: float = 0.25
     min_predictions: int = 500
     consecutive: int = 3
+    # Performance alert policy (docs/performance.md): a drop below the bundle's validation score.
+    perf_warn_drop: float = 0.02
+    perf_alert_drop: float = 0.05
+    perf_min_labels: int = 200
     webhook_timeout_s: float = 5.0
     webhook_retries: int = 3
     threads: int = 8  # waitress worker threads

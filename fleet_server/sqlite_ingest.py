@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from fleet_server.performance import FeedbackMismatch, FeedbackSums
 from fleet_server.storage import BatchResult, IngestBatch, Reject
 from fleet_server.telemetry import BucketSums, bucket_start, sum_windows
 
@@ -36,6 +37,11 @@ _SAMPLED_SO_FAR = (
     "SELECT device, max(upto) FROM samples WHERE device IN (SELECT value FROM json_each(?)) GROUP BY device"
 )
 _TRIM_SAMPLES = "DELETE FROM samples WHERE device = ? AND upto <= ?"
+INSERT_FEEDBACK = (
+    "INSERT INTO feedback(model, model_version, device, bucket_start, stored_at, joined, unknown_label, late, "
+    "unknown, duplicate, rejected, confusion, abs_error_sum, sq_error_sum, error_bins, calibration) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
 _INSERT_EVENT = (
     "INSERT INTO events(device, seq, ts, kind, from_state, to_state, event, version, rollout_id, outcome, "
     "reason, stored_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
@@ -100,6 +106,40 @@ def store_samples(conn: sqlite3.Connection, windows: list, keep: int) -> None:
         newer[w.device] += len(w.sample)
     conn.executemany(_INSERT_SAMPLES, params)
     conn.executemany(_TRIM_SAMPLES, [(d, n - keep) for d, n in upto.items() if n > keep])
+
+
+def store_feedback(conn: sqlite3.Connection, windows: list, bucket_s: float, now: float) -> list[Reject]:
+    """Sum the feedback blocks of freshly stored windows per (model, version, bucket, device) into
+    one row each; windows without feedback cost one attribute test. Returns malformed blocks."""
+    groups: dict[tuple[str, str, float, str], FeedbackSums] = {}
+    rejects: list[Reject] = []
+    for w in windows:
+        if w.feedback is None and not w.feedback_other:
+            continue
+        start = bucket_start(w, bucket_s)
+        blocks = ([w.feedback] if w.feedback is not None else []) + list(w.feedback_other)
+        for fb in blocks:
+            key = (w.model or "", fb.version or w.model_version or "", start, w.device)
+            try:
+                groups.setdefault(key, FeedbackSums()).add_block(fb)
+            except FeedbackMismatch as exc:
+                rejects.append(Reject("feedback_mismatch", w.device, str(exc)))
+    if groups:
+        conn.executemany(INSERT_FEEDBACK, [feedback_params(*key, s, now) for key, s in groups.items()])
+    return rejects
+
+
+def feedback_params(model: str, version: str, start: float, device: str, s: FeedbackSums, now: float) -> tuple:
+    """Parameters of INSERT_FEEDBACK for one summed row."""
+    calibration = (
+        _dumps([s.calibration_counts, s.calibration_hits, s.calibration_prob_sum])
+        if s.calibration_counts is not None else None
+    )
+    return (
+        model, version, device, start, now, s.joined, s.unknown_label, s.late, s.unknown, s.duplicate,
+        s.rejected, _dumps(s.confusion) if s.confusion is not None else None, s.abs_error_sum, s.sq_error_sum,
+        _dumps(s.error_bins) if s.error_bins is not None else None, calibration,
+    )
 
 
 def store_batch(
@@ -167,6 +207,7 @@ def store_batch(
         ],
     )
     store_samples(conn, stored, samples_per_device)
+    result.rejects += store_feedback(conn, stored, bucket_s, now)
     result.stored_windows = len(stored)
     result.lags = [now - w.sent_at for w in stored if w.sent_at > 0]
     conn.executemany(

@@ -376,6 +376,49 @@ class SqliteStorage:
             params.append(since)
         return self._rows(sql + " GROUP BY model, model_version ORDER BY model, model_version", params)
 
+    # ------------------------------------------------------------------ ground-truth feedback
+
+    def _feedback_dicts(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for r in rows:
+            r["confusion"] = loads(r["confusion"])
+            r["error_bins"] = loads(r["error_bins"])
+            cal = loads(r.pop("calibration"))
+            r["calibration_counts"], r["calibration_hits"], r["calibration_prob_sum"] = cal or (None, None, None)
+        return rows
+
+    def feedback_rows(
+        self,
+        model: str,
+        version: str | None = None,
+        start: float | None = None,
+        end: float | None = None,
+        devices: Sequence[str] | None = None,
+    ) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM feedback WHERE model = ?"
+        params: list[Any] = [model]
+        for cond, value in (("model_version = ?", version), ("bucket_start >= ?", start), ("bucket_start < ?", end)):
+            if value is not None:
+                sql += f" AND {cond}"
+                params.append(value)
+        if devices is not None:
+            if not devices:
+                return []
+            sql += f" AND device IN ({','.join('?' * len(devices))})"
+            params += list(devices)
+        return self._feedback_dicts(self._rows(sql + " ORDER BY bucket_start, device, id", params))
+
+    def feedback_since(self, model: str, since: float) -> list[dict[str, Any]]:
+        return self._feedback_dicts(
+            self._rows("SELECT * FROM feedback WHERE model = ? AND stored_at >= ?", [model, since])
+        )
+
+    def feedback_versions(self) -> list[dict[str, Any]]:
+        return self._rows(
+            "SELECT model, model_version, min(bucket_start) AS first_bucket, max(bucket_start) AS last_bucket, "
+            "count(DISTINCT device) AS devices, sum(joined) AS labels FROM feedback "
+            "GROUP BY model, model_version ORDER BY model, model_version"
+        )
+
     # ------------------------------------------------------------------ models and keys
 
     def insert_model(self, row: dict[str, Any]) -> None:
@@ -449,11 +492,13 @@ class SqliteStorage:
         row["details"] = loads(row["details"])
         return row
 
-    def open_alerts(self, model: str, version: str, scope: str) -> list[dict[str, Any]]:
-        rows = self._rows(
-            "SELECT * FROM alerts WHERE state = 'open' AND model = ? AND model_version = ? AND scope = ?",
-            [model, version, scope],
-        )
+    def open_alerts(self, model: str, version: str, scope: str, kind: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM alerts WHERE state = 'open' AND model = ? AND model_version = ? AND scope = ?"
+        params = [model, version, scope]
+        if kind is not None:
+            sql += " AND kind = ?"
+            params.append(kind)
+        rows = self._rows(sql, params)
         return [self._alert_dict(r) for r in rows]
 
     def insert_alert(self, row: dict[str, Any]) -> int:
@@ -482,10 +527,11 @@ class SqliteStorage:
         state: str | None = None,
         model: str | None = None,
         scope: str | None = None,
+        kind: str | None = None,
         limit: int = 500,
     ) -> list[dict[str, Any]]:
         where, params = [], []
-        for col, value in (("state", state), ("model", model), ("scope", scope)):
+        for col, value in (("state", state), ("model", model), ("scope", scope), ("kind", kind)):
             if value is not None:
                 where.append(f"{col} = ?")
                 params.append(value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from fleet_server.api import admin, alerts, devices, drift, models, openapi, rollouts
+from fleet_server.api import admin, alerts, devices, drift, models, openapi, performance, rollouts
 
 BLUEPRINTS: list[Blueprint] = [
     devices.bp,
@@ -13,6 +13,7 @@ BLUEPRINTS: list[Blueprint] = [
     alerts.bp,
     admin.bp,
     rollouts.bp,
+    performance.bp,
     openapi.bp,
 ]
 

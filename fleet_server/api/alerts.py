@@ -26,9 +26,17 @@ def list_alerts():
             state=state,
             model=request.args.get("model") or None,
             scope=request.args.get("scope") or None,
+            kind=_kind(),
             limit=min(arg_int("limit", 500), 5000),
         )
     )
+
+
+def _kind() -> str | None:
+    kind = request.args.get("kind") or None
+    if kind not in (None, "drift", "performance"):
+        raise ApiError("kind must be 'drift' or 'performance'")
+    return kind
 
 
 @bp.post("/alerts/<int:alert_id>/ack")
