@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import random
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -118,6 +119,7 @@ class DeviceCounters:
     labelled: int = 0
     windows: int = 0
     crashes: int = 0
+    labels_sent: int = 0  # ground truth given back to the agent (Agent.feedback)
 
 
 class SimDevice:
@@ -138,6 +140,8 @@ class SimDevice:
         batch: int = 1,
         downloads: FaultyDownloads | None = None,
         seed: int = 0,
+        label_share: float = 0.0,
+        label_delay_s: float = 0.0,
     ) -> None:
         self.config = config
         self.device_id = config.device_id
@@ -161,6 +165,12 @@ class SimDevice:
         self._last_step: float | None = None
         self._cpu_s = 0.0
         self._min_free_disk = config.update.min_free_disk_bytes
+        # Ground truth: a share of the predictions get their true label back after a delay, as
+        # an app that learns the outcome later would send it (POST /v1/feedback).
+        self.label_share = label_share
+        self.label_delay_s = label_delay_s
+        self._label_rng = random.Random(f"{seed}:labels:{self.device_id}")
+        self._labels_due: deque[tuple[float, str, Any]] = deque()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -243,6 +253,8 @@ class SimDevice:
         if n:
             self._due_rows -= n
             self._serve(n, t / 60.0)
+        if self._labels_due:
+            self._deliver_labels(now)
         self.agent.tick(now)
 
     def _apply_disk(self, t: float) -> None:
@@ -260,15 +272,37 @@ class SimDevice:
             chunk = rows[i : i + batch]
             c.requests += 1
             try:
-                labels = predict(chunk).output.labels
+                answer = predict(chunk)
             except RequestError:
                 c.refused += len(chunk)
                 continue
+            labels = answer.output.labels
             c.predictions += len(chunk)
+            if self.label_share > 0:
+                self._queue_labels(answer.ids, truth[i : i + batch])
             if labels is not None:
                 c.labelled += len(chunk)
                 c.correct += sum(1 for a, b in zip(labels, truth[i : i + batch], strict=False) if str(a) == str(b))
         self._cpu_s += 0.00005 * n * self.plan.cpu_factor
+
+    def _queue_labels(self, ids: list[str], truth: list[Any]) -> None:
+        due = self.clock() + self.label_delay_s
+        draw = self._label_rng.random
+        for pid, value in zip(ids, truth, strict=False):
+            if draw() < self.label_share:
+                self._labels_due.append((due, pid, value))
+
+    def _deliver_labels(self, now: float) -> None:
+        """Send the labels that are due (in one feedback call, as an app batching them would)."""
+        assert self.agent is not None
+        key = "value" if self.stream.dataset.task == "regression" else "label"
+        items = []
+        while self._labels_due and self._labels_due[0][0] <= now:
+            _, pid, value = self._labels_due.popleft()
+            items.append({"id": pid, key: value})
+        if items:
+            self.agent.feedback(items)
+            self.counters.labels_sent += len(items)
 
     def _resources(self) -> Resources:
         disk_free = 0 if self.plan.disk_full_at(self.elapsed(self.clock())) else self.profile.disk_mb * MiB // 2

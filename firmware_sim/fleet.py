@@ -183,6 +183,8 @@ class SimFleet:
                 batch=self.scenario.batch,
                 downloads=self.downloads if plan.download_fault_at(float("inf")) else None,
                 seed=self.scenario.seed,
+                label_share=self.scenario.label_share,
+                label_delay_s=self.scenario.label_delay_s,
             )
         for device in self.devices.values():
             device.boot()

@@ -71,6 +71,8 @@ class Scenario:
     duration_min: float = 10.0  # simulated minutes
     speed: float = 60.0  # simulated seconds per real second
     seed: int = 0
+    label_share: float = 0.0  # share of predictions whose true label the device gets back
+    label_delay_s: float = 0.0  # simulated seconds between a prediction and its label
     drifts: tuple[Drift, ...] = field(default_factory=tuple)
     faults: tuple[Fault, ...] = field(default_factory=tuple)
 
@@ -104,6 +106,10 @@ def parse_scenario(data: dict[str, Any], name: str = "scenario") -> Scenario:
             raise ScenarioError(f"{name}: fault kind {f.kind!r} is not one of {FAULT_KINDS}")
         if not 0.0 <= f.share <= 1.0:
             raise ScenarioError(f"{name}: fault share {f.share} must be within [0, 1]")
+    if not 0.0 <= scenario.label_share <= 1.0:
+        raise ScenarioError(f"{name}: label_share {scenario.label_share} must be within [0, 1]")
+    if scenario.label_delay_s < 0:
+        raise ScenarioError(f"{name}: label_delay_s {scenario.label_delay_s} must not be negative")
     if scenario.rate_per_s <= 0 or scenario.window_s <= 0 or scenario.speed <= 0:
         raise ScenarioError(f"{name}: rate_per_s, window_s and speed must be positive")
     return scenario
