@@ -34,6 +34,10 @@ class CohortStats:
     shadow_latency: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_EDGES_MS) + 1))
     shadow_prediction_counts: list[int] = field(default_factory=list)
     max_feature_psi: float | None = None  # worst input drift against the reference profile
+    # ground-truth feedback received during the stage, for predictions of the cohort's version
+    labels: int = 0
+    correct: int = 0
+    stage_age_s: float = 0.0  # seconds since the stage started (how long labels were waited for)
 
 
 @dataclass
@@ -129,10 +133,31 @@ def evaluate_gates(spec: RolloutSpec, mode: str, canary: CohortStats,
     add("input_drift_psi", canary.max_feature_psi, canary.predictions,
         "measured from the first live stage" if shadow
         else "worst feature PSI of the canary cohort against the reference", shadow)
+    _accuracy_delta(add, spec, shadow, canary, control)
     population = canary.devices
     add("timeout_share", canary.timed_out / population if population else None, population,
         f"{canary.timed_out} of {population} devices timed out")
     return results
+
+
+def _accuracy_delta(add: Any, spec: RolloutSpec, shadow: bool, canary: CohortStats, control: CohortStats) -> None:
+    """Canary accuracy minus control accuracy on labels received during the stage."""
+    sample = min(canary.labels, control.labels)
+    if shadow or control.devices == 0:
+        why = ("the candidate's answers are not served in shadow, so no truth joins them" if shadow
+               else "no control cohort left (every target device is in the canary)")
+        add("accuracy_delta", None, sample, why, True)
+        return
+    c_acc = canary.correct / canary.labels if canary.labels else None
+    k_acc = control.correct / control.labels if control.labels else None
+    settings = spec.gate("accuracy_delta")
+    if sample < int(settings.get("min_sample", 1)) and canary.stage_age_s >= float(settings.get("wait_s", 0.0)):
+        add("accuracy_delta", None, sample,
+            f"too few labels within wait_s ({canary.labels} canary, {control.labels} control): not judged", True)
+        return
+    delta = c_acc - k_acc if c_acc is not None and k_acc is not None else None
+    add("accuracy_delta", delta, sample,
+        f"canary accuracy {c_acc} on {canary.labels} labels vs control {k_acc} on {control.labels}")
 
 
 def verdict(results: list[GateResult]) -> str:

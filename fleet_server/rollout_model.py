@@ -102,6 +102,10 @@ GATE_DEFAULTS: dict[str, dict[str, Any]] = {
     "shadow_agreement": {"min": 0.95, "min_sample": 200, "unit": "comparisons"},
     "input_drift_psi": {"max": 0.25, "min_sample": 500, "unit": "predictions"},
     "timeout_share": {"max": 0.25, "min_sample": 1, "unit": "devices"},
+    # Realized accuracy (ground-truth feedback) of the canary minus the control, live stages only.
+    # Pending while either cohort has fewer than min_sample labels, for at most wait_s after the
+    # stage started; then skipped, so a fleet without labels never blocks a rollout.
+    "accuracy_delta": {"min": -0.05, "min_sample": 200, "unit": "labels", "wait_s": 0.0},
 }
 
 DEFAULT_STAGES: tuple[Stage, ...] = (
@@ -164,7 +168,7 @@ def parse_spec(data: dict[str, Any]) -> RolloutSpec:
             raise RolloutError(f"unknown gate {name!r}; gates: {sorted(GATE_DEFAULTS)}")
         if not isinstance(settings, dict):
             raise RolloutError(f"gate {name!r}: settings must be an object, e.g. {{\"max\": 0.1}}")
-        bad = set(settings) - {"max", "min", "min_sample", "enabled", "floor_ms"}
+        bad = set(settings) - {"max", "min", "min_sample", "enabled", "floor_ms", "wait_s"}
         if bad:
             raise RolloutError(f"gate {name!r}: unknown setting(s) {sorted(bad)}")
     on_failure = data.get("on_failure", "pause")

@@ -80,3 +80,18 @@ def canary_feature_psi(svc: Services, model: str, version: str, devices: Collect
         return None
     values = [fd.psi for fd in report.features.values() if fd.psi is not None and fd.psi == fd.psi]
     return max(values) if values else None
+
+
+def sum_feedback(stats: CohortStats, rows: Iterable[dict[str, Any]], devices: Collection[str], *,
+                 version: str | None = None, exclude_version: str | None = None) -> CohortStats:
+    """Add the classification feedback of `devices` into `stats` (labels and correct answers):
+    only that joined predictions of `version` when given, none of `exclude_version`'s."""
+    for r in rows:
+        v = r["model_version"]
+        if r["device"] not in devices or (version is not None and v != version) or v == exclude_version:
+            continue
+        confusion = r.get("confusion")
+        if confusion:
+            stats.labels += sum(map(sum, confusion))
+            stats.correct += sum(row[i] for i, row in enumerate(confusion))
+    return stats

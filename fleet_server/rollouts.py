@@ -30,7 +30,7 @@ from fleet_server.rollout_model import (
     next_state,
     parse_spec,
 )
-from fleet_server.rollout_stats import canary_feature_psi, sum_windows
+from fleet_server.rollout_stats import canary_feature_psi, sum_feedback, sum_windows
 
 if TYPE_CHECKING:
     from fleet_server.service import Services
@@ -499,6 +499,10 @@ def _cohort_stats(svc: Services, row: dict[str, Any], spec: RolloutSpec, stage: 
     else:
         sum_windows(canary, mine, exclude_version=spec.version, shadow_version=spec.version)
     sum_windows(control, (w for w in windows if w["device"] in control_ids), exclude_version=spec.version)
+    feedback = svc.storage.feedback_since(spec.model, row["stage_started_at"])
+    sum_feedback(canary, feedback, cohort, version=spec.version)
+    sum_feedback(control, feedback, control_ids, exclude_version=spec.version)
+    canary.stage_age_s = svc.clock() - row["stage_started_at"]
     return canary, control
 
 
