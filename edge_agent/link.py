@@ -152,6 +152,9 @@ class MqttLink:
             self.client.connect(
                 host, port, keepalive=cfg.keepalive, clean_start=cfg.clean_start, properties=self._properties()
             )
+        except ssl.SSLError as exc:  # a wrong CA or host name does not heal by retrying: say so
+            log.warning("TLS to %s:%s failed (check mqtt.ca_file and the host name): %s", host, port, exc)
+            self._schedule_retry()
         except OSError as exc:
             log.debug("connect to %s:%s failed: %s", host, port, exc)
             self._schedule_retry()
