@@ -249,3 +249,30 @@ def test_a_certificate_for_another_host_is_refused(tls_fleet, tmp_path, caplog):
     finally:
         done.set()
         listener.close()
+
+
+def test_tls_init_renews_under_the_same_ca_and_keeps_host_names(tmp_path):
+    from click.testing import CliRunner
+    from cryptography import x509
+
+    from fleet_server.broker import BrokerError, mosquitto_conf
+    from fleet_server.cli import server
+
+    runner = CliRunner()
+    first = runner.invoke(server, ["tls-init", "--data-dir", str(tmp_path), "--hostname", "fleet.example.com"])
+    assert first.exit_code == 0, first.output
+    ca_before = (tmp_path / "tls" / "ca.pem").read_bytes()
+    cert_before = (tmp_path / "tls" / "server.pem").read_bytes()
+    again = runner.invoke(server, ["tls-init", "--data-dir", str(tmp_path)])
+    assert again.exit_code == 0 and "kept CA" in again.output
+    assert (tmp_path / "tls" / "ca.pem").read_bytes() == ca_before
+    assert (tmp_path / "tls" / "server.pem").read_bytes() != cert_before
+    cert = x509.load_pem_x509_certificate((tmp_path / "tls" / "server.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["fleet.example.com", "localhost"]
+    assert (tmp_path / "tls" / "server.key").stat().st_mode & 0o077 == 0
+    bad = runner.invoke(server, ["tls-init", "--data-dir", str(tmp_path), "--hostname", "no spaces"])
+    assert bad.exit_code != 0 and "not a host name" in bad.output
+    # tls on without certificates: the broker refuses to start and says what to run.
+    with pytest.raises(BrokerError, match="tls-init"):
+        mosquitto_conf(make_config(tmp_path / "empty", tls=True))
