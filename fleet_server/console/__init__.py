@@ -8,7 +8,17 @@ from __future__ import annotations
 
 from flask import Blueprint, Flask
 
-from fleet_server.console import assets, audit, devices, drift, login, models, overview, rollouts
+from fleet_server.console import (
+    assets,
+    audit,
+    devices,
+    drift,
+    login,
+    models,
+    overview,
+    performance,
+    rollouts,
+)
 
 BLUEPRINTS: list[Blueprint] = [
     login.bp,
@@ -16,6 +26,7 @@ BLUEPRINTS: list[Blueprint] = [
     devices.bp,
     models.bp,
     drift.bp,
+    performance.bp,
     rollouts.bp,
     audit.bp,
     assets.bp,

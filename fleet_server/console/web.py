@@ -17,6 +17,7 @@ NAV = (
     ("devices", "Devices", "console_devices.page"),
     ("models", "Models", "console_models.page"),
     ("drift", "Drift", "console_drift.page"),
+    ("performance", "Performance", "console_performance.page"),
     ("rollouts", "Rollouts", "console_rollouts.page"),
     ("audit", "Audit log", "console_audit.page"),
 )

@@ -1,0 +1,154 @@
+// Performance: input drift beside realized performance on one time axis (concept drift), the
+// summary with label counts, per-class figures, the reliability diagram, devices and alerts.
+import { api, chartDefaults, colors, el, fmtClock, fmtNum, fmtPct, fmtTime, kv, levelPill, poll, rows, scopeLink, upsertChart } from "./lib.js";
+
+chartDefaults();
+const charts = {};
+const form = document.getElementById("filters");
+const MAX_BUCKETS = 120;
+const READINGS = {
+  stable: "stable",
+  concept_drift: "inputs the same, model wrong (concept drift)",
+  inputs_moved_model_holds: "inputs moved, model holds",
+  inputs_moved_model_wrong: "inputs moved, model wrong",
+  inputs_moved: "inputs moved (too few labels)",
+  model_wrong: "model wrong (too few rows for drift)",
+  unknown: "too few rows and labels",
+};
+
+const params = new URLSearchParams(location.search);
+for (const [key, value] of params) {
+  const field = form.elements.namedItem(key);
+  if (field) field.value = value;
+}
+
+function selection() {
+  const mv = form.elements.mv.value;
+  if (!mv) return null;
+  const slash = mv.indexOf("/");
+  const kind = form.elements.kind.value;
+  const value = form.elements.value.value.trim();
+  let scope = "fleet";
+  if (kind === "tag" && value.includes("=")) scope = `tag:${value}`;
+  else if (kind === "device" && value) scope = `device:${value}`;
+  const period = form.elements.period.value;
+  return { model: mv.slice(0, slash), version: mv.slice(slash + 1), scope, start: period ? Date.now() / 1000 - Number(period) : null };
+}
+
+function q(sel, extra = {}) {
+  const p = new URLSearchParams({ scope: sel.scope, ...extra });
+  if (sel.start) p.set("start", String(Math.floor(sel.start)));
+  return p.toString();
+}
+
+function base(sel) {
+  return `/api/v1/performance/${encodeURIComponent(sel.model)}/${encodeURIComponent(sel.version)}`;
+}
+
+function metricName(view) {
+  return view.baseline && view.baseline.metric === "r2" ? "R²" : "accuracy";
+}
+
+function renderConcept(view) {
+  const points = view.points.slice(-MAX_BUCKETS);
+  const labels = points.map((p) => fmtClock(p.bucket_start));
+  const realized = points.map((p) => (p.performance.labels ? p.performance.realized ?? p.performance.accuracy : null));
+  const datasets = [
+    { type: "bar", label: "worst feature PSI (inputs)", data: points.map((p) => p.inputs.max_feature_psi), backgroundColor: "rgba(217,119,6,.45)", yAxisID: "psi" },
+    { type: "line", label: `realized ${metricName(view)}`, data: realized, borderColor: colors.blue, backgroundColor: colors.blue, spanGaps: true, yAxisID: "perf", pointRadius: 2 },
+  ];
+  if (view.baseline) {
+    datasets.push({ type: "line", label: `validation ${metricName(view)}`, data: points.map(() => view.baseline.value), borderColor: colors.gray, borderDash: [6, 4], pointRadius: 0, yAxisID: "perf" });
+  }
+  upsertChart(charts, "concept", "concept-chart", {
+    type: "bar",
+    data: { labels, datasets },
+    options: {
+      interaction: { mode: "index", intersect: false },
+      scales: {
+        psi: { position: "left", beginAtZero: true, title: { display: true, text: "PSI" } },
+        perf: { position: "right", min: 0, max: 1, grid: { drawOnChartArea: false }, title: { display: true, text: metricName(view) } },
+      },
+    },
+  });
+  const dp = view.drift_policy;
+  const pp = view.performance_policy;
+  document.getElementById("concept-note").textContent =
+    `Inputs: alert at PSI ≥ ${dp.alert_psi} with ≥ ${dp.min_predictions} predictions per bucket. ` +
+    `Performance: alert at a drop of ≥ ${pp.alert_drop} below the validation score with ≥ ${pp.min_labels} labels per bucket. ` +
+    "Labels are counted in the bucket they arrived in.";
+  rows("#diagnosis-table tbody", [...points].reverse().slice(0, 12), (p) => el("tr", {},
+    el("td", {}, fmtTime(p.bucket_start)),
+    el("td", { class: "num" }, fmtNum(p.inputs.predictions)),
+    el("td", { class: "num" }, fmtNum(p.inputs.max_feature_psi)),
+    el("td", {}, p.inputs.level ? levelPill(p.inputs.level) : "–"),
+    el("td", { class: "num" }, fmtNum(p.performance.labels)),
+    el("td", { class: "num" }, fmtNum(p.performance.realized)),
+    el("td", { class: "num" }, fmtNum(p.performance.drop)),
+    el("td", {}, p.performance.level ? levelPill(p.performance.level) : "–"),
+    el("td", { dataset: { diagnosis: p.diagnosis } }, READINGS[p.diagnosis] || p.diagnosis)), "No telemetry or labels in this period.");
+}
+
+function renderSummary(perf) {
+  const c = perf.counters;
+  kv("summary", [
+    ["Labels", fmtNum(perf.labels)],
+    perf.accuracy !== undefined && ["Accuracy", fmtPct(perf.accuracy)],
+    perf.macro_f1 !== undefined && ["Macro F1", fmtNum(perf.macro_f1)],
+    perf.mae !== undefined && ["MAE", fmtNum(perf.mae)],
+    perf.rmse !== undefined && ["RMSE", fmtNum(perf.rmse)],
+    perf.baseline && [`Validation ${perf.baseline.metric}`, `${fmtNum(perf.baseline.value)} on ${perf.baseline.validation_rows} rows`],
+    perf.baseline && ["Drop", fmtNum(perf.drop)],
+    perf.calibration && ["ECE", fmtNum(perf.calibration.ece)],
+    ["Late / unknown / duplicate", `${c.late} / ${c.unknown} / ${c.duplicate}`],
+    ["Unknown label / rejected", `${c.unknown_label} / ${c.rejected}`],
+  ]);
+  rows("#classes-table tbody", perf.classes || [], (k) => el("tr", {},
+    el("td", {}, String(k.class)), el("td", { class: "num" }, fmtNum(k.support)),
+    el("td", { class: "num" }, fmtNum(k.precision)), el("td", { class: "num" }, fmtNum(k.recall)),
+    el("td", { class: "num" }, fmtNum(k.f1))), perf.task === "regression" ? "Regression: no classes." : "No labels yet.");
+  const cal = perf.calibration;
+  const bins = cal ? cal.bins : [];
+  upsertChart(charts, "calibration", "calibration-chart", {
+    type: "line",
+    data: {
+      labels: bins.map((b) => `${b.lower.toFixed(1)}–${b.upper.toFixed(1)}`),
+      datasets: [
+        { label: "observed", data: bins.map((b) => b.observed), borderColor: colors.teal, backgroundColor: colors.teal, spanGaps: true },
+        { label: "perfectly calibrated", data: bins.map((b) => (b.lower + b.upper) / 2), borderColor: colors.gray, borderDash: [6, 4], pointRadius: 0 },
+        { type: "bar", label: "labels", data: bins.map((b) => b.count), backgroundColor: "rgba(37,99,235,.15)", yAxisID: "n" },
+      ],
+    },
+    options: { scales: { y: { min: 0, max: 1, title: { display: true, text: "observed accuracy" } }, n: { position: "right", beginAtZero: true, grid: { drawOnChartArea: false } } } },
+  });
+  document.getElementById("calibration-note").textContent = cal
+    ? `Predicted top-class probability per decile against how often it was right (${fmtNum(cal.labels)} labels).`
+    : "This model sends no probabilities.";
+}
+
+async function refresh() {
+  const sel = selection();
+  if (!sel) return;
+  const [view, perf, groups, alerts] = await Promise.all([
+    api(`${base(sel)}/concept-drift?${q(sel)}`),
+    api(`${base(sel)}?${q(sel)}`),
+    api(`${base(sel)}/groups?${q(sel, { by: "device" })}`),
+    api(`/api/v1/alerts?${new URLSearchParams({ kind: "performance", model: sel.model, limit: "100" })}`),
+  ]);
+  renderConcept(view);
+  renderSummary(perf);
+  rows("#devices-table tbody", [...groups.groups].sort((a, b) => (b.drop ?? -1) - (a.drop ?? -1)), (g) => el("tr", {},
+    el("td", {}, scopeLink(g.scope)), el("td", { class: "num" }, fmtNum(g.labels)),
+    el("td", { class: "num" }, fmtNum(g.accuracy ?? g.rmse)), el("td", { class: "num" }, fmtNum(g.drop))), "No labels yet.");
+  rows("#alerts-table tbody", alerts.alerts.filter((a) => a.model_version === sel.version), (a) => el("tr", {},
+    el("td", {}, levelPill(a.severity)), el("td", {}, a.state), el("td", {}, scopeLink(a.scope)),
+    el("td", {}, a.target), el("td", { class: "num" }, fmtNum(a.value)), el("td", { class: "num" }, fmtNum(a.details.labels)),
+    el("td", {}, fmtTime(a.opened_at))), "No performance alerts.");
+}
+
+const live = poll(refresh);
+form.addEventListener("change", () => {
+  const sel = selection();
+  if (sel) history.replaceState(null, "", `?${new URLSearchParams(new FormData(form))}`);
+  live.refresh();
+});
