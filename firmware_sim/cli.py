@@ -75,4 +75,11 @@ def _register_rehearse() -> None:
     sim.add_command(rehearse_command)
 
 
+def _register_chaos() -> None:
+    from firmware_sim.chaos import chaos_command
+
+    sim.add_command(chaos_command)
+
+
 _register_rehearse()
+_register_chaos()

@@ -91,6 +91,9 @@ class SimAgent(Agent):
         self.cpu_factor = cpu_factor
         self.download_url = download_url
         self.windows_flushed = 0
+        # Sees every telemetry window as queued (device id, seq, payload): the chaos suite
+        # recomputes the server's sums from what the devices actually sent.
+        self.window_tap: Callable[[str, int, bytes], None] | None = None
 
     def load_runtime(self, bundle: Bundle) -> ModelRuntime:
         return slowed(self.runtimes.get(bundle), self.cpu_factor)
@@ -104,8 +107,13 @@ class SimAgent(Agent):
         super().on_desired(payload)
 
     def _flush_window(self, now: float) -> None:
+        seq = self.outbox.next_seq if self.outbox is not None else -1
         super()._flush_window(now)
         self.windows_flushed += 1
+        if self.window_tap is not None and self.outbox is not None:
+            for msg in self.outbox.pending(after=seq - 1, limit=1):
+                if msg.seq == seq:
+                    self.window_tap(self.config.device_id, seq, msg.payload)
 
 
 @dataclass
@@ -142,8 +150,10 @@ class SimDevice:
         seed: int = 0,
         label_share: float = 0.0,
         label_delay_s: float = 0.0,
+        window_tap: Callable[[str, int, bytes], None] | None = None,
     ) -> None:
         self.config = config
+        self.window_tap = window_tap
         self.device_id = config.device_id
         self.clock = clock
         self.started_at = started_at
@@ -192,6 +202,7 @@ class SimDevice:
             rng=self.rng,
         )
         agent.machine.crash = self._on_crash  # type: ignore[method-assign]
+        agent.window_tap = self.window_tap
         self._apply_disk(self.elapsed(self.clock()))
         self.agent = agent
         self.crashed_at = None

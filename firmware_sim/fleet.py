@@ -32,7 +32,7 @@ from edge_agent.store import DataDir
 from firmware_sim.clock import SimClock
 from firmware_sim.datagen import Dataset, DeviceStream, load_dataset
 from firmware_sim.device import DeviceState, SimDevice, profile_for
-from firmware_sim.faults import FaultPlan
+from firmware_sim.faults import FaultPlan, Outage
 from firmware_sim.network import FaultyDownloads, LinkPoller, cut_connection
 from firmware_sim.provision import Provisioner
 from firmware_sim.runtimes import RuntimeCache
@@ -82,6 +82,7 @@ class SimFleet:
         update_workers: int = 4,
         tags: Callable[[str], dict[str, str]] | None = None,
         agent_overrides: Callable[[AgentConfig], None] | None = None,
+        window_tap: Callable[[str, int, bytes], None] | None = None,
     ) -> None:
         self.scenario = scenario
         self.ids = device_ids(devices) if isinstance(devices, int) else list(devices)
@@ -96,6 +97,7 @@ class SimFleet:
         self.dataset = dataset or load_dataset(scenario.dataset)
         self.tags = tags or (lambda device_id: {"hw": profile_for(device_id, scenario.seed).name})
         self.agent_overrides = agent_overrides
+        self.window_tap = window_tap
         self.runtimes = RuntimeCache()
         self.executor = ThreadPoolExecutor(max_workers=update_workers, thread_name_prefix="sim-update")
         self.poller = LinkPoller()
@@ -183,6 +185,7 @@ class SimFleet:
                 batch=self.scenario.batch,
                 downloads=self.downloads if plan.download_fault_at(float("inf")) else None,
                 seed=self.scenario.seed,
+                window_tap=self.window_tap,
                 label_share=self.scenario.label_share,
                 label_delay_s=self.scenario.label_delay_s,
             )
@@ -256,6 +259,24 @@ class SimFleet:
             self.poller.forget(link)
             cut_connection(link)
             link.client.loop_read()  # paho sees the reset now and marks the link disconnected
+
+    def power_cut(self, device_id: str) -> bool:
+        """Kill one running device as a power cut would (no flush, no `offline`); it boots again
+        on its data dir after the usual restart delay. False when it is down already."""
+        with self._cond:
+            device = self.devices[device_id]
+            if device.agent is None:
+                return False
+            device.crash_pending = True  # the driver pulls the plug at its next pass
+            return True
+
+    def cut_off(self, device_id: str, seconds: float) -> None:
+        """Take one device's network away for `seconds` of simulated time from now."""
+        device = self.devices[device_id]
+        start = device.elapsed(self.clock())
+        with self._cond:
+            device.plan.outages.append(Outage(start, start + seconds, "cut_off"))
+            device.plan.outages.sort(key=lambda o: o.start)
 
     def advance(self, seconds: float, *, timeout: float = 120.0) -> float:
         """Move a hand-driven clock (speed 0) forward step by step, each step served by every
