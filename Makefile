@@ -44,6 +44,11 @@ test-fast: setup
 bench: setup
 	$(PY) bench/run_all.py
 
+# A rollout on 200 simulated devices while the broker, the server and devices fail; prints the
+# invariant table and fails unless every invariant holds (docs/simulation.md#chaos).
+chaos: setup
+	$(VENV)/bin/edgefleet sim chaos --seed 1 --devices 200 --duration 300
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check . || true
