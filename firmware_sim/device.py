@@ -111,9 +111,11 @@ class SimAgent(Agent):
         super()._flush_window(now)
         self.windows_flushed += 1
         if self.window_tap is not None and self.outbox is not None:
-            for msg in self.outbox.pending(after=seq - 1, limit=1):
-                if msg.seq == seq:
-                    self.window_tap(self.config.device_id, seq, msg.payload)
+            # An event queued by the update worker may have taken `seq` first: pass on the
+            # telemetry among the newest messages (the tap keeps each seq once).
+            for msg in self.outbox.pending(after=seq - 1, limit=8):
+                if msg.kind == "telemetry":
+                    self.window_tap(self.config.device_id, msg.seq, msg.payload)
 
 
 @dataclass
