@@ -229,6 +229,9 @@ class Connection:
             return _decode(body)
         except msgspec.DecodeError as exc:
             raise RequestError("malformed_json", f"the body is not valid JSON: {exc}") from exc
+        except RecursionError:  # msgspec recurses per nesting level: `[[[[...` a few thousand deep
+            raise RequestError("malformed_json", "the body's JSON is nested too deeply; "
+                               "rows are lists or objects of plain values") from None
 
     def predict(self, headers: dict[str, str], version: str) -> None:
         agent = self.agent
@@ -278,9 +281,13 @@ class AgentHandler(socketserver.BaseRequestHandler):
 
     agent: Agent  # set on the subclass made by `make_handler`
     nodelay = True  # answers are small single writes: never wait for the client's ACK
+    # A connection silent this long (idle keep-alive, or a request that stalls half-sent) is
+    # closed: otherwise each stalled client would hold a thread for ever.
+    idle_timeout_s = 60.0
 
     def handle(self) -> None:
         sock = self.request
+        sock.settimeout(self.idle_timeout_s)
         if self.nodelay:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Connection(sock, self.agent)
