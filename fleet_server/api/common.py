@@ -190,8 +190,14 @@ def arg_bool(name: str) -> bool | None:
     raise ApiError(f"query parameter {name}={value!r} must be true or false")
 
 
+DEEP_JSON = "the JSON body is nested too deeply: send a flat object as the API reference shows"
+
+
 def json_body() -> dict[str, Any]:
-    data = request.get_json(silent=True)
+    try:
+        data = request.get_json(silent=True)
+    except RecursionError:  # the json module recurses per nesting level: `[[[[...` a thousand deep
+        raise ApiError(DEEP_JSON) from None
     if not isinstance(data, dict):
         raise ApiError("the request body must be a JSON object (Content-Type: application/json)")
     return data
@@ -211,6 +217,9 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
+        if isinstance(exc, RecursionError) and request.mimetype == "application/json":
+            refused(400, DEEP_JSON)  # a view that parsed the body itself
+            return jsonify(error=DEEP_JSON), 400
         status = getattr(exc, "status", None)
         if isinstance(status, int) and isinstance(exc, ValueError):
             # Service errors (DeviceError, RegistryError, ...) carry their HTTP status.
