@@ -310,6 +310,32 @@ def tls_init(data_dir: Path, hostnames: tuple[str, ...], days: int, ca_days: int
                f"{r.not_after:%Y-%m-%d}")
 
 
+@server.command("backup")
+@data_dir_option
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The backup file to write (.tar.gz, mode 0600: it holds the server's secrets).")
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+@user_errors
+def backup(data_dir: Path, output: Path, force: bool) -> None:
+    """Back up the database, bundles, secrets, TLS files and server.toml (safe while the server runs)."""
+    from fleet_server.backup import create_backup
+
+    click.echo(f"backup written: {create_backup(data_dir, output, overwrite=force).summary()}")
+
+
+@server.command("restore")
+@data_dir_option
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@user_errors
+def restore(data_dir: Path, archive: Path) -> None:
+    """Restore a backup into a new or empty data dir (a non-empty one is refused)."""
+    from fleet_server.backup import restore_backup
+
+    info = restore_backup(archive, data_dir)
+    click.echo(f"restored {len(info.files)} files into {data_dir}; start the server on it "
+               "(pending migrations run at start)")
+
+
 # ------------------------------------------------------------------ rollouts
 
 

@@ -1,0 +1,247 @@
+"""Backup and restore of a server data dir: a consistent copy taken while the server runs.
+
+The database is copied with SQLite's online backup API in one step: in WAL mode that is one read
+transaction, so the copy is a snapshot of a single moment and writers (ingest) are never blocked.
+Bundles, secrets, TLS files and server.toml are copied after it (a bundle is written before its
+row, so every model in the snapshot has its file). The broker's files are not saved: the server
+regenerates them from the database.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import os
+import shutil
+import sqlite3
+import stat
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from fleet_server.config import CONFIG_FILE
+
+FORMAT = 1
+MANIFEST = "backup.json"
+DATABASE = "fleet.db"
+DIRECTORIES = ("bundles", "secrets", "tls")  # copied whole; broker/ is regenerated at start
+PRIVATE = {"secrets", "tls"}  # directories that hold keys: 0700 after a restore
+
+
+class BackupError(ValueError):
+    """A backup or restore that cannot be done; the message says why and what to do."""
+
+
+@dataclass
+class BackupInfo:
+    """What a backup holds (the archive's backup.json)."""
+
+    path: Path
+    created_at: float
+    migrations: list[str]
+    counts: dict[str, int]
+    files: dict[str, str] = field(default_factory=dict)  # archive name -> sha256
+    bytes: int = 0
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{n} {k}" for k, n in self.counts.items())
+        return f"{self.path}: {len(self.files)} files, {self.bytes} bytes ({counts})"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _snapshot_database(source: Path, dest: Path) -> None:
+    """Copy the live WAL database with the online backup API, then check the copy."""
+    src = sqlite3.connect(str(source), timeout=30.0)
+    try:
+        src.execute("PRAGMA busy_timeout=30000")
+        out = sqlite3.connect(str(dest))
+        try:
+            # pages=-1: everything in one step, i.e. one read transaction. A stepwise copy would
+            # restart on every commit of a busy ingest and might never finish.
+            src.backup(out, pages=-1)
+            out.execute("PRAGMA journal_mode=DELETE")  # one self-contained file in the archive
+            check = out.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            out.close()
+    finally:
+        src.close()
+    if check != "ok":
+        raise BackupError(f"the copied database fails its integrity check ({check}); try again")
+
+
+def _read_facts(db_path: Path) -> tuple[list[str], dict[str, int], list[str]]:
+    """(applied migrations, row counts, bundle files the models reference) of a database file."""
+    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        migrations = (
+            [r[0] for r in conn.execute("SELECT name FROM _sqlite_migrations ORDER BY applied_at, name")]
+            if "_sqlite_migrations" in tables else []
+        )
+        counts = {t: conn.execute(f"SELECT count(*) FROM [{t}]").fetchone()[0]
+                  for t in ("devices", "models", "windows", "rollouts", "alerts") if t in tables}
+        files = [r[0] for r in conn.execute("SELECT file FROM models")] if "models" in tables else []
+    finally:
+        conn.close()
+    return migrations, counts, files
+
+
+def _walk(root: Path, name: str) -> Iterator[tuple[str, Path]]:
+    """(archive name, path) of the regular files under root/name; temp files are skipped."""
+    base = root / name
+    if not base.is_dir():
+        return
+    for path in sorted(base.rglob("*")):
+        if path.is_symlink() or not path.is_file() or ".tmp" in path.name:
+            continue
+        yield path.relative_to(root).as_posix(), path
+
+
+def create_backup(data_dir: str | Path, output: str | Path, *, overwrite: bool = False) -> BackupInfo:
+    """Write a tar.gz of the data dir's database, bundles, secrets, TLS files and server.toml.
+
+    Safe while the server (and extra ingest processes) run. The archive holds secrets (the
+    server's MQTT password, the TLS CA key): it is written with mode 0600.
+    """
+    data_dir, output = Path(data_dir), Path(output)
+    db_path = data_dir / DATABASE
+    if not db_path.is_file():
+        raise BackupError(f"{data_dir} has no {DATABASE}: it is not a fleet server data dir")
+    if output.exists() and not overwrite:
+        raise BackupError(f"{output} already exists: pick another file name or pass --force")
+    if output.resolve().is_relative_to(data_dir.resolve()):
+        raise BackupError(f"{output} is inside the data dir: write the backup somewhere else")
+
+    with tempfile.TemporaryDirectory(prefix="edgefleet-backup-", dir=output.parent) as tmp:
+        snapshot = Path(tmp) / DATABASE
+        _snapshot_database(db_path, snapshot)
+        migrations, counts, referenced = _read_facts(snapshot)
+        members: list[tuple[str, Path]] = [(DATABASE, snapshot)]
+        for name in DIRECTORIES:
+            members += list(_walk(data_dir, name))
+        if (data_dir / CONFIG_FILE).is_file():
+            members.append((CONFIG_FILE, data_dir / CONFIG_FILE))
+        names = {n for n, _ in members}
+        missing = [f for f in referenced if PurePosixPath(f).as_posix() not in names]
+        if missing:
+            raise BackupError(f"bundle file(s) {missing[:3]} of registered models are missing from {data_dir}; "
+                              "the data dir is damaged: upload those bundles again before backing up")
+
+        info = BackupInfo(path=output, created_at=time.time(), migrations=migrations, counts=counts)
+        partial = output.with_name(f".{output.name}.partial")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+                for name, path in members:
+                    info.files[name] = _sha256(path)
+                    info.bytes += path.stat().st_size
+                    tar.add(path, arcname=name, recursive=False)
+                doc = json.dumps(_manifest(info), indent=2, sort_keys=True).encode()
+                entry = tarfile.TarInfo(MANIFEST)
+                entry.size, entry.mtime, entry.mode = len(doc), int(info.created_at), 0o600
+                tar.addfile(entry, io.BytesIO(doc))
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.replace(partial, output)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+    return info
+
+
+def _manifest(info: BackupInfo) -> dict:
+    return {"format": FORMAT, "created_at": info.created_at, "migrations": info.migrations,
+            "counts": info.counts, "files": info.files}
+
+
+def _safe_name(name: str) -> bool:
+    parts = PurePosixPath(name).parts
+    if not parts or name.startswith("/") or any(p in ("..", "") for p in parts):
+        return False
+    if len(parts) == 1:
+        return name in (DATABASE, CONFIG_FILE, MANIFEST)
+    return parts[0] in DIRECTORIES
+
+
+def read_backup_info(archive: str | Path) -> BackupInfo:
+    """The manifest of a backup archive (checks that it is one)."""
+    archive = Path(archive)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            member = tar.getmember(MANIFEST)
+            fh = tar.extractfile(member)
+            doc = json.loads(fh.read() if fh else b"")
+    except (OSError, tarfile.TarError, KeyError, json.JSONDecodeError) as exc:
+        raise BackupError(f"{archive} is not an edgefleet server backup ({exc})") from exc
+    if doc.get("format") != FORMAT:
+        raise BackupError(f"{archive} has backup format {doc.get('format')!r}; this edgefleet reads format {FORMAT}")
+    return BackupInfo(path=archive, created_at=doc["created_at"], migrations=doc["migrations"],
+                      counts=doc["counts"], files=doc["files"])
+
+
+def restore_backup(archive: str | Path, data_dir: str | Path) -> BackupInfo:
+    """Unpack a backup into a new (or empty) data dir, checking every file against the manifest.
+
+    Refuses a data dir that holds anything: a restore never mixes with or overwrites live data.
+    The files are unpacked beside the data dir and moved into place only when all are verified.
+    """
+    archive, data_dir = Path(archive), Path(data_dir)
+    if data_dir.exists() and (not data_dir.is_dir() or any(data_dir.iterdir())):
+        raise BackupError(f"{data_dir} is not empty: restore into a new or empty directory "
+                          "(stop the server and move the old data dir aside first)")
+    info = read_backup_info(archive)
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.restore-", dir=data_dir.parent))
+    try:
+        seen: dict[str, str] = {}
+        with tarfile.open(archive, "r:gz") as tar:
+            for member in tar:
+                if member.name == MANIFEST:
+                    continue
+                if not member.isfile() or not _safe_name(member.name):
+                    raise BackupError(f"{archive} holds {member.name!r}, which a backup never has: refusing it")
+                if member.name not in info.files:
+                    raise BackupError(f"{archive} holds {member.name!r}, which its manifest does not list")
+                dest = staging / member.name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(member)
+                assert src is not None
+                h = hashlib.sha256()
+                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    for chunk in iter(functools.partial(src.read, 1 << 20), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                seen[member.name] = h.hexdigest()
+        bad = sorted(n for n, digest in info.files.items() if seen.get(n) != digest)
+        if bad:
+            raise BackupError(f"{archive} is damaged: {bad[:3]} missing or not as backed up; use another backup")
+        for name in PRIVATE:
+            if (staging / name).is_dir():
+                (staging / name).chmod(stat.S_IRWXU)
+        for name in seen:  # bundles are public (devices download them); the rest stays 0600
+            if PurePosixPath(name).parts[0] == "bundles":
+                (staging / name).chmod(0o644)
+        staging.chmod(stat.S_IRWXU)
+        if data_dir.exists():
+            data_dir.rmdir()  # empty, checked above
+        os.replace(staging, data_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    info.path = archive
+    return info
