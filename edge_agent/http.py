@@ -232,6 +232,8 @@ class Connection:
         except RecursionError:  # msgspec recurses per nesting level: `[[[[...` a few thousand deep
             raise RequestError("malformed_json", "the body's JSON is nested too deeply; "
                                "rows are lists or objects of plain values") from None
+        except UnicodeDecodeError as exc:  # msgspec raises this (not DecodeError) for a non-UTF-8 string
+            raise RequestError("malformed_json", f"the body is not UTF-8: {exc}") from None
 
     def predict(self, headers: dict[str, str], version: str) -> None:
         agent = self.agent

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -47,6 +47,11 @@ class ProtocolError(ValueError):
         self.reason = reason
         self.detail = detail
 
+
+# Counts and sequence numbers a device sends: non-negative and at most 2**53, so that sums stay
+# within SQLite's 64-bit INTEGER and JSON's exact integers (a larger one refused as `invalid`
+# instead of failing the whole ingest batch at storage).
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 
 def valid_id(value: str) -> bool:
     return bool(ID_PATTERN.match(value))
@@ -168,11 +173,11 @@ class FeatureCounts(msgspec.Struct, kw_only=True, array_like=True):
     with "other" last). `unseen` counts categories never seen in training (also in "other").
     """
 
-    bins: list[int]
-    nan: int = 0
-    below_min: int = 0
-    above_max: int = 0
-    unseen: int = 0
+    bins: list[Count]
+    nan: Count = 0
+    below_min: Count = 0
+    above_max: Count = 0
+    unseen: Count = 0
 
 
 class ShadowCounts(msgspec.Struct, kw_only=True):
@@ -233,15 +238,15 @@ class TelemetryWindow(msgspec.Struct, kw_only=True):
 
     v: int = PROTOCOL_VERSION
     device: str
-    seq: int
+    seq: Count
     model: str | None
     model_version: str | None
     window_start: float
     window_end: float
     sent_at: float = 0.0
-    predictions: int = 0  # rows predicted
-    requests: int = 0
-    errors: dict[str, int] = {}  # validation and runtime errors by kind
+    predictions: Count = 0  # rows predicted
+    requests: Count = 0
+    errors: dict[str, Count] = {}  # validation and runtime errors by kind
     latency: Histogram
     features: list[FeatureCounts] = []  # aligned with the manifest's inputs
     prediction: FeatureCounts | None = None  # aligned with the profile's prediction bins
@@ -250,7 +255,7 @@ class TelemetryWindow(msgspec.Struct, kw_only=True):
     feedback: Feedback | None = None  # the window's model version, and the unjoinable counters
     feedback_other: list[Feedback] = []  # late-arriving truth for predictions of other versions
     resources: Resources = msgspec.field(default_factory=Resources)
-    dropped_total: int = 0  # outbox messages this device dropped since it was installed
+    dropped_total: Count = 0  # outbox messages this device dropped since it was installed
 
 
 class UpdateEvent(msgspec.Struct, kw_only=True):
@@ -258,7 +263,7 @@ class UpdateEvent(msgspec.Struct, kw_only=True):
 
     v: int = PROTOCOL_VERSION
     device: str
-    seq: int
+    seq: Count
     ts: float
     kind: Literal["transition", "refused", "outcome"] = "transition"
     from_state: str | None = None
@@ -298,6 +303,10 @@ def decode(kind: str, payload: bytes) -> msgspec.Struct:
         raise ProtocolError("invalid", str(exc)[:200]) from exc
     except msgspec.DecodeError as exc:
         raise ProtocolError("malformed", str(exc)[:200]) from exc
+    except RecursionError:  # msgspec recurses per nesting level; one such payload must not kill ingest
+        raise ProtocolError("malformed", "JSON nested too deeply") from None
+    except UnicodeDecodeError as exc:  # a string that is not UTF-8: msgspec raises this, not DecodeError
+        raise ProtocolError("malformed", f"not UTF-8: {exc}"[:200]) from None
     if message.v != PROTOCOL_VERSION:
         raise ProtocolError("unsupported_version", f"v={message.v}")
     return message
