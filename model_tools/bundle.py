@@ -286,8 +286,10 @@ def _inflate(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limits: BundleLimits, l
     limit = limits.for_member(info.filename)
     try:
         with zf.open(info) as fh:
-            # Never trust the header's size: read at most limit + 1 bytes (zip bombs).
-            data = fh.read(limit + 1)
+            # Never trust the header's size (zip bombs): ask for at most what it claims + 1 (a
+            # larger request lets zlib inflate that much in one go before zipfile cuts it) and
+            # never past the limit; a member longer than it claims then fails its CRC.
+            data = fh.read(min(limit, info.file_size) + 1)
     except zipfile.BadZipFile as exc:
         raise TamperedBundleError(
             f"bundle member {info.filename!r} is corrupt ({exc}): the file was modified "
