@@ -3,8 +3,9 @@
 The database is copied with SQLite's online backup API in one step: in WAL mode that is one read
 transaction, so the copy is a snapshot of a single moment and writers (ingest) are never blocked.
 Bundles, secrets, TLS files and server.toml are copied after it (a bundle is written before its
-row, so every model in the snapshot has its file). The broker's files are not saved: the server
-regenerates them from the database.
+row, so every model in the snapshot has its file), and the managed broker's persistence file
+(retained `desired` states, queued messages), freshly saved. The broker's other files are
+regenerated from the database at start.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import stat
 import tarfile
@@ -29,7 +31,8 @@ from fleet_server.config import CONFIG_FILE
 FORMAT = 1
 MANIFEST = "backup.json"
 DATABASE = "fleet.db"
-DIRECTORIES = ("bundles", "secrets", "tls")  # copied whole; broker/ is regenerated at start
+DIRECTORIES = ("bundles", "secrets", "tls")  # copied whole
+BROKER_STATE = "broker/mosquitto.db"  # the rest of broker/ is regenerated at start
 PRIVATE = {"secrets", "tls"}  # directories that hold keys: 0700 after a restore
 
 
@@ -98,6 +101,32 @@ def _read_facts(db_path: Path) -> tuple[list[str], dict[str, int], list[str]]:
     return migrations, counts, files
 
 
+def _save_broker_state(data_dir: Path, timeout: float = 5.0) -> Path | None:
+    """Have a running managed broker write its persistence file now, then return the file.
+
+    Mosquitto saves every 30 s (to a temp file it renames), so the file is always whole; SIGUSR1
+    makes it save at once, so that desired states published a moment ago are in the backup too.
+    """
+    path = data_dir / BROKER_STATE
+    broker = data_dir / "broker"
+    try:
+        pid = int((broker / "mosquitto.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        pid, cmdline = 0, b""
+    if pid and str((broker / "mosquitto.conf").resolve()).encode() in cmdline:  # not a reused pid
+        before = path.stat().st_mtime_ns if path.exists() else 0
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except OSError:
+            pass  # another user's broker: its last autosave will do
+        else:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and (path.stat().st_mtime_ns if path.exists() else 0) == before:
+                time.sleep(0.05)
+    return path if path.is_file() else None
+
+
 def _walk(root: Path, name: str) -> Iterator[tuple[str, Path]]:
     """(archive name, path) of the regular files under root/name; temp files are skipped."""
     base = root / name
@@ -133,6 +162,11 @@ def create_backup(data_dir: str | Path, output: str | Path, *, overwrite: bool =
             members += list(_walk(data_dir, name))
         if (data_dir / CONFIG_FILE).is_file():
             members.append((CONFIG_FILE, data_dir / CONFIG_FILE))
+        broker_state = _save_broker_state(data_dir)
+        if broker_state is not None:
+            saved = Path(tmp) / "mosquitto.db"
+            shutil.copyfile(broker_state, saved)  # a copy: the broker replaces the file as it saves
+            members.append((BROKER_STATE, saved))
         names = {n for n, _ in members}
         missing = [f for f in referenced if PurePosixPath(f).as_posix() not in names]
         if missing:
@@ -172,7 +206,7 @@ def _safe_name(name: str) -> bool:
         return False
     if len(parts) == 1:
         return name in (DATABASE, CONFIG_FILE, MANIFEST)
-    return parts[0] in DIRECTORIES
+    return parts[0] in DIRECTORIES or name == BROKER_STATE
 
 
 def read_backup_info(archive: str | Path) -> BackupInfo:
@@ -230,7 +264,7 @@ def restore_backup(archive: str | Path, data_dir: str | Path) -> BackupInfo:
         bad = sorted(n for n, digest in info.files.items() if seen.get(n) != digest)
         if bad:
             raise BackupError(f"{archive} is damaged: {bad[:3]} missing or not as backed up; use another backup")
-        for name in PRIVATE:
+        for name in (*PRIVATE, "broker"):
             if (staging / name).is_dir():
                 (staging / name).chmod(stat.S_IRWXU)
         for name in seen:  # bundles are public (devices download them); the rest stays 0600

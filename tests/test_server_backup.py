@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from edge_agent.protocol import decode
 from fleet_server.backup import BackupError, create_backup, read_backup_info, restore_backup
 from fleet_server.cli import server as server_cli
-from fleet_server.registry import trust_key, upload_bundle
-from fleet_server.service import FleetServer
+from fleet_server.registry import desired_state, trust_key, upload_bundle
+from fleet_server.service import FleetServer, publish_desired
 from tests.server_fixtures import *  # noqa: F403
 from tests.server_fixtures import (
     DeviceClient,
@@ -112,7 +113,9 @@ def test_backup_while_ingest_writes_and_restore_serves_the_same_data(populated, 
     total = sum(seqs.values())  # every window the devices were sent a PUBACK for
     wait_until(lambda: stored_windows(fleet.config.db_path) == total, 20, message="all stored")  # noqa: F405
     fleet.token("viewer")  # made before the backup, so the restored server knows it too
-    create_backup(fleet.config.data_dir, tmp_path / "quiet.tar.gz")
+    assert publish_desired(fleet.svc, "pump-1", desired_state(fleet.svc, "pump", "1.0.0"))
+    quiet = create_backup(fleet.config.data_dir, tmp_path / "quiet.tar.gz")
+    assert "broker/mosquitto.db" in quiet.files and "server.toml" not in quiet.files
     restored_dir = tmp_path / "restored"
     restore_backup(tmp_path / "quiet.tar.gz", restored_dir)
     assert (restored_dir / "secrets").stat().st_mode & 0o777 == 0o700
@@ -136,9 +139,13 @@ def test_backup_while_ingest_writes_and_restore_serves_the_same_data(populated, 
             assert [f["psi"] for f in b["features"]] == [f["psi"] for f in a["features"]], scope
         got = second.api("get", "/api/v1/models/pump/1.0.0/bundle", "viewer")
         assert got.status_code == 200 and got.content == bundle
-        # A device logs in to the restored server with the credentials it already has.
+        # A device logs in to the restored broker with the credentials it has, and finds the
+        # desired state published before the backup still retained there.
         client = DeviceClient(second.config, "pump-1", passwords["pump-1"]).wait_connected()
         assert client.connected.is_set() and not client.refused
+        client.client.subscribe(client.topic("desired"), qos=1)
+        wait_until(lambda: client.received, 5, message="retained desired")  # noqa: F405
+        assert decode("desired", client.received[0].payload).version == "1.0.0"
         client.close()
     finally:
         second.server.stop()
