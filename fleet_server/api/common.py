@@ -210,6 +210,8 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
+        if exc.code and 400 <= exc.code < 500:
+            refused(exc.code, exc.name)  # unknown routes (e.g. paths with `..` or encoded slashes)
         response = jsonify(error=exc.description or exc.name, status=exc.code)
         if exc.code == 405 and exc.valid_methods:  # type: ignore[attr-defined]
             response.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request, send_file
 
+from edge_agent.protocol import valid_id
 from fleet_server import registry
 from fleet_server.api.common import (
     ApiError,
     basic_device,
     bearer_identity,
     json_body,
+    refused,
     require,
     services,
 )
@@ -56,9 +58,16 @@ def set_policy(name: str, version: str):
 def download_bundle(name: str, version: str):
     """Devices authenticate with HTTP Basic (device id, MQTT password); people with a token."""
     if basic_device() is None and bearer_identity() is None:
-        response = jsonify(error="authenticate as a device (HTTP Basic) or with an API token")
+        message = "authenticate as a device (HTTP Basic) or with an API token"
+        refused(401, f"{message} (unknown, wrong or revoked credentials)")
+        response = jsonify(error=message)
         response.headers["WWW-Authenticate"] = 'Basic realm="edgefleet"'
         return response, 401
+    if not (valid_id(name) and valid_id(version)):
+        # Registered names and versions are plain ids: anything else (`..`, `/`, NUL) is refused
+        # here, before any lookup; bundles are stored by sha256, never by these names anyway.
+        refused(404, f"not a model name/version: {name[:80]!r} {version[:80]!r}")
+        raise ApiError("no such model: names and versions are 1-64 letters, digits, '.', '_' or '-'", 404)
     path, row = registry.bundle_file(services(), name, version)
     # conditional=True gives Range (206 + Content-Range, 416) and If-None-Match handling.
     return send_file(
