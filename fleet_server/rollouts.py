@@ -87,7 +87,7 @@ def create_rollout(svc: Services, data: dict[str, Any], actor: str = "") -> dict
     if model is None:
         raise RolloutError(
             f"model {spec.model!r} version {spec.version!r} is not registered: upload the bundle first "
-            "(edgefleet server upload or POST /api/v1/models)"
+            "(edgefleet server add-model or POST /api/v1/models)"
         )
     with _lock(svc):
         devices = _all_devices(svc)
