@@ -41,6 +41,10 @@ def render_status(s: dict[str, Any]) -> str:
     t = s.get("timeouts") or {}
     if t.get("count"):
         lines += ["", f"timeout bucket: {t['count']} device(s): {', '.join(t['devices'][:20])}"]
+    f = s.get("failures") or {}
+    if f.get("count"):
+        lines += ["", f"failed: {f['count']} device(s):"]
+        lines += [f"  {d['device']}: {d['reason']}" for d in f["devices"][:20]]
     lines += ["", "audit log:"]
     for a in s.get("audit", [])[-20:]:
         lines.append(f"  {a['ts']:.1f} {a['actor']:12} {a['action']}")

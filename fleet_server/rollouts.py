@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 CONTROLLER = "controller"  # the audit log's actor for the controller's own decisions
 FAILED_OUTCOMES = ("failure", "rolled_back", "rollback_failed")
+PROBATION_STATES = ("Activate", "Probation")  # live but not committed: a restart rolls back
 _ACTIVE = tuple(s.value for s in ACTIVE_STATES)
 
 
@@ -298,6 +299,7 @@ def rollout_status(svc: Services, rollout_id: str, *, audit_limit: int = 1000) -
     for m in members:
         by_status[m["status"]] = by_status.get(m["status"], 0) + 1
     timed_out = [m["device"] for m in members if m["status"] == "timed_out"]
+    failed = _failure_reasons(svc, rollout_id, spec.version, [m["device"] for m in members if m["status"] == "failed"])
     return {
         **_summary(row),
         "target": spec.to_dict()["target"],
@@ -318,11 +320,26 @@ def rollout_status(svc: Services, rollout_id: str, *, audit_limit: int = 1000) -
         "waiting_for": gates.get("waiting_for", []),
         "timeouts": {"devices": timed_out, "count": len(timed_out),
                      "limit": spec.gate("timeout_share").get("max"), "timeout_s": spec.device_timeout_s},
-        "devices": [{k: m[k] for k in ("device", "stage", "mode", "status", "previous_version", "assigned_at",
-                                       "desired_at", "live_at")} for m in members],
+        "failures": {"devices": [{"device": d, "reason": why} for d, why in failed.items()], "count": len(failed),
+                     "limit": spec.gate("update_failure_rate").get("max")},
+        "devices": [{**{k: m[k] for k in ("device", "stage", "mode", "status", "previous_version", "assigned_at",
+                                          "desired_at", "live_at")}, "reason": failed.get(m["device"])}
+                    for m in members],
         "audit": svc.storage.rollout_audit(rollout_id, limit=audit_limit),
         "spec": spec.to_dict(),
     }
+
+
+def _failure_reasons(svc: Services, rollout_id: str, version: str, devices: list[str]) -> dict[str, str]:
+    """Why each failed device failed: its failure event, else the error its reported state shows."""
+    if not devices:
+        return {}
+    events = _failures(svc.storage.rollout_events(rollout_id), version)
+    out = {}
+    for d in devices:
+        reported = (svc.storage.get_device(d) or {}).get("reported") or {}
+        out[d] = events.get(d) or reported.get("last_error") or "failed (no reason reported)"
+    return out
 
 
 # ------------------------------------------------------------------ the reconcile pass
@@ -456,24 +473,64 @@ def _explain(r: GateResult) -> str:
     return f"{r.name} = {value} ({bound} {r.threshold:g}, sample {r.sample} {r.unit})"
 
 
+def _failures(events: list[dict[str, Any]], version: str) -> dict[str, str]:
+    """Device -> reason, for devices whose latest finished attempt at `version` failed or was
+    refused (a later successful outcome clears an earlier failure)."""
+    out: dict[str, str] = {}
+    for e in events:  # ordered by device, seq
+        if e["version"] != version or e["kind"] not in ("outcome", "refused"):
+            continue
+        if e["kind"] == "refused" or e["outcome"] in FAILED_OUTCOMES:
+            out[e["device"]] = e["reason"] or e["outcome"] or e["kind"]
+        else:
+            out.pop(e["device"], None)
+    return out
+
+
+def _device_status(rollout_id: str, version: str, member: dict[str, Any], device: dict[str, Any],
+                   failure: str | None, now: float, timeout_s: float) -> str:
+    """The status of one assigned device, derived afresh from what it reports now.
+
+    `updated` only while it reports the version active (or, in shadow, as its running shadow
+    candidate); a live device on probation counts only while it is online (one that went down
+    there rolls back when it boots). `failed` when its latest attempt at the version ended in a
+    failure, a local rollback or a refusal and it is not trying again. Otherwise `pending` until
+    the device timeout, then `timed_out`.
+    """
+    rep = device.get("reported") or {}
+    state = rep.get("update_state")
+    on_version = rep.get("candidate_version") == version
+    if rep.get("active_version") == version:
+        if not (on_version and state in PROBATION_STATES) or device.get("status") != "offline":
+            return "updated"
+    elif member["mode"] == "shadow" and on_version and state == "Shadow":
+        return "updated"
+    trying_again = on_version and state not in (None, "Idle")
+    # The reported outcome covers a failure whose event has not been stored yet.
+    failed_now = (rep.get("rollout_id") == rollout_id and state == "Idle"
+                  and rep.get("update_outcome") in FAILED_OUTCOMES)
+    if not trying_again and (failure is not None or failed_now):
+        return "failed"
+    if now - (member["desired_at"] or member["assigned_at"]) > timeout_s:
+        return "timed_out"
+    return "pending"
+
+
+def _on_probation(device: dict[str, Any], version: str) -> bool:
+    """The device serves `version` live but has not committed it: it may still roll back."""
+    rep = device.get("reported") or {}
+    return rep.get("candidate_version") == version and rep.get("update_state") in PROBATION_STATES
+
+
 def _update_statuses(svc: Services, p: _Pass, row: dict[str, Any], spec: RolloutSpec,
                      assigned: dict[str, dict[str, Any]], cohort: list[str]) -> list[dict[str, Any]]:
-    """pending -> updated | failed | timed_out from reported state and update events."""
-    failures = {e["device"] for e in svc.storage.rollout_events(row["id"])
-                if e["version"] == spec.version and (e["outcome"] in FAILED_OUTCOMES or e["kind"] == "refused")}
+    """Re-derive every assigned device's status from its latest reported state and update events
+    (a device counted as updated that rolls back moves to failed); returns the rows that changed."""
+    failures = _failures(svc.storage.rollout_events(row["id"]), spec.version)
     changed = []
     for device, m in assigned.items():
-        rep = (p.devices.get(device) or {}).get("reported") or {}
-        shadowing = (m["mode"] == "shadow" and rep.get("candidate_version") == spec.version
-                     and rep.get("update_state") == "Shadow")
-        if rep.get("active_version") == spec.version or shadowing:
-            status = "updated"
-        elif device in failures:
-            status = "failed"
-        elif p.now - (m["desired_at"] or m["assigned_at"]) > spec.device_timeout_s:
-            status = "timed_out"
-        else:
-            status = "pending"
+        status = _device_status(row["id"], spec.version, m, p.devices.get(device) or {}, failures.get(device),
+                                p.now, spec.device_timeout_s)
         if status != m["status"]:
             m.update(status=status, status_at=p.now)
             changed.append(m)
@@ -526,6 +583,12 @@ def _waiting_for(p: _Pass, row: dict[str, Any], spec: RolloutSpec, stage: Stage,
     pending = statuses.count("pending")
     if pending:
         waiting.append(f"devices: {pending} of {len(cohort)} still updating (timeout {spec.device_timeout_s:g} s)")
+    # A device on probation may still roll back: the stage (and so the rollout) ends only when
+    # its devices have committed, failed or timed out.
+    trying = sum(1 for d in cohort if assigned[d]["status"] == "updated" and assigned[d]["mode"] == "live"
+                 and _on_probation(p.devices.get(d) or {}, spec.version))
+    if trying:
+        waiting.append(f"probation: {trying} of {len(cohort)} devices have not committed the version yet")
     reporting = statuses.count("updated")
     needed = min(stage.min_reporting, len(cohort))
     if reporting < needed:

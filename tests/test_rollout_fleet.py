@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from edge_agent.update.states import MAX_ATTEMPTS
 from fleet_server import rollouts
 
 pytest_plugins = ["tests.sim_fixtures"]
@@ -36,13 +37,13 @@ def drive(sim_server, fleet, rid: str, states: set[str], limit_s: float) -> dict
         sim_server.settle(fleet, judge=False)
 
 
-def start(sim_server, scenario: dict[str, Any]):
+def start(sim_server, scenario: dict[str, Any], devices: int = DEVICES):
     from tests.sim_fixtures import trained
 
     v1, v2 = trained("1.0.0"), trained("2.0.0")  # the same model under a new version
     sim_server.add_model(v1)
     sim_server.add_model(v2)
-    fleet = sim_server.fleet({"rate_per_s": 2.0, "window_s": 30.0, **scenario}, DEVICES, step_s=5.0)
+    fleet = sim_server.fleet({"rate_per_s": 2.0, "window_s": 30.0, **scenario}, devices, step_s=5.0)
     fleet.preinstall(v1.bundle_bytes).start(wait_online=60)
     fleet.advance(30)
     sim_server.settle(fleet, judge=False)
@@ -98,5 +99,51 @@ def test_offline_devices_time_out_then_converge(sim_server):
             fleet.advance(INTERVAL_S)
             sim_server.settle(fleet, judge=False)
         assert {s.active_version for s in fleet.states().values()} == {"2.0.0"}
+    finally:
+        fleet.stop()
+
+
+def test_device_that_rolls_back_after_counting_as_updated_is_failed(sim_server):
+    # Found by the chaos suite: a device lost power on probation after the controller had counted
+    # it updated, rolled back to 1.0.0 when it booted, and the rollout completed saying `updated`.
+    # Here one device loses power on probation at every attempt until it gives up.
+    devices = 20
+    fleet = start(sim_server, {}, devices=devices)
+    try:
+        plan = {"model": "tumour", "version": "2.0.0", "target": {"all": True},
+                "stages": [{"percent": 100, "min_soak_s": 60}]}
+        rid = rollouts.create_rollout(sim_server.svc, plan)["id"]
+        victim = fleet.ids[0]
+        cuts, waited_for_probation = 0, False
+        start_s = sim_server.clock()
+        while True:
+            rollouts.reconcile(sim_server.svc)
+            status = rollouts.rollout_status(sim_server.svc, rid)
+            if status["state"] != "running":
+                break
+            waited_for_probation |= any(w.startswith("probation:") for w in status["waiting_for"])
+            counted = {m["device"]: m["status"] for m in status["devices"]}.get(victim)
+            # Cut only once the controller counts it updated and it really is on probation.
+            if counted == "updated" and fleet.states()[victim].update_state == "Probation" \
+                    and cuts < MAX_ATTEMPTS and fleet.power_cut(victim):
+                cuts += 1
+            assert sim_server.clock() - start_s < 1800, (status["waiting_for"], fleet.states()[victim])
+            fleet.advance(INTERVAL_S)
+            sim_server.settle(fleet, judge=False)
+        assert cuts == MAX_ATTEMPTS
+        assert waited_for_probation  # the stage did not end while devices could still roll back
+        # The rollout completes, but says which device is not on the version and why.
+        assert status["state"] == "completed", status["reason"]
+        members = {m["device"]: m for m in status["devices"]}
+        assert members[victim]["status"] == "failed"
+        assert "interrupted in Probation" in members[victim]["reason"]
+        assert status["failures"]["devices"] == [{"device": victim, "reason": members[victim]["reason"]}]
+        assert {m["status"] for d, m in members.items() if d != victim} == {"updated"}
+        gate = {g["name"]: g for g in status["stages"][0]["gates"]}["update_failure_rate"]
+        assert gate["value"] == pytest.approx(1 / devices) and gate["sample"] == devices
+        fleet.advance(30)
+        sim_server.settle(fleet, judge=False)
+        versions = {d: s.active_version for d, s in fleet.states().items()}
+        assert versions.pop(victim) == "1.0.0" and set(versions.values()) == {"2.0.0"}
     finally:
         fleet.stop()
