@@ -69,6 +69,7 @@ def test_slow_model_is_caught_in_shadow_by_p95_latency_ratio():
     assert report.outcome == "paused" and report.stage(0).mode == "shadow"
     ratio = gates(report, 0)["p95_latency_ratio"]
     assert ratio.status == "fail" and ratio.value > 2.0, report.table()
+    assert gates(report, 0)["shadow_agreement"].value == pytest.approx(1.0)  # only slower
     assert report.versions == {"1.0.0": DEVICES}  # nobody served it live
 
 
