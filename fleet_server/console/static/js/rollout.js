@@ -79,7 +79,7 @@ async function refresh() {
   ]);
   const to = r.timeouts || { devices: [] };
   replace("timeouts", to.count ? [`${to.count} device(s) did not report within ${fmtNum(to.timeout_s)} s and do not block the rollout (limit ${fmtNum(to.limit)} of the cohort): `, ...to.devices.map((d) => el("span", { class: "tag" }, d))] : `No device timed out (timeout ${fmtNum(to.timeout_s)} s).`);
-  rows("#devices-table tbody", r.devices, (d) => el("tr", {}, el("td", {}, deviceLink(d.device)), el("td", {}, d.stage + 1), el("td", {}, pill(d.mode)), el("td", {}, pill(d.status)), el("td", {}, d.previous_version || "–"), el("td", {}, fmtClock(d.assigned_at))), "No device assigned yet.");
+  rows("#devices-table tbody", r.devices, (d) => el("tr", {}, el("td", {}, deviceLink(d.device)), el("td", {}, d.stage + 1), el("td", {}, pill(d.mode)), el("td", {}, pill(d.status), d.reason && el("span", { class: "muted small" }, ` ${d.reason}`)), el("td", {}, d.previous_version || "–"), el("td", {}, fmtClock(d.assigned_at))), "No device assigned yet.");
   rows("#audit-table tbody", [...(r.audit || [])].reverse(), (a) => el("tr", {}, el("td", {}, fmtTime(a.ts)), el("td", {}, a.actor || "–"), el("td", {}, a.action),
     el("td", { class: "muted small wrap" }, auditDetail(a.detail))), "Nothing yet.");
 }
