@@ -16,9 +16,9 @@ PROTOCOL_VERSION = 1
 MAX_PAYLOAD_BYTES = 256 * 1024  # larger messages are rejected unread
 TOPIC_ROOT = "ef"
 
-TopicKind = Literal["desired", "reported", "status", "telemetry", "events"]
+TopicKind = Literal["desired", "ack", "reported", "status", "telemetry", "events"]
 DEVICE_TOPICS: tuple[str, ...] = ("reported", "status", "telemetry", "events")
-SERVER_TOPICS: tuple[str, ...] = ("desired",)
+SERVER_TOPICS: tuple[str, ...] = ("desired", "ack")
 
 # Fleet and device ids appear in topics, file names and URLs: keep them to a safe alphabet.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -117,6 +117,19 @@ class DesiredState(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     # A different input schema would break local apps; the rollout must say it means it.
     allow_schema_change: bool = False
     issued_at: float = 0.0
+
+
+class DeliveryAck(msgspec.Struct, kw_only=True):
+    """The seqs of a device's outbox messages the server has stored (on `ack`, not retained).
+
+    A PUBACK only proves that the broker received a message; this proves that the server has it:
+    stored now, stored before (a duplicate is acknowledged again), or refused for good (a resend
+    could not change that). Only then does the device delete the message from its outbox.
+    """
+
+    v: int = PROTOCOL_VERSION
+    device: str
+    seqs: list[Count]
 
 
 # ---------------------------------------------------------------- device -> server
@@ -277,6 +290,7 @@ class UpdateEvent(msgspec.Struct, kw_only=True):
 
 _MESSAGE_TYPES: dict[str, type[msgspec.Struct]] = {
     "desired": DesiredState,
+    "ack": DeliveryAck,
     "reported": ReportedState,
     "status": Status,
     "telemetry": TelemetryWindow,

@@ -1,7 +1,7 @@
 """Mosquitto: generate its config, password file and ACL from the device registry; run it (managed).
 
-Devices may publish only under `ef/{fleet}/d/{their id}/` and read only their own `desired`
-(ACL `pattern` lines with %u, since the MQTT username is the device id). The server has its own
+Devices may publish only under `ef/{fleet}/d/{their id}/` and read only their own `desired` and
+`ack` (ACL `pattern` lines with %u, since the MQTT username is the device id). The server has its own
 account. Queues are sized: Mosquitto's default max_queued_messages (1000) silently drops QoS 1
 messages for a subscriber that lags (DESIGN sections 3 and 8).
 """
@@ -48,6 +48,7 @@ def acl_text(fleet: str) -> str:
         f"pattern write {root}/reported\n"
         f"pattern write {root}/status\n"
         f"pattern read {root}/desired\n"
+        f"pattern read {root}/ack\n"
     )
 
 

@@ -56,6 +56,7 @@ class ServerConfig:
     ingest_batch_s: float = 0.1
     ingest_batch_max: int = 2000
     stats_interval_s: float = 2.0
+    ack_interval_s: float = 10.0  # a device's delivery acknowledgement goes out at most this often
     samples_per_device: int = 200  # newest sampled rows kept per device; 0 keeps none
     max_queued_messages: int = 1_000_000
     trusted_key_files: list[str] = field(default_factory=list)
@@ -80,6 +81,8 @@ class ServerConfig:
             raise ConfigError(f"mqtt_url {self.mqtt_url!r} must start with mqtt:// or mqtts://")
         if self.bucket_s <= 0:
             raise ConfigError("bucket_s must be positive (seconds per drift bucket)")
+        if self.ack_interval_s < 0:
+            raise ConfigError("ack_interval_s must be 0 (acknowledge after every batch) or more seconds")
         if self.samples_per_device < 0:
             raise ConfigError("samples_per_device must be 0 (keep no sampled rows) or more")
         if ":" not in self.listen:

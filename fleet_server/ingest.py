@@ -7,6 +7,8 @@ persistent session redelivers whatever was not acknowledged, and the (device, se
 what was stored twice. Telemetry and events come through an MQTT 5 shared subscription, so any
 number of ingest processes can split them; retained snapshots (`reported`, `status`) are read by
 every process (they are idempotent, and shared subscriptions get no retained messages).
+After a batch commits, the seqs it stored (or already had) are acknowledged to their devices on
+`ack` (`fleet_server.acks`): only then does a device delete them from its outbox.
 """
 
 from __future__ import annotations
@@ -24,17 +26,22 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_agent.protocol import (
+    SERVER_TOPICS,
+    DeliveryAck,
     ProtocolError,
     ReportedState,
     Status,
     TelemetryWindow,
     UpdateEvent,
     decode,
+    encode,
     parse_topic,
     subscription,
+    topic,
 )
+from fleet_server.acks import AckBuffer
 from fleet_server.config import ServerConfig
-from fleet_server.mqtt_link import ack_all, make_client
+from fleet_server.mqtt_link import ack_all, make_client, publish_all
 from fleet_server.storage import IngestBatch, Reject, Storage
 
 log = logging.getLogger(__name__)
@@ -129,7 +136,7 @@ class TopicParser:
         hit = self._valid.get(name)
         if hit is None:
             msg_fleet, device, kind = parse_topic(name)
-            if msg_fleet != self.fleet or kind == "desired":
+            if msg_fleet != self.fleet or kind in SERVER_TOPICS:
                 raise ProtocolError("foreign_topic", name[:200])
             if len(self._valid) >= self.size:
                 self._valid.clear()
@@ -138,9 +145,18 @@ class TopicParser:
 
 
 def classify(
-    msg: Incoming, topics: TopicParser, devices: DeviceDirectory, shapes: ProfileShapes, batch: IngestBatch
+    msg: Incoming,
+    topics: TopicParser,
+    devices: DeviceDirectory,
+    shapes: ProfileShapes,
+    batch: IngestBatch,
+    refused: list[tuple[str, int]] | None = None,
 ) -> None:
-    """Decode one message into the batch, or add the reason it was rejected."""
+    """Decode one message into the batch, or add the reason it was rejected.
+
+    `refused` collects the (device, seq) of valid messages refused for good (a resend cannot
+    change the verdict): they are acknowledged like stored ones, so the device stops resending.
+    """
     try:
         device, kind = topics(msg.topic)
     except ProtocolError as exc:
@@ -163,6 +179,8 @@ def classify(
         reason = check_shape(message, shapes)
         if reason:
             batch.rejects.append(Reject("profile_mismatch", device, reason))
+            if refused is not None:
+                refused.append((device, message.seq))
         else:
             batch.windows.append((message, msg.received_at, len(msg.payload)))
     elif isinstance(message, UpdateEvent):
@@ -216,6 +234,7 @@ class IngestWorker:
         self.devices = DeviceDirectory(storage)
         self.shapes = ProfileShapes(storage)
         self.topics = TopicParser(config.fleet)
+        self.acks = AckBuffer(config.ack_interval_s)
         # SimpleQueue: put() is one C call, so paho's network thread spends little on each message.
         self.queue: queue.SimpleQueue[Incoming | None] = queue.SimpleQueue()
         self.connected = threading.Event()
@@ -264,6 +283,7 @@ class IngestWorker:
         self.queue.put(None)
         if self._writer is not None:
             self._writer.join(timeout)
+        self._send_acks(float("inf"))  # what this process stored: acknowledged before it goes
         self.client.disconnect()
         self.client.loop_stop()
         self._flush_stats()
@@ -296,6 +316,7 @@ class IngestWorker:
             items = self._collect()
             if items:
                 self._process(items)
+            self._send_acks(time.monotonic())
             if time.monotonic() - last_stats > self.config.stats_interval_s:
                 self._flush_stats()
                 self._compact()
@@ -305,8 +326,9 @@ class IngestWorker:
 
     def _process(self, items: list[Incoming]) -> None:
         batch = IngestBatch()
+        refused: list[tuple[str, int]] = []
         for msg in items:
-            classify(msg, self.topics, self.devices, self.shapes, batch)
+            classify(msg, self.topics, self.devices, self.shapes, batch, refused)
         delay = 0.05
         while True:
             try:
@@ -322,6 +344,12 @@ class IngestWorker:
                 delay = min(delay * 2, 5.0)
         # Only now, with the batch committed, may the broker forget these messages.
         ack_all(self.client, [msg.mid for msg in items if msg.qos == 1])
+        # Stored now or before (duplicates are acknowledged again: the first ack may have been lost).
+        acks = self.acks
+        acks.add([(w.device, w.seq) for w, _, _ in batch.windows])
+        acks.add([(e.device, e.seq) for e, _ in batch.events])
+        if refused:
+            acks.add(refused)
         with self.stats.lock:
             c = self.stats.counters
             c["received"] += len(items)
@@ -334,6 +362,25 @@ class IngestWorker:
                 c["rejected"] += 1
                 self.stats.rejects[r.reason] += 1
             self.stats.lags.extend(result.lags)
+
+    def _send_acks(self, now: float) -> None:
+        """Publish the delivery acknowledgements that are due, in one write (kept while disconnected).
+
+        QoS 0: an acknowledgement that is lost costs one resend of the messages it named (the
+        device resends what is not acknowledged in time, and everything unacknowledged after a
+        reconnect), while QoS 1 would double its CPU on this process (a PUBACK back for each).
+        """
+        due = self.acks.due(now)
+        if not due:
+            return
+        if not self.connected.is_set():
+            self.acks.put_back(due)
+            return
+        fleet = self.config.fleet
+        publish_all(self.client, [(topic(fleet, d, "ack"), encode(DeliveryAck(device=d, seqs=s))) for d, s in due])
+        with self.stats.lock:
+            self.stats.counters["acks_sent"] += len(due)
+            self.stats.counters["acked_seqs"] += sum(len(s) for _, s in due)
 
     def _compact(self) -> None:
         """Merge partial bucket rows of closed buckets (any ingest process may do it)."""

@@ -114,6 +114,42 @@ def ack_all(client: mqtt.Client, mids: Sequence[int]) -> None:
         queue_packet(_PUBACK_TYPE, b"".join([_PUBACK.pack(_PUBACK_TYPE, 2, mid) for mid in mids]), 0, 1)
 
 
+def _varint(n: int) -> bytes:
+    """MQTT's variable byte integer (remaining length)."""
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+_PUBLISH_QOS0 = PacketTypes.PUBLISH << 4
+
+
+def publish_all(client: mqtt.Client, messages: Sequence[tuple[str, bytes]]) -> None:
+    """Publish many small QoS 0 messages of an MQTT 5 client at once, as one write.
+
+    `client.publish` costs ~20 µs of Python a message, and at QoS 1 as much again for each PUBACK
+    coming back; delivery acknowledgements go out once per device and batch, so that would be
+    most of ingest's CPU per window. These PUBLISH packets (no properties) are written together
+    through paho's packet queue (or one by one with `publish` if a paho version lacks it).
+    """
+    queue_packet = getattr(client, "_packet_queue", None)
+    if queue_packet is None:
+        for name, payload in messages:
+            client.publish(name, payload, qos=0)
+        return
+    packets = []
+    for name, payload in messages:
+        topic_bytes = name.encode()
+        body = struct.pack("!H", len(topic_bytes)) + topic_bytes + b"\x00" + payload  # \x00: no properties
+        packets.append(bytes((_PUBLISH_QOS0,)) + _varint(len(body)) + body)
+    if packets:
+        # Queued as an opaque write (command 0): paho runs no QoS 0 publish bookkeeping for it.
+        queue_packet(0, b"".join(packets), 0, 0)
+
+
 class Publisher:
     """Publishes retained `desired` states and fleet alerts as the server account (QoS 1)."""
 

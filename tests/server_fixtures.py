@@ -66,6 +66,7 @@ def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:
         "alert_interval_s": 0.2,
         "broker_sync_interval_s": 0.2,
         "stats_interval_s": 0.2,
+        "ack_interval_s": 0.1,
         "min_predictions": 100,
         "consecutive": 2,
         "webhook_retries": 1,
