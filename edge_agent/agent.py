@@ -147,6 +147,7 @@ class Agent:
         self._error_versions = {self.faults["predict_errors"]} if "predict_errors" in self.faults else set()
         self._reported_dirty = True
         self._last_reported = 0.0
+        self._connects_seen = 0  # link.connects at the last drain: a reconnect makes resends due
         self._lock = threading.RLock()
         self.wakeup_event = threading.Event()
         self.closed = False
@@ -156,7 +157,7 @@ class Agent:
     def start(self) -> Agent:
         """Open the data dir and outbox, load the committed model, recover updates, connect."""
         self.data.create()
-        self.outbox = Outbox(self.data.outbox_file, self.config.outbox.max_bytes)
+        self.outbox = Outbox(self.data.outbox_file, self.config.outbox.max_bytes, self.config.outbox.resend_after_s)
         self._load_committed()
         self.machine.recover()
         if self.link_mode != "none":
@@ -363,19 +364,31 @@ class Agent:
         )
 
     def _drain(self) -> None:
+        """Settle acknowledgements, then send what is due (new messages, and resends of messages
+        the broker took but the server did not acknowledge in time)."""
         link, outbox = self.link, self.outbox
         if link is None or outbox is None:
             return
-        for seq in link.take_acks():
-            outbox.ack(seq)
+        now = self.clock()
+        if self.config.outbox.server_acks:
+            for seq in link.take_acks():  # PUBACK: frees the in-flight slot, the message stays
+                outbox.broker_took(seq, now)
+            for seq in link.take_delivered():
+                outbox.ack(seq)
+            if link.connects != self._connects_seen:
+                self._connects_seen = link.connects
+                outbox.resend_all()  # a restarted broker may have lost what it took before
+        else:
+            for seq in link.take_acks():
+                outbox.ack(seq)
         outbox.commit_acks()
         room = link.room()
         if room <= 0:
             return
-        inflight = link.inflight_seqs
-        for msg in outbox.pending(after=max(inflight, default=-1), limit=room):
+        for msg in outbox.due(now, room, link.inflight_seqs):
             if not link.send(msg.seq, msg.kind, msg.payload):
                 break
+            outbox.sent(msg.seq)
 
     # ------------------------------------------------------------------ MQTT messages
 

@@ -79,6 +79,10 @@ class TelemetryConfig:
 @dataclass
 class OutboxConfig:
     max_bytes: int = 16 * MiB
+    # A message leaves the outbox when the server acknowledges its seq on `ack`; a message the
+    # broker took but the server did not acknowledge within resend_after_s is sent again.
+    resend_after_s: float = 120.0
+    server_acks: bool = True  # false: delete on the broker's PUBACK (a server without `ack`)
 
 
 @dataclass
@@ -129,6 +133,8 @@ class AgentConfig:
             raise ConfigError("[telemetry] window_s must be positive")
         if self.runtime.intra_op_threads < 1:
             raise ConfigError("[runtime] intra_op_threads must be at least 1")
+        if not self.outbox.resend_after_s > 0:
+            raise ConfigError("[outbox] resend_after_s must be positive (seconds before an unacknowledged message is resent)")
         if self.update.keep_versions < 2:
             raise ConfigError("[update] keep_versions must be at least 2 (active and previous)")
         if not 1 <= self.feedback.max_records <= 10_000_000:

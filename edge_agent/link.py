@@ -3,8 +3,9 @@
 Two ways to drive it: `start()` runs a small network thread (the real agent), or a simulator
 calls `service(timeout=0)` for many links from one thread (no OS thread per device).
 Reconnects back off exponentially with jitter so a fleet does not reconnect in lockstep after
-a broker restart. paho callbacks only record facts (acks, connection state, desired payloads);
-the agent acts on them in `tick`, outside paho's locks.
+a broker restart. paho callbacks only record facts (PUBACKs, the server's delivery
+acknowledgements, connection state, desired payloads); the agent acts on them in `tick`, outside
+paho's locks.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.config import AgentConfig
-from edge_agent.protocol import topic
+from edge_agent.protocol import DeliveryAck, ProtocolError, decode, topic
 
 log = logging.getLogger("edge_agent.link")
 
@@ -59,12 +60,14 @@ class MqttLink:
         self.backoff_max_s = backoff_max_s
         self.rng = rng or random.Random()
         self.desired_topic = topic(config.fleet, config.device_id, "desired")
+        self.ack_topic = topic(config.fleet, config.device_id, "ack")
         self.connected = False
         self.bytes_out = 0  # approximate bytes on the wire (telemetry bandwidth accounting)
         self.connects = 0
         self._attempts = 0
         self._next_attempt = 0.0
         self._acks: deque[int] = deque()
+        self._delivered: deque[int] = deque()  # seqs the server acknowledged on `ack`
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
         self._inflight_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -105,6 +108,8 @@ class MqttLink:
         self._attempts = 0
         self.connects += 1
         client.subscribe(self.desired_topic, qos=1)
+        if self.config.outbox.server_acks:
+            client.subscribe(self.ack_topic, qos=1)
         try:
             self._on_connected()
         except Exception:  # a callback must never kill paho's loop
@@ -123,6 +128,17 @@ class MqttLink:
         self.wakeup()
 
     def _handle_message(self, client, userdata, message) -> None:
+        if message.topic == self.ack_topic:
+            try:
+                ack = decode("ack", bytes(message.payload))
+            except ProtocolError as exc:
+                log.warning("ignoring a malformed delivery acknowledgement: %s", exc)
+                return
+            assert isinstance(ack, DeliveryAck)
+            if ack.device == self.config.device_id:
+                self._delivered.extend(ack.seqs)
+                self.wakeup()
+            return
         if message.topic == self.desired_topic:
             try:
                 self._on_desired(bytes(message.payload))
@@ -240,6 +256,13 @@ class MqttLink:
                 seq = self._inflight.pop(self._acks.popleft(), None)
                 if seq is not None:
                     seqs.append(seq)
+        return seqs
+
+    def take_delivered(self) -> list[int]:
+        """Seqs the server acknowledged (stored, or had already) since the last call."""
+        seqs = []
+        while self._delivered:
+            seqs.append(self._delivered.popleft())
         return seqs
 
     @property

@@ -1,8 +1,15 @@
-"""Store-and-forward outbox in SQLite: every telemetry window and event waits here for its PUBACK.
+"""Store-and-forward outbox in SQLite: every telemetry window and event waits here until the
+server acknowledges its seq.
 
 `seq` is one per-device counter over all queued messages. synchronous=FULL because a power
 cut must never roll `seq` back: a reused seq would be dropped by the server as a duplicate.
 Acks are deleted in batches, so a week of backlog drains without an fsync per message.
+
+A broker's PUBACK only frees the message's in-flight slot: the broker may still lose it (a crash
+before its next autosave, nobody subscribed). The message stays here, remembered in memory as
+awaiting since its PUBACK, and is sent again if the server's acknowledgement (`DeliveryAck` on
+`ack`) does not come within `resend_after_s`, or at once after a reconnect. After a restart
+everything still here is sent again; the server dedupes by (device, seq) and acknowledges again.
 """
 
 from __future__ import annotations
@@ -34,9 +41,10 @@ class Message:
 class Outbox:
     """A bounded, persistent FIFO of outgoing messages keyed by `seq`."""
 
-    def __init__(self, path: str | Path, max_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, path: str | Path, max_bytes: int = 16 * 1024 * 1024, resend_after_s: float = 120.0) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
+        self.resend_after_s = resend_after_s
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -49,6 +57,9 @@ class Outbox:
         self.dropped_total = self._meta("dropped_total", 0)
         self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM messages").fetchone()[0]
         self._acked: list[int] = []
+        self._cursor = -1  # highest seq handed to the link since this outbox was opened
+        # seq -> when the broker took it (PUBACK), oldest first: sent, waiting for the server.
+        self._awaiting: dict[int, float] = {}
 
     def _meta(self, key: str, default: int) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -74,6 +85,7 @@ class Outbox:
                     if row is None or row[0] == seq:
                         break
                     db.execute("DELETE FROM messages WHERE seq = ?", (row[0],))
+                    self._awaiting.pop(row[0], None)
                     self._bytes -= row[1]
                     dropped += 1
                 db.execute(
@@ -101,12 +113,72 @@ class Outbox:
             ).fetchall()
         return [Message(seq, kind, bytes(payload)) for seq, kind, payload in rows]
 
+    def due(self, now: float, limit: int, inflight: set[int] | None = None) -> list[Message]:
+        """What to send now, at most `limit`, oldest first: messages the broker took but the server
+        has not acknowledged for `resend_after_s`, then messages not yet sent since opening.
+
+        Call `sent(seq)` for each one the link accepted.
+        """
+        if limit <= 0:
+            return []
+        inflight = inflight or set()
+        with self._lock:
+            resend = []
+            cutoff = now - self.resend_after_s
+            for seq, since in self._awaiting.items():  # oldest PUBACK first
+                if since > cutoff or len(resend) >= limit:
+                    break
+                if seq not in inflight:
+                    resend.append(seq)
+            out: list[Message] = []
+            if resend:
+                marks = ",".join("?" * len(resend))
+                rows = self._db.execute(
+                    f"SELECT seq, kind, payload FROM messages WHERE seq IN ({marks}) ORDER BY seq", resend
+                ).fetchall()
+                out = [Message(seq, kind, bytes(payload)) for seq, kind, payload in rows]
+                for seq in set(resend) - {m.seq for m in out}:
+                    del self._awaiting[seq]  # acknowledged or dropped meanwhile
+            if len(out) < limit:
+                rows = self._db.execute(
+                    "SELECT seq, kind, payload FROM messages WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (max(self._cursor, max(inflight, default=-1)), limit - len(out)),
+                ).fetchall()
+                out += [Message(seq, kind, bytes(payload)) for seq, kind, payload in rows]
+        return out
+
+    def sent(self, seq: int) -> None:
+        """The link accepted this message: it is in flight until its PUBACK (`broker_took`)."""
+        with self._lock:
+            self._awaiting.pop(seq, None)
+            if seq > self._cursor:
+                self._cursor = seq
+
+    def broker_took(self, seq: int, now: float) -> None:
+        """PUBACK: the broker has the message; it now waits for the server's acknowledgement."""
+        with self._lock:
+            self._awaiting.pop(seq, None)
+            self._awaiting[seq] = now
+
+    def resend_all(self) -> None:
+        """After a reconnect: every message awaiting the server's acknowledgement is due at once
+        (a restarted broker may have lost it)."""
+        with self._lock:
+            for seq in self._awaiting:
+                self._awaiting[seq] = float("-inf")
+
+    @property
+    def awaiting(self) -> int:
+        """Messages the broker took that the server has not acknowledged yet."""
+        return len(self._awaiting)
+
     def ack(self, seq: int) -> None:
-        """Mark a message delivered (PUBACK); deleted at the next `commit_acks`."""
+        """Mark a message delivered (the server's acknowledgement); deleted at the next `commit_acks`."""
         with self._lock:
             self._acked.append(seq)
 
     def commit_acks(self) -> int:
+        """Delete the acknowledged messages in one transaction; returns how many acks there were."""
         with self._lock:
             acked, self._acked = self._acked, []
             if not acked:
@@ -115,6 +187,7 @@ class Outbox:
             db.execute("BEGIN IMMEDIATE")
             total = 0
             for seq in acked:
+                self._awaiting.pop(seq, None)
                 row = db.execute("SELECT size FROM messages WHERE seq = ?", (seq,)).fetchone()
                 if row is not None:
                     total += row[0]

@@ -412,7 +412,8 @@ def rehearse(
     clock = SimClock(speed=0, start=float(int(time.time())))
     config = ServerConfig(data_dir=root / "server", listen=f"127.0.0.1:{_free_port()}",
                           broker_port=_free_port(), bucket_s=max(60.0, scenario.window_s),
-                          bucket_grace_s=scenario.window_s, threads=8)
+                          bucket_grace_s=scenario.window_s, threads=8,
+                          ack_interval_s=0.2)  # each step waits for the devices' outboxes to be acknowledged
     traffic = _Traffic()
     server = FleetServer(config, clock=clock, loops=False)
     fleet: SimFleet | None = None

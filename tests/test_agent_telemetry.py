@@ -43,6 +43,37 @@ def test_outbox_seq_bound_and_restart(tmp_path):
     assert box.pending() == [] and box.append("events", lambda s: b"{}") == 6
 
 
+def test_outbox_keeps_a_message_the_broker_took_until_the_server_acks_it(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite3", max_bytes=1000, resend_after_s=60)
+    for _ in range(3):
+        box.append("telemetry", lambda s: b"x" * 100)
+    assert [m.seq for m in box.due(0.0, limit=2)] == [0, 1]  # at most the link's room
+    box.sent(0)
+    box.sent(1)
+    assert [m.seq for m in box.due(0.0, limit=10, inflight={0, 1})] == [2]
+    box.sent(2)
+    for seq in (0, 1, 2):
+        box.broker_took(seq, now=100.0)  # PUBACK: frees the slot, the message stays
+    assert box.count() == 3 and box.awaiting == 3
+    assert box.due(150.0, limit=10) == []  # the server has resend_after_s to acknowledge
+    box.ack(1)
+    box.commit_acks()
+    assert box.count() == 2 and box.awaiting == 2
+    assert [m.seq for m in box.due(160.0, limit=10)] == [0, 2]  # not acknowledged in time: again
+    box.sent(0)
+    box.broker_took(0, now=161.0)
+    assert [m.seq for m in box.due(170.0, limit=10)] == [2]
+    box.resend_all()  # a reconnect: the restarted broker may have lost them
+    assert [m.seq for m in box.due(170.0, limit=10)] == [0, 2]
+    # The byte bound still applies to what waits for the server: oldest dropped and counted.
+    for _ in range(9):
+        box.append("telemetry", lambda s: b"x" * 100)
+    assert box.bytes <= 1000 and box.dropped_total == 1 and 0 not in {m.seq for m in box.pending()}
+    box.close()
+    box = Outbox(tmp_path / "o.sqlite3", max_bytes=1000)
+    assert [m.seq for m in box.due(0.0, limit=3)] == [2, 3, 4]  # after a restart: all of it again
+
+
 @pytest.mark.broker
 def test_window_counts_match_requests(tmp_path, broker, collector):
     config = make_config(tmp_path, broker, telemetry={"sample_rows": 16, "sample_exclude": ["x1"]})
