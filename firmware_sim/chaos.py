@@ -10,8 +10,9 @@ checks the invariants and returns them as rows (name, expected, observed, pass):
 
 - every device runs a model whose signature verifies: the rollout's target, or the previous
   version with a reason (a failed update and its error, a timeout);
-- every telemetry window or event a device had acknowledged is stored exactly once, and every
-  seq the server is missing is one the device reports as dropped;
+- every telemetry window or event the server acknowledged to its device is stored exactly once,
+  and every seq the server is missing is one the device reports as dropped (settling waits until
+  every outbox is empty: acknowledged by the server, resent where a killed broker lost it);
 - the rollout's stored state matches what the devices run and report;
 - the server's bucket sums and drift equal a recomputation from the stored windows (as the
   devices sent them).
@@ -59,6 +60,7 @@ CURRENT, TARGET = "1.0.0", "2.0.0"
 # States a device may be killed in during its update (Idle is not an update).
 UPDATE_STATES = ("Download", "Verify", "Install", "SelfTest", "Activate", "Probation")
 FINAL = ("completed", "paused", "aborted")
+RESEND_AFTER_S = 5.0  # the devices' outbox.resend_after_s (the server acknowledges every 0.5 s)
 
 
 class ChaosError(RuntimeError):
@@ -446,13 +448,16 @@ class _Driver:
 def _server_toml(http_port: int, broker_port: int, plan: ChaosPlan) -> str:
     return (f'listen = "127.0.0.1:{http_port}"\nbroker_port = {broker_port}\nbucket_s = {plan.bucket_s}\n'
             f"bucket_grace_s = {plan.window_s}\nalert_interval_s = 2.0\nrollout_interval_s = 1.0\n"
-            "broker_sync_interval_s = 1.0\n")
+            # Acknowledge deliveries within a second; devices resend after 5 s (RESEND_AFTER_S).
+            "broker_sync_interval_s = 1.0\nack_interval_s = 0.5\n")
 
 
 def _agent_overrides(config: Any) -> None:
     # Probation in seconds, not minutes: the chaos is real time.
     config.update.probation_predictions = 20
     config.update.probation_s = 10.0
+    # What a killed broker took but lost is sent again after seconds, not minutes.
+    config.outbox.resend_after_s = RESEND_AFTER_S
 
 
 def _ingested(svc: Any, fleet: SimFleet) -> bool:
@@ -526,7 +531,7 @@ def run_chaos(plan: ChaosPlan, workdir: Path, *, say: Callable[[str], None] = la
         _wait_for(lambda: svc.storage.get_rollout(rid)["state"] in FINAL, settle_timeout_s,
                   "the rollout to finish", 0.5)
         fleet.wait(lambda: _settled_fleet(fleet), settle_timeout_s, "every device up, online and idle")
-        fleet.wait(fleet.delivered, settle_timeout_s, "every outbox acknowledged")
+        fleet.wait(fleet.delivered, settle_timeout_s, "every outbox acknowledged by the server")
         fleet.wait(lambda: _ingested(svc, fleet), settle_timeout_s, "the server to store every message")
         states = fleet.states()
         fleet.stop()
@@ -692,7 +697,7 @@ def _delivery_invariants(db: sqlite3.Connection, fleet: SimFleet) -> list[Invari
     lost, phantom, unreported = [], [], []
     for device_id in fleet.ids:
         next_seq, pending, dropped = _outbox_state(DataDir(fleet.devices[device_id].config.data_dir).outbox_file)
-        acked = set(range(next_seq)) - pending  # acknowledged, or dropped by the device itself
+        acked = set(range(next_seq)) - pending  # acknowledged by the server, or dropped by the device
         have = stored[device_id]
         missing = acked - have
         acked_total += len(acked) - dropped

@@ -305,8 +305,8 @@ class SimFleet:
                 self._cond.wait(min(left, 0.05))
 
     def delivered(self) -> bool:
-        """Every running device that has a network is online with an empty outbox (the broker
-        acknowledged everything it queued)."""
+        """Every running device that has a network is online with an empty outbox (the server
+        acknowledged everything it queued, on `ack`)."""
         with self._cond:
             return self._delivered()
 
