@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import threading
 import tomllib
 from collections.abc import Iterator
@@ -207,13 +208,15 @@ def login(browser: Any, base: str, name: str) -> Session:
 
 
 def shoot(page: Any, name: str) -> None:
-    """Save a screenshot as a test artifact and as the docs' picture of that page."""
+    """Save a screenshot as a test artifact; with EDGEFLEET_DOC_SCREENSHOTS=1 also as the docs'
+    picture of that page (so that an ordinary test run leaves the checkout clean)."""
     ARTIFACTS.mkdir(exist_ok=True)
-    DOC_IMAGES.mkdir(parents=True, exist_ok=True)
     page.evaluate("() => { document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0); }")
     data = page.screenshot(full_page=True, animations="disabled")
     (ARTIFACTS / f"console-{name}.png").write_bytes(data)
-    (DOC_IMAGES / f"console-{name}.png").write_bytes(data)
+    if os.environ.get("EDGEFLEET_DOC_SCREENSHOTS") == "1":
+        DOC_IMAGES.mkdir(parents=True, exist_ok=True)
+        (DOC_IMAGES / f"console-{name}.png").write_bytes(data)
 
 
 def record_weight(name: str, recorder: Recorder) -> int:
