@@ -32,15 +32,18 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, message: str = ""):
-    """Poll `predicate` until it returns a truthy value; return it, or fail after `timeout`."""
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, message=""):
+    """Poll `predicate` until it returns a truthy value; return it, or fail after `timeout`.
+
+    `message` may be a callable, evaluated only on failure (to show the state it ended in)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}")
+            what = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
 
 
