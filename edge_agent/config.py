@@ -91,6 +91,9 @@ class UpdateConfig:
     probation_s: float = 300.0
     probation_max_error_rate: float = 0.05
     probation_latency_factor: float = 3.0
+    # Below this median (ms) a model is never too slow: scheduling noise on a busy CPU moves
+    # sub-millisecond models by more than any factor.
+    probation_latency_floor_ms: float = 2.0
     download_timeout_s: float = 300.0
     max_download_bytes: int = 256 * MiB
     min_free_disk_bytes: int = 64 * MiB

@@ -38,7 +38,6 @@ from edge_agent.update.states import HANDLERS, desired_key
 log = logging.getLogger("edge_agent.update")
 
 MAX_SAVES = 64  # saves within one update; more means a loop
-PROBATION_LATENCY_FLOOR_MS = 0.5
 
 
 class UpdateHost(Protocol):
@@ -333,7 +332,7 @@ class UpdateMachine:
         # Compare with the replaced model under the same load (or the self-test without one);
         # below half a millisecond, differences are scheduling noise on a shared CPU.
         reference = max(getattr(self.host, "baseline_latency_ms", None) or 0.0, self.ctx.selftest_p50_ms or 0.0)
-        limit = max(PROBATION_LATENCY_FLOOR_MS, reference * cfg.probation_latency_factor)
+        limit = max(cfg.probation_latency_floor_ms, reference * cfg.probation_latency_factor)
         if p50 is not None and p50 > limit:
             self.fail(f"probation: median latency {p50:.3f} ms over {limit:.3f} ms")
             self.post(Event.FAILURE)
