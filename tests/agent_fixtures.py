@@ -303,7 +303,15 @@ class Collector:
         return items[-1] if items else None
 
     def events(self, kind: str | None = None) -> list[Any]:
-        return [e for e in self.get("events") if kind is None or e.kind == kind]
+        """Update events once per seq, as the server counts them: with no server to acknowledge
+        them, the agent sends unacknowledged messages again after a reconnect or restart."""
+        seen: set[int] = set()
+        out = []
+        for e in self.get("events"):
+            if e.seq not in seen and (kind is None or e.kind == kind):
+                seen.add(e.seq)
+                out.append(e)
+        return out
 
     def chain(self) -> list[str]:
         """The update's state chain from transition events, deduplicated by seq."""
