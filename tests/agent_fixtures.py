@@ -33,7 +33,7 @@ from edge_agent.config import (
     TrustConfig,
     UpdateConfig,
 )
-from edge_agent.protocol import DesiredState, decode, encode, parse_topic
+from edge_agent.protocol import DeliveryAck, DesiredState, decode, encode, parse_topic, topic
 from tests.brokers import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -266,7 +266,8 @@ def publish_desired(broker, device: str, desired: DesiredState | bytes, fleet: s
 class Collector:
     """Subscribes to every device topic and keeps the decoded messages by kind."""
 
-    def __init__(self, broker, client_id: str = "test-collector") -> None:
+    def __init__(self, broker, client_id: str = "test-collector", ack: bool = False) -> None:
+        self.ack = ack  # acknowledge telemetry and events as the fleet server does (DeliveryAck)
         self.messages: dict[str, list[Any]] = {"telemetry": [], "events": [], "reported": [], "status": []}
         self.lock = threading.Lock()
         self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -288,11 +289,14 @@ class Collector:
         self.subscribed += 1
 
     def _on_message(self, client, userdata, msg) -> None:
-        _, _, kind = parse_topic(msg.topic)
-        if kind == "desired" or not msg.payload:
+        fleet, device, kind = parse_topic(msg.topic)
+        if kind in ("desired", "ack") or not msg.payload:
             return
+        message = decode(kind, msg.payload)
         with self.lock:
-            self.messages[kind].append(decode(kind, msg.payload))
+            self.messages[kind].append(message)
+        if self.ack and kind in ("telemetry", "events"):
+            client.publish(topic(fleet, device, "ack"), encode(DeliveryAck(device=device, seqs=[message.seq])), qos=1)
 
     def get(self, kind: str) -> list[Any]:
         with self.lock:
