@@ -8,7 +8,8 @@ Features are identified by index (names are arbitrary strings and stay in the pa
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -99,6 +100,27 @@ def describe(
     return {"features": feats, "prediction": pred}
 
 
+K = TypeVar("K", str, float)
+
+
+def _described_groups(
+    rows: Iterable[dict[str, Any]],
+    key: Callable[[dict[str, Any]], K | None],
+    profile: ReferenceProfile,
+    policy: DriftPolicy,
+) -> Iterator[tuple[K, BucketSums, dict[str, Any]]]:
+    """Bucket rows grouped by `key` (a row whose key is None is left out), in key order: each
+    group's key, summed counts and drift description."""
+    groups: dict[K, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        k = key(r)
+        if k is not None:
+            groups[k].append(r)
+    for k in sorted(groups):
+        sums = sum_rows(groups[k])
+        yield k, sums, describe(profile, sums, policy)
+
+
 def drift(
     svc: Services,
     model: str,
@@ -139,13 +161,9 @@ def timeline(
     row = get_model(svc, model, version)
     profile = profile_of(row)
     policy = effective_policy(svc, row)
-    by_bucket: dict[float, list[dict[str, Any]]] = defaultdict(list)
-    for r in svc.storage.bucket_rows(model, version, start, end, scope_devices(svc, scope)):
-        by_bucket[r["bucket_start"]].append(r)
+    rows = svc.storage.bucket_rows(model, version, start, end, scope_devices(svc, scope))
     points = []
-    for bucket in sorted(by_bucket):
-        sums = sum_rows(by_bucket[bucket])
-        d = describe(profile, sums, policy)
+    for bucket, sums, d in _described_groups(rows, lambda r: r["bucket_start"], profile, policy):
         points.append(
             {
                 "bucket_start": bucket,
@@ -183,26 +201,19 @@ def cohorts(
     profile = profile_of(row)
     policy = effective_policy(svc, row)
     rows = svc.storage.bucket_rows(model, version, start, end)
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     if by == "device":
-        for r in rows:
-            groups[f"device:{r['device']}"].append(r)
+        cohort_of = {r["device"]: f"device:{r['device']}" for r in rows}
     elif by.startswith("tag:") and len(by) > 4:
         key = by[4:]
-        tag_of = {
-            d["id"]: d["tags"].get(key)
+        cohort_of = {
+            d["id"]: f"tag:{key}={d['tags'][key]}"
             for d in svc.storage.list_devices(include_revoked=True, limit=1_000_000)
+            if d["tags"].get(key) is not None
         }
-        for r in rows:
-            value = tag_of.get(r["device"])
-            if value is not None:
-                groups[f"tag:{key}={value}"].append(r)
     else:
         raise DriftQueryError(f"by={by!r} must be 'device' or 'tag:KEY'")
     out = []
-    for scope in sorted(groups):
-        sums = sum_rows(groups[scope])
-        d = describe(profile, sums, policy)
+    for scope, sums, d in _described_groups(rows, lambda r: cohort_of.get(r["device"]), profile, policy):
         worst = max(d["features"], key=lambda f: f["psi"] if f["psi"] is not None else -1, default=None)
         out.append(
             {

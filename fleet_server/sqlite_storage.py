@@ -41,6 +41,51 @@ _BUCKET_COLUMNS = (
 _INSERT_BUCKET = sqlite_ingest.INSERT_BUCKET
 
 
+def _where(*terms: tuple[str, Any]) -> tuple[str, list[Any]]:
+    """The WHERE clause of a query's optional filters and its parameters: (" WHERE a AND b", [...]),
+    ("", []) when none applies. A term is (condition, value): None or False leaves it out, True
+    keeps a condition without `?`, a list or tuple fills one `?` per item, any other value one `?`."""
+    conditions: list[str] = []
+    params: list[Any] = []
+    for condition, value in terms:
+        if value is None or value is False:
+            continue
+        conditions.append(condition)
+        if isinstance(value, (list, tuple)):
+            params += value
+        elif value is not True:
+            params.append(value)
+    return (" WHERE " + " AND ".join(conditions) if conditions else ""), params
+
+
+def _in(column: str, values: Sequence[Any] | None) -> tuple[str, Any]:
+    """The `_where` term `column IN (?,?,...)`, left out when values is None."""
+    if values is None:
+        return "", None
+    return f"{column} IN ({','.join('?' * len(values))})", list(values)
+
+
+def _device_terms(
+    tags: dict[str, str] | None,
+    model_version: str | None,
+    status: str | None,
+    seen_after: float | None,
+    seen_before: float | None,
+) -> list[tuple[str, Any]]:
+    """The `_where` terms of the device filters that listing and searching devices share."""
+    return [
+        *(
+            (f"EXISTS (SELECT 1 FROM device_tags t{i} WHERE t{i}.device = devices.id "
+             f"AND t{i}.key = ? AND t{i}.value = ?)", [k, v])
+            for i, (k, v) in enumerate((tags or {}).items())
+        ),
+        ("active_version = ?", model_version),
+        ("status = ?", status),
+        ("last_seen >= ?", seen_after),
+        ("(last_seen IS NULL OR last_seen < ?)", seen_before),
+    ]
+
+
 class SqliteStorage:
     """Storage on one SQLite file; share one instance between threads (connections are per thread)."""
 
@@ -159,32 +204,13 @@ class SqliteStorage:
         limit: int = 1000,
         offset: int = 0,
     ) -> list[dict[str, Any]]:
-        where, params = [], []
-        if not include_revoked:
-            where.append("revoked_at IS NULL")
-        for i, (k, v) in enumerate((tags or {}).items()):
-            where.append(
-                f"EXISTS (SELECT 1 FROM device_tags t{i} WHERE t{i}.device = devices.id "
-                f"AND t{i}.key = ? AND t{i}.value = ?)"
-            )
-            params += [k, v]
-        if model_version is not None:
-            where.append("active_version = ?")
-            params.append(model_version)
-        if status is not None:
-            where.append("status = ?")
-            params.append(status)
-        if seen_after is not None:
-            where.append("last_seen >= ?")
-            params.append(seen_after)
-        if seen_before is not None:
-            where.append("(last_seen IS NULL OR last_seen < ?)")
-            params.append(seen_before)
-        sql = "SELECT * FROM devices"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id LIMIT ? OFFSET ?"
-        rows = self._rows(sql, [*params, limit, offset])
+        where, params = _where(
+            ("revoked_at IS NULL", not include_revoked),
+            *_device_terms(tags, model_version, status, seen_after, seen_before),
+        )
+        rows = self._rows(
+            f"SELECT * FROM devices{where} ORDER BY id LIMIT ? OFFSET ?", [*params, limit, offset]
+        )
         tags_by = self._tags_for([r["id"] for r in rows])
         return [self._device_dict(r, tags_by[r["id"]]) for r in rows]
 
@@ -278,12 +304,8 @@ class SqliteStorage:
         return self._rows("SELECT * FROM rejects ORDER BY reason, device")
 
     def seq_stats(self, device_id: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM seq_stats"
-        params: list[Any] = []
-        if device_id is not None:
-            sql += " WHERE device = ?"
-            params.append(device_id)
-        return self._rows(sql + " ORDER BY device", params)
+        where, params = _where(("device = ?", device_id))
+        return self._rows(f"SELECT * FROM seq_stats{where} ORDER BY device", params)
 
     def events(self, device_id: str, limit: int = 100) -> list[dict[str, Any]]:
         return self._rows(
@@ -342,39 +364,29 @@ class SqliteStorage:
         end: float | None = None,
         devices: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM buckets WHERE model = ? AND model_version = ?"
-        params: list[Any] = [model, version]
-        if start is not None:
-            sql += " AND bucket_start >= ?"
-            params.append(start)
-        if end is not None:
-            sql += " AND bucket_start < ?"
-            params.append(end)
-        if devices is not None:
-            if not devices:
-                return []
-            sql += f" AND device IN ({','.join('?' * len(devices))})"
-            params += list(devices)
-        return self._bucket_dicts(self._rows(sql + " ORDER BY bucket_start, device, id", params))
+        if devices is not None and not devices:
+            return []
+        where, params = _where(
+            ("model = ? AND model_version = ?", [model, version]),
+            ("bucket_start >= ?", start),
+            ("bucket_start < ?", end),
+            _in("device", devices),
+        )
+        sql = f"SELECT * FROM buckets{where} ORDER BY bucket_start, device, id"
+        return self._bucket_dicts(self._rows(sql, params))
 
     def device_bucket_rows(self, device_id: str, start: float | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM buckets WHERE device = ?"
-        params: list[Any] = [device_id]
-        if start is not None:
-            sql += " AND bucket_start >= ?"
-            params.append(start)
-        return self._bucket_dicts(self._rows(sql + " ORDER BY bucket_start, id", params))
+        where, params = _where(("device = ?", [device_id]), ("bucket_start >= ?", start))
+        return self._bucket_dicts(self._rows(f"SELECT * FROM buckets{where} ORDER BY bucket_start, id", params))
 
     def bucketed_versions(self, since: float | None = None) -> list[dict[str, Any]]:
-        sql = (
+        where, params = _where(("bucket_start >= ?", since))
+        return self._rows(
             "SELECT model, model_version, min(bucket_start) AS first_bucket, max(bucket_start) AS last_bucket, "
-            "count(DISTINCT device) AS devices FROM buckets"
+            f"count(DISTINCT device) AS devices FROM buckets{where} "
+            "GROUP BY model, model_version ORDER BY model, model_version",
+            params,
         )
-        params: list[Any] = []
-        if since is not None:
-            sql += " WHERE bucket_start >= ?"
-            params.append(since)
-        return self._rows(sql + " GROUP BY model, model_version ORDER BY model, model_version", params)
 
     # ------------------------------------------------------------------ ground-truth feedback
 
@@ -394,18 +406,17 @@ class SqliteStorage:
         end: float | None = None,
         devices: Sequence[str] | None = None,
     ) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM feedback WHERE model = ?"
-        params: list[Any] = [model]
-        for cond, value in (("model_version = ?", version), ("bucket_start >= ?", start), ("bucket_start < ?", end)):
-            if value is not None:
-                sql += f" AND {cond}"
-                params.append(value)
-        if devices is not None:
-            if not devices:
-                return []
-            sql += f" AND device IN ({','.join('?' * len(devices))})"
-            params += list(devices)
-        return self._feedback_dicts(self._rows(sql + " ORDER BY bucket_start, device, id", params))
+        if devices is not None and not devices:
+            return []
+        where, params = _where(
+            ("model = ?", [model]),
+            ("model_version = ?", version),
+            ("bucket_start >= ?", start),
+            ("bucket_start < ?", end),
+            _in("device", devices),
+        )
+        sql = f"SELECT * FROM feedback{where} ORDER BY bucket_start, device, id"
+        return self._feedback_dicts(self._rows(sql, params))
 
     def feedback_since(self, model: str, since: float) -> list[dict[str, Any]]:
         return self._feedback_dicts(
@@ -493,13 +504,11 @@ class SqliteStorage:
         return row
 
     def open_alerts(self, model: str, version: str, scope: str, kind: str | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM alerts WHERE state = 'open' AND model = ? AND model_version = ? AND scope = ?"
-        params = [model, version, scope]
-        if kind is not None:
-            sql += " AND kind = ?"
-            params.append(kind)
-        rows = self._rows(sql, params)
-        return [self._alert_dict(r) for r in rows]
+        where, params = _where(
+            ("state = 'open' AND model = ? AND model_version = ? AND scope = ?", [model, version, scope]),
+            ("kind = ?", kind),
+        )
+        return [self._alert_dict(r) for r in self._rows(f"SELECT * FROM alerts{where}", params)]
 
     def insert_alert(self, row: dict[str, Any]) -> int:
         row = {**row, "details": dumps(row.get("details", {}))}
@@ -530,13 +539,11 @@ class SqliteStorage:
         kind: str | None = None,
         limit: int = 500,
     ) -> list[dict[str, Any]]:
-        where, params = [], []
-        for col, value in (("state", state), ("model", model), ("scope", scope), ("kind", kind)):
-            if value is not None:
-                where.append(f"{col} = ?")
-                params.append(value)
-        sql = "SELECT * FROM alerts" + (" WHERE " + " AND ".join(where) if where else "")
-        return [self._alert_dict(r) for r in self._rows(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])]
+        where, params = _where(
+            ("state = ?", state), ("model = ?", model), ("scope = ?", scope), ("kind = ?", kind)
+        )
+        rows = self._rows(f"SELECT * FROM alerts{where} ORDER BY id DESC LIMIT ?", [*params, limit])
+        return [self._alert_dict(r) for r in rows]
 
     def series_states(self, model: str, version: str, scope: str) -> dict[str, dict[str, Any]]:
         rows = self._rows(
@@ -648,11 +655,10 @@ class SqliteStorage:
             return int(cur.lastrowid)
 
     def list_audit(self, *, target_prefix: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        sql, params = "SELECT * FROM audit_log", []
-        if target_prefix is not None:
-            sql += " WHERE substr(target, 1, ?) = ?"
-            params += [len(target_prefix), target_prefix]
-        rows = self._rows(sql + " ORDER BY id DESC LIMIT ?", [*params, limit])
+        where, params = _where(
+            ("substr(target, 1, ?) = ?", None if target_prefix is None else [len(target_prefix), target_prefix])
+        )
+        rows = self._rows(f"SELECT * FROM audit_log{where} ORDER BY id DESC LIMIT ?", [*params, limit])
         for r in rows:
             r["detail"] = loads(r["detail"])
         return rows
@@ -671,33 +677,14 @@ class SqliteStorage:
         limit: int = 50,
         offset: int = 0,
     ) -> tuple[list[dict[str, Any]], int]:
-        where, params = ["revoked_at IS NULL"], []
-        if query:
-            escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            where.append("id LIKE ? ESCAPE '\\'")
-            params.append(f"%{escaped}%")
-        for i, (k, v) in enumerate((tags or {}).items()):
-            where.append(
-                f"EXISTS (SELECT 1 FROM device_tags t{i} WHERE t{i}.device = devices.id "
-                f"AND t{i}.key = ? AND t{i}.value = ?)"
-            )
-            params += [k, v]
-        if model_version is not None:
-            where.append("active_version = ?")
-            params.append(model_version)
-        if status is not None:
-            where.append("status = ?")
-            params.append(status)
-        if updating is not None:
-            busy = "(update_state IS NOT NULL AND lower(update_state) NOT IN ('idle', 'failed'))"
-            where.append(busy if updating else f"NOT {busy}")
-        if seen_after is not None:
-            where.append("last_seen >= ?")
-            params.append(seen_after)
-        if seen_before is not None:
-            where.append("(last_seen IS NULL OR last_seen < ?)")
-            params.append(seen_before)
-        clause = " WHERE " + " AND ".join(where)
+        escaped = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        busy = "(update_state IS NOT NULL AND lower(update_state) NOT IN ('idle', 'failed'))"
+        clause, params = _where(
+            ("revoked_at IS NULL", True),
+            ("id LIKE ? ESCAPE '\\'", f"%{escaped}%" if query else None),
+            *_device_terms(tags, model_version, status, seen_after, seen_before),
+            (busy if updating else f"NOT {busy}", updating is not None),
+        )
         order = {
             "id": "id",
             "last_seen": "last_seen DESC NULLS LAST, id",
@@ -770,13 +757,12 @@ class SqliteStorage:
         return self._rollout_dict(row) if row else None
 
     def list_rollouts(self, *, states: Sequence[str] | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        sql, params = "SELECT * FROM rollouts", []
-        if states is not None:
-            if not states:
-                return []
-            sql += f" WHERE state IN ({','.join('?' * len(states))})"
-            params += list(states)
-        rows = self._rows(sql + " ORDER BY created_at DESC, id LIMIT ?", [*params, limit])
+        if states is not None and not states:
+            return []
+        where, params = _where(_in("state", states))
+        rows = self._rows(
+            f"SELECT * FROM rollouts{where} ORDER BY created_at DESC, id LIMIT ?", [*params, limit]
+        )
         return [self._rollout_dict(r) for r in rows]
 
     def update_rollout(
@@ -805,16 +791,14 @@ class SqliteStorage:
             return True
 
     def rollout_devices(self, rollout_id: str | None = None, *, active: bool = False) -> list[dict[str, Any]]:
-        sql = "SELECT rd.* FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id"
-        where, params = [], []
-        if rollout_id is not None:
-            where.append("rd.rollout_id = ?")
-            params.append(rollout_id)
-        if active:
-            where.append("r.state IN ('running', 'paused', 'aborting')")
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        return self._rows(sql + " ORDER BY rd.rollout_id, rd.stage, rd.device", params)
+        where, params = _where(
+            ("rd.rollout_id = ?", rollout_id), ("r.state IN ('running', 'paused', 'aborting')", active)
+        )
+        return self._rows(
+            f"SELECT rd.* FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id{where} "
+            "ORDER BY rd.rollout_id, rd.stage, rd.device",
+            params,
+        )
 
     def put_rollout_devices(self, rows: Sequence[dict[str, Any]]) -> None:
         if not rows:

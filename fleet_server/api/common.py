@@ -179,6 +179,14 @@ def arg_int(name: str, default: int) -> int:
         raise ApiError(f"query parameter {name}={value!r} must be a whole number") from None
 
 
+def window_args(
+    selector: str = "scope", default: str = "fleet"
+) -> tuple[str, float | None, float | None]:
+    """The arguments of a time-windowed view, in this order: the `selector` argument (`scope`, or
+    `by` for the per-group views; `default` when absent), then the optional `start` and `end`."""
+    return request.args.get(selector, default), arg_float("start"), arg_float("end")
+
+
 def arg_bool(name: str) -> bool | None:
     value = request.args.get(name)
     if value is None or value == "":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, request
 
 from fleet_server import drift_service
-from fleet_server.api.common import arg_float, require, services
+from fleet_server.api.common import arg_float, require, services, window_args
 from fleet_server.auth import Role
 
 bp = Blueprint("drift", __name__, url_prefix="/api/v1")
@@ -14,31 +14,19 @@ bp = Blueprint("drift", __name__, url_prefix="/api/v1")
 @bp.get("/models/<name>/<version>/drift")
 @require(Role.VIEWER)
 def drift(name: str, version: str):
-    return jsonify(
-        drift_service.drift(
-            services(), name, version, request.args.get("scope", "fleet"), arg_float("start"), arg_float("end")
-        )
-    )
+    return jsonify(drift_service.drift(services(), name, version, *window_args()))
 
 
 @bp.get("/models/<name>/<version>/drift/timeline")
 @require(Role.VIEWER)
 def timeline(name: str, version: str):
-    return jsonify(
-        drift_service.timeline(
-            services(), name, version, request.args.get("scope", "fleet"), arg_float("start"), arg_float("end")
-        )
-    )
+    return jsonify(drift_service.timeline(services(), name, version, *window_args()))
 
 
 @bp.get("/models/<name>/<version>/drift/cohorts")
 @require(Role.VIEWER)
 def cohorts(name: str, version: str):
-    return jsonify(
-        drift_service.cohorts(
-            services(), name, version, request.args.get("by", "device"), arg_float("start"), arg_float("end")
-        )
-    )
+    return jsonify(drift_service.cohorts(services(), name, version, *window_args("by", "device")))
 
 
 @bp.get("/telemetry/summary")

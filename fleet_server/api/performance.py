@@ -6,7 +6,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, request
 
 from fleet_server import performance_service
-from fleet_server.api.common import arg_float, require, services
+from fleet_server.api.common import require, services, window_args
 from fleet_server.auth import Role
 
 bp = Blueprint("performance", __name__, url_prefix="/api/v1")
@@ -21,38 +21,22 @@ def versions():
 @bp.get("/performance/<name>/<version>")
 @require(Role.VIEWER)
 def performance(name: str, version: str):
-    return jsonify(
-        performance_service.performance(
-            services(), name, version, request.args.get("scope", "fleet"), arg_float("start"), arg_float("end")
-        )
-    )
+    return jsonify(performance_service.performance(services(), name, version, *window_args()))
 
 
 @bp.get("/performance/<name>/<version>/groups")
 @require(Role.VIEWER)
 def groups(name: str, version: str):
-    return jsonify(
-        performance_service.groups(
-            services(), name, version, request.args.get("by", "device"), arg_float("start"), arg_float("end")
-        )
-    )
+    return jsonify(performance_service.groups(services(), name, version, *window_args("by", "device")))
 
 
 @bp.get("/performance/<name>/<version>/timeline")
 @require(Role.VIEWER)
 def timeline(name: str, version: str):
-    return jsonify(
-        performance_service.timeline(
-            services(), name, version, request.args.get("scope", "fleet"), arg_float("start"), arg_float("end")
-        )
-    )
+    return jsonify(performance_service.timeline(services(), name, version, *window_args()))
 
 
 @bp.get("/performance/<name>/<version>/concept-drift")
 @require(Role.VIEWER)
 def concept_drift(name: str, version: str):
-    return jsonify(
-        performance_service.concept_drift(
-            services(), name, version, request.args.get("scope", "fleet"), arg_float("start"), arg_float("end")
-        )
-    )
+    return jsonify(performance_service.concept_drift(services(), name, version, *window_args()))

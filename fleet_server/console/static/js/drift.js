@@ -1,5 +1,5 @@
 // Drift: PSI heatmap (feature x time), reference vs current distributions, devices, alerts.
-import { act, api, canAct, chartDefaults, colors, el, fmtClock, fmtNum, fmtTime, levelPill, poll, rows, scopeLink, upsertChart } from "./lib.js";
+import { act, api, canAct, chartDefaults, colors, el, fmtClock, fmtNum, fmtTime, levelPill, poll, rows, scopeFilters, scopeLink, upsertChart } from "./lib.js";
 
 chartDefaults();
 const charts = {};
@@ -8,31 +8,8 @@ const featureSelect = document.getElementById("feature");
 const MAX_BUCKETS = 120;
 let featuresKey = "";
 
-const params = new URLSearchParams(location.search);
-for (const [key, value] of params) {
-  const field = form.elements.namedItem(key);
-  if (field) field.value = value;
-}
+const { params, selection, query: q } = scopeFilters(form);
 if (params.get("feature")) featureSelect.dataset.want = params.get("feature");
-
-function selection() {
-  const mv = form.elements.mv.value;
-  if (!mv) return null;
-  const slash = mv.indexOf("/");
-  const kind = form.elements.kind.value;
-  const value = form.elements.value.value.trim();
-  let scope = "fleet";
-  if (kind === "tag" && value.includes("=")) scope = `tag:${value}`;
-  else if (kind === "device" && value) scope = `device:${value}`;
-  const period = form.elements.period.value;
-  return { model: mv.slice(0, slash), version: mv.slice(slash + 1), scope, start: period ? Date.now() / 1000 - Number(period) : null };
-}
-
-function q(sel, extra = {}) {
-  const p = new URLSearchParams({ scope: sel.scope, ...extra });
-  if (sel.start) p.set("start", String(Math.floor(sel.start)));
-  return p.toString();
-}
 
 function base(sel) {
   return `/api/v1/models/${encodeURIComponent(sel.model)}/${encodeURIComponent(sel.version)}`;

@@ -217,6 +217,41 @@ export async function act({ title, text, label, call, done, refresh }) {
   }
 }
 
+// ------------------------------------------------------------------ scope filters
+
+// The model version / scope / period form of the drift and performance pages. Its fields start
+// from the page's query string (returned as `params`); `selection()` reads the form as
+// {model, version, scope, start} (null without a model version) and `query(sel, extra)` is the
+// API query string of a selection.
+export function scopeFilters(form) {
+  const params = new URLSearchParams(location.search);
+  for (const [key, value] of params) {
+    const field = form.elements.namedItem(key);
+    if (field) field.value = value;
+  }
+
+  function selection() {
+    const mv = form.elements.mv.value;
+    if (!mv) return null;
+    const slash = mv.indexOf("/");
+    const kind = form.elements.kind.value;
+    const value = form.elements.value.value.trim();
+    let scope = "fleet";
+    if (kind === "tag" && value.includes("=")) scope = `tag:${value}`;
+    else if (kind === "device" && value) scope = `device:${value}`;
+    const period = form.elements.period.value;
+    return { model: mv.slice(0, slash), version: mv.slice(slash + 1), scope, start: period ? Date.now() / 1000 - Number(period) : null };
+  }
+
+  function query(sel, extra = {}) {
+    const p = new URLSearchParams({ scope: sel.scope, ...extra });
+    if (sel.start) p.set("start", String(Math.floor(sel.start)));
+    return p.toString();
+  }
+
+  return { params, selection, query };
+}
+
 // ------------------------------------------------------------------ charts
 
 export const colors = {

@@ -1,6 +1,6 @@
 // Performance: input drift beside realized performance on one time axis (concept drift), the
 // summary with label counts, per-class figures, the reliability diagram, devices and alerts.
-import { api, chartDefaults, colors, el, fmtClock, fmtNum, fmtPct, fmtTime, kv, levelPill, poll, rows, scopeLink, upsertChart } from "./lib.js";
+import { api, chartDefaults, colors, el, fmtClock, fmtNum, fmtPct, fmtTime, kv, levelPill, poll, rows, scopeFilters, scopeLink, upsertChart } from "./lib.js";
 
 chartDefaults();
 const charts = {};
@@ -16,30 +16,7 @@ const READINGS = {
   unknown: "too few rows and labels",
 };
 
-const params = new URLSearchParams(location.search);
-for (const [key, value] of params) {
-  const field = form.elements.namedItem(key);
-  if (field) field.value = value;
-}
-
-function selection() {
-  const mv = form.elements.mv.value;
-  if (!mv) return null;
-  const slash = mv.indexOf("/");
-  const kind = form.elements.kind.value;
-  const value = form.elements.value.value.trim();
-  let scope = "fleet";
-  if (kind === "tag" && value.includes("=")) scope = `tag:${value}`;
-  else if (kind === "device" && value) scope = `device:${value}`;
-  const period = form.elements.period.value;
-  return { model: mv.slice(0, slash), version: mv.slice(slash + 1), scope, start: period ? Date.now() / 1000 - Number(period) : null };
-}
-
-function q(sel, extra = {}) {
-  const p = new URLSearchParams({ scope: sel.scope, ...extra });
-  if (sel.start) p.set("start", String(Math.floor(sel.start)));
-  return p.toString();
-}
+const { selection, query: q } = scopeFilters(form);
 
 function base(sel) {
   return `/api/v1/performance/${encodeURIComponent(sel.model)}/${encodeURIComponent(sel.version)}`;
