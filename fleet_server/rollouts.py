@@ -404,10 +404,13 @@ def _reconcile_rollout(svc: Services, p: _Pass, row: dict[str, Any]) -> None:
     spec = spec_of(row)
     rid, state = row["id"], RolloutState(row["state"])
     assigned = {m["device"]: m for m in svc.storage.rollout_devices(rid)}
-    population = [d for d in _matching(spec.target, list(p.devices.values()))
-                  if d not in p.taken or d in assigned]
-    p.taken.update(population)
+    matching = [d for d in _matching(spec.target, list(p.devices.values())) if d not in p.taken or d in assigned]
+    p.taken.update(matching)
     p.taken.update(assigned)
+    # A device joins the population once it has reported what it runs: its active version then is
+    # the version an abort sends it back to. Assigned earlier, a device that had just connected
+    # would have no previous version, and an abort would leave it on the rolled-out one.
+    population = [d for d in matching if d in assigned or (p.devices[d].get("reported") is not None)]
     if state is RolloutState.ABORTING:
         _reconcile_abort(svc, p, row, spec, assigned)
         return
