@@ -1,7 +1,7 @@
 """Benchmark the agent: raw onnxruntime, in-process Agent.predict, HTTP (sequential and 8
 keep-alive clients) against two baselines measured in the same run (a bare stdlib HTTP server
 around onnxruntime, and Flask + scikit-learn on waitress); server CPU time per request; agent
-RSS; MQTT bytes/hour.
+RSS and where it goes (imports, model session, running); MQTT bytes/hour.
 
 Requests per second depend on whatever else the machine runs; CPU time per request (the server
 process's user + system seconds over the requests it answered) does much less, so compare the
@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -261,9 +262,150 @@ def agent_http(kind: str, body: bytes, tmp: Path, broker: Broker) -> dict[str, o
         seq = http_load(port, body, 1, pid=pid)
         c8 = http_load(port, body, CLIENTS, pid=pid)
         rss = psutil.Process(pid).memory_info().rss
-        return {"seq": seq, "c8": c8, "rss_mib": rss / 2**20}
+        # A scraped device also holds prometheus_client and its registry (imported at the first scrape).
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+            resp.read()
+        scraped = psutil.Process(pid).memory_info().rss
+        file_backed = _status_kib(pid, "RssFile") * 1024
+        return {"seq": seq, "c8": c8, "rss_mib": rss / 2**20, "rss_scraped_mib": scraped / 2**20,
+                "rss_file_mib": file_backed / 2**20}
     finally:
         proc.stop()
+
+
+# What `python -m edge_agent run` holds, one layer at a time, in a fresh interpreter. argv: the
+# model file, the session settings of edge_agent.runtime.session_options, and one input row.
+BREAKDOWN_SCRIPT = r"""
+import json, sys
+
+def status():
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+model_path, settings, feed = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+steps = [("bare", status())]
+import numpy as np
+steps.append(("numpy", status()))
+import onnxruntime as ort
+steps.append(("onnxruntime", status()))
+so = ort.SessionOptions()
+for name, value in settings.items():
+    if isinstance(value, list):  # an enum, by type and member name
+        value = getattr(getattr(ort, value[0]), value[1])
+    setattr(so, name, value)
+with open(model_path, "rb") as fh:
+    sess = ort.InferenceSession(fh.read(), so, providers=["CPUExecutionProvider"])
+sess.run(None, {feed["name"]: np.asarray([feed["row"]], dtype=feed["dtype"])})
+steps.append(("session", status()))
+import ssl
+import paho.mqtt.client
+steps.append(("mqtt", status()))
+import cryptography.exceptions
+import cryptography.hazmat.primitives.asymmetric.ed25519
+steps.append(("cryptography", status()))
+import prometheus_client
+steps.append(("prometheus", status()))
+import edge_agent.__main__, edge_agent.service, edge_agent.metrics
+steps.append(("edge_agent", status()))
+print(json.dumps(steps))
+"""
+
+BREAKDOWN_ROWS = [
+    ("bare", "bare python"),
+    ("numpy", "+ numpy"),
+    ("onnxruntime", "+ onnxruntime"),
+    ("session", "+ the model's onnxruntime session (built and run once)"),
+    ("mqtt", "+ ssl and paho-mqtt"),
+    ("cryptography", "+ cryptography (Ed25519)"),
+    ("prometheus", "+ prometheus_client"),
+    ("edge_agent", "+ the rest of edge_agent (and model_tools, msgspec, click)"),
+]
+
+
+def _session_settings() -> dict[str, object]:
+    """edge_agent.runtime.session_options as plain values a fresh interpreter can apply."""
+    from edge_agent.runtime import session_options
+
+    so = session_options(1)
+    out: dict[str, object] = {}
+    for name in ("intra_op_num_threads", "inter_op_num_threads", "log_severity_level",
+                 "enable_cpu_mem_arena", "enable_mem_pattern"):
+        out[name] = getattr(so, name)
+    for name, enum in (("execution_mode", "ExecutionMode"), ("graph_optimization_level", "GraphOptimizationLevel")):
+        out[name] = [enum, getattr(so, name).name]
+    return out
+
+
+def rss_breakdown(kind: str, tmp: Path) -> list[tuple[str, dict[str, float]]]:
+    """VmRSS (and its anonymous / file-backed parts) after each layer the agent process loads.
+
+    A fresh interpreter with MALLOC_ARENA_MAX as the agent runs: bare python, + numpy,
+    + onnxruntime, + the model session (the "floor"), + ssl/paho-mqtt, + cryptography,
+    + prometheus_client, + the rest of edge_agent. Threads, connections, buffers and heap growth
+    of the running agent are what `agent_http` measures on top.
+    """
+    from model_tools.bundle import read_bundle
+
+    bundle = read_bundle(bundle_bytes(kind, "1.0.0"), require_signature=False)
+    model_path = tmp / f"breakdown-{kind}.onnx"
+    model_path.write_bytes(bundle.model_bytes)
+    X, _ = dataset()
+    spec = bundle.manifest.onnx_inputs[0]
+    feed = {"name": spec.name, "dtype": spec.dtype, "row": [float(X[0][c]) for c in spec.columns]}
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_ARENA_MAX=AGENT_ENV_MALLOC_ARENA_MAX)
+    out = subprocess.run(
+        [sys.executable, "-c", BREAKDOWN_SCRIPT, str(model_path), json.dumps(_session_settings()), json.dumps(feed)],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=True,
+    )
+    return [(step, values) for step, values in json.loads(out.stdout.splitlines()[-1])]
+
+
+def breakdown_table(labels: list[str], breakdowns: list[list[tuple[str, dict[str, float]]]],
+                    running: list[dict[str, object]]) -> list[str]:
+    """Markdown rows: one per layer, one column per model, VmRSS MiB and the step's increase."""
+    def cell(now: float, before: float | None) -> str:
+        return f"{now:.1f}" if before is None else f"{now:.1f} (+{now - before:.1f})"
+
+    rows = ["| step | " + " | ".join(f"{label} VmRSS MiB (increase)" for label in labels) + " |",
+            "|---|" + "---|" * len(labels)]
+    by_model = [dict(b) for b in breakdowns]
+    for i, (step, text) in enumerate(BREAKDOWN_ROWS):
+        prev = BREAKDOWN_ROWS[i - 1][0] if i else None
+        cells = [cell(b[step]["VmRSS"], b[prev]["VmRSS"] if prev else None) for b in by_model]
+        rows.append(f"| {text} | " + " | ".join(cells) + " |")
+    floor = [b["session"]["VmRSS"] for b in by_model]
+    rows.append("| = the floor: python + numpy + onnxruntime + model session | "
+                + " | ".join(f"{f:.1f}" for f in floor) + " |")
+    rows.append("| the running agent process after the HTTP loads and one GET /metrics (+ threads, connections, "
+                "buffers, heap growth, metrics registry) | "
+                + " | ".join(cell(r["rss_scraped_mib"], b["edge_agent"]["VmRSS"])
+                             for r, b in zip(running, by_model, strict=True))
+                + " |")
+    rows.append("| the same process before its first scrape (the In process table's figure; prometheus_client not "
+                "yet imported) | " + " | ".join(f"{r['rss_mib']:.1f}" for r in running) + " |")
+    return rows
+
+
+def _file_share(breakdown: list[tuple[str, dict[str, float]]], step: str) -> float:
+    """The file-backed MiB (RssFile) that `step` of an rss_breakdown added."""
+    names = [name for name, _ in breakdown]
+    i = names.index(step)
+    return breakdown[i][1]["RssFile"] - breakdown[i - 1][1]["RssFile"]
+
+
+def _status_kib(pid: int, key: str) -> int:
+    """A kB field of /proc/<pid>/status (VmRSS, RssAnon, RssFile)."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            name, _, value = line.partition(":")
+            if name == key:
+                return int(value.split()[0])
+    return 0
 
 
 def mqtt_bytes_per_hour(tmp: Path, broker: Broker) -> dict[str, float]:
@@ -313,10 +455,13 @@ def main() -> None:
     load_start = os.getloadavg()[0]
     models = (("lr", "LogisticRegression pipeline"), ("rf", "RandomForest (10 trees)"))
     inproc_rows, http_rows, summary = [], [], []
+    breakdowns, running = [], []
     try:
         for kind, label in models:
             ip = in_process(kind, tmp)
             ah = agent_http(kind, body, tmp, broker)
+            breakdowns.append(rss_breakdown(kind, tmp))
+            running.append(ah)
             bare = bare_baseline(kind, body, tmp)
             fl = flask_baseline(kind, body, tmp)
             inproc_rows.append(
@@ -361,6 +506,27 @@ def main() -> None:
         "Agent RSS: the `edgefleet agent run` process with the model loaded, HTTP, MQTT and telemetry running, "
         f"after the HTTP loads, started with `MALLOC_ARENA_MAX={AGENT_ENV_MALLOC_ARENA_MAX}` as the systemd unit "
         "does.",
+        "",
+        "## Agent RSS breakdown",
+        "",
+        "Where the agent's resident memory goes: VmRSS of a fresh interpreter (same `MALLOC_ARENA_MAX`) after "
+        "each layer the `python -m edge_agent run` process loads, in this order, then the real agent process from "
+        "the table above. Each increase is what that layer adds on top of the ones before it (a library that an "
+        "earlier layer already imported counts there: paho-mqtt imports ssl, the edge_agent row includes "
+        "model_tools, msgspec, click and the stdlib modules they use). The floor row is what any Python "
+        "server of this model holds. The last rows are the real agent process: on top of the imports, its "
+        "threads, connections, buffers and heap growth, and the Prometheus registry it builds on the first "
+        "GET /metrics (the agent imports prometheus_client then; a scraped device holds it).",
+        "",
+        *breakdown_table([label for _, label in models], breakdowns, running),
+        "",
+        "File-backed part of the scraped agent's RSS (shared-library code and read-only data: clean pages "
+        "the kernel can drop and re-read, shared with other processes that map the same files; the rest is "
+        "anonymous memory): "
+        + ", ".join(f"{label} {r['rss_file_mib']:.0f} MiB" for (_, label), r in zip(models, running, strict=True))
+        + ". File-backed part of the model session's increase: "
+        + ", ".join(f"{label} {_file_share(b, 'session'):.1f} MiB" for (_, label), b in zip(models, breakdowns, strict=True))
+        + " (mostly onnxruntime code that the first session pages in, whatever the model).",
         "",
         "## HTTP",
         "",

@@ -19,7 +19,6 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent import __version__
@@ -48,7 +47,7 @@ from edge_agent.validation import RequestError
 from model_tools.bundle import Bundle, load_extracted
 from model_tools.errors import BundleError
 from model_tools.manifest import Manifest
-from model_tools.signing import load_public_keys
+from model_tools.signing import load_public_keys, public_key_from_pem
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -80,11 +79,11 @@ class Prediction:
 
 def trusted_keys_from_config(config: AgentConfig) -> list[Ed25519PublicKey]:
     keys = load_public_keys(config.trust.public_keys)
-    for pem in config.trust.public_keys_pem:
-        key = serialization.load_pem_public_key(pem.encode())
-        if not isinstance(key, Ed25519PublicKey):
-            raise ValueError("[trust] public_keys_pem holds a key that is not Ed25519")
-        keys.append(key)
+    for i, pem in enumerate(config.trust.public_keys_pem):
+        try:
+            keys.append(public_key_from_pem(pem))
+        except ValueError as exc:
+            raise ValueError(f"[trust] public_keys_pem[{i}]: {exc}") from exc
     return keys
 
 

@@ -1,14 +1,21 @@
-"""Ed25519 keys and signatures for bundles (stdlib + cryptography only: devices import it)."""
+"""Ed25519 keys and signatures for bundles (stdlib + cryptography only: devices import it).
+
+Devices only read public keys and verify. Reading a public key parses its PEM here (an Ed25519
+SubjectPublicKeyInfo is a fixed 12-byte DER prefix and the 32-byte key), so a device never imports
+`cryptography.hazmat.primitives.serialization`, which pulls in the SSH key formats, bcrypt and the
+ciphers (~1 MiB of RSS). Key generation and private keys (a laptop's work) import it when called.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import os
 from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -23,6 +30,7 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "load_public_keys",
+    "public_key_from_pem",
     "save_private_key",
     "save_public_key",
     "sign",
@@ -36,8 +44,16 @@ def generate_keypair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
     return private, private.public_key()
 
 
+# DER of SEQUENCE { SEQUENCE { OID 1.3.101.112 (Ed25519) }, BIT STRING (0 unused bits) of 32 bytes }
+ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+_PEM_BEGIN = "-----BEGIN PUBLIC KEY-----"
+_PEM_END = "-----END PUBLIC KEY-----"
+
+
 def save_private_key(key: Ed25519PrivateKey, path: str | os.PathLike[str]) -> Path:
     """Write the private key as unencrypted PKCS#8 PEM, readable by the owner only (0600)."""
+    from cryptography.hazmat.primitives import serialization
+
     path = Path(path)
     pem = key.private_bytes(
         serialization.Encoding.PEM,
@@ -54,6 +70,8 @@ def save_private_key(key: Ed25519PrivateKey, path: str | os.PathLike[str]) -> Pa
 
 def save_public_key(key: Ed25519PublicKey, path: str | os.PathLike[str]) -> Path:
     """Write the public key as SubjectPublicKeyInfo PEM."""
+    from cryptography.hazmat.primitives import serialization
+
     path = Path(path)
     path.write_bytes(
         key.public_bytes(
@@ -65,6 +83,8 @@ def save_public_key(key: Ed25519PublicKey, path: str | os.PathLike[str]) -> Path
 
 def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     """Read a PEM private key written by `save_private_key` (or `openssl genpkey -algorithm ed25519`)."""
+    from cryptography.hazmat.primitives import serialization
+
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
@@ -78,17 +98,46 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     return key
 
 
-def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
-    """Read a PEM public key written by `save_public_key`."""
+def public_key_from_pem(pem: bytes | str) -> Ed25519PublicKey:
+    """An Ed25519 public key from its SubjectPublicKeyInfo PEM ("-----BEGIN PUBLIC KEY-----").
+
+    The first PUBLIC KEY block is read (text around it is ignored, as cryptography's loader
+    does); its DER must be exactly the 12-byte Ed25519 prefix and the 32 key bytes. Raises
+    SignatureError (a ValueError) for anything else: no PEM block, bad base64, or another key
+    type (RSA, EC, X25519, Ed448).
+    """
+    text = pem.decode("ascii", "replace") if isinstance(pem, bytes) else pem
+    start = text.find(_PEM_BEGIN)
+    end = text.find(_PEM_END, start + len(_PEM_BEGIN)) if start >= 0 else -1
+    if start < 0 or end < 0:
+        raise SignatureError(f"no '{_PEM_BEGIN}' ... '{_PEM_END}' block found")
+    body = "".join(text[start + len(_PEM_BEGIN) : end].split())
     try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except (OSError, ValueError, TypeError) as exc:
+        der = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SignatureError(f"the PUBLIC KEY block is not valid base64: {exc}") from exc
+    if len(der) != len(ED25519_SPKI_PREFIX) + 32 or not der.startswith(ED25519_SPKI_PREFIX):
+        raise SignatureError(
+            "not an Ed25519 public key: an Ed25519 SubjectPublicKeyInfo is 44 bytes starting "
+            f"{ED25519_SPKI_PREFIX.hex()}, this one is {len(der)} bytes starting {der[:12].hex()}"
+        )
+    return Ed25519PublicKey.from_public_bytes(der[len(ED25519_SPKI_PREFIX) :])
+
+
+def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
+    """Read a PEM public key written by `save_public_key` (or `openssl pkey -pubout`)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
         raise SignatureError(
             f"cannot read public key {path}: {exc}; pass the .pub file written by 'edgefleet model keygen'"
         ) from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise SignatureError(f"{path} is not an Ed25519 public key")
-    return key
+    try:
+        return public_key_from_pem(data)
+    except SignatureError as exc:
+        raise SignatureError(
+            f"{path} is not a usable public key: {exc}; pass the .pub file written by 'edgefleet model keygen'"
+        ) from exc
 
 
 def load_public_keys(paths: Iterable[str | os.PathLike[str]]) -> list[Ed25519PublicKey]:
@@ -100,8 +149,7 @@ def key_id(public_key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
     """Short, stable id of a key: the first 16 hex digits of sha256 over the raw public bytes."""
     if isinstance(public_key, Ed25519PrivateKey):
         public_key = public_key.public_key()
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return hashlib.sha256(public_key.public_bytes_raw()).hexdigest()[:16]
 
 
 def sign(private_key: Ed25519PrivateKey, data: bytes) -> bytes:

@@ -1,0 +1,185 @@
+"""What the agent process holds: no psutil, no cryptography `serialization` on the device path;
+stdlib resource figures that match psutil's; Ed25519 PEM public keys read without `serialization`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import psutil
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, x25519
+
+from edge_agent.agent import trusted_keys_from_config
+from edge_agent.resources import detect_hardware, process_resources, rss_bytes, total_ram_bytes
+from model_tools.errors import SignatureError
+from model_tools.signing import (
+    ED25519_SPKI_PREFIX,
+    generate_keypair,
+    key_id,
+    load_public_key,
+    public_key_from_pem,
+    save_public_key,
+)
+from tests.agent_fixtures import (
+    ROOT,
+    bundle_bytes,
+    config_toml,
+    dataset,
+    install_active,
+    make_config,
+)
+
+# The modules the agent process must not load: what they cost is in bench/agent.py's RSS breakdown.
+AVOIDED = ("psutil", "cryptography.hazmat.primitives.serialization", "bcrypt")
+
+AGENT_SCRIPT = r"""
+import json, sys
+from edge_agent.__main__ import agent  # what `python -m edge_agent run` imports
+from edge_agent.config import load_config
+from edge_agent.service import AgentService
+
+service = AgentService(load_config(sys.argv[1])).start()
+try:
+    answer = service.agent.predict([json.loads(sys.argv[2])])
+    service.agent.tick()
+    print(json.dumps({
+        "modules": sorted(m for m in sys.modules if m.split(".")[0] in ("psutil", "bcrypt")
+                          or m.startswith("cryptography.hazmat.primitives.serialization")),
+        "version": answer.version,
+    }))
+finally:
+    service.stop()
+"""
+
+
+def test_agent_process_loads_neither_psutil_nor_serialization(tmp_path):
+    """A started agent (HTTP, trusted key from [trust] public_keys_pem, verified model) in a fresh interpreter."""
+    config = make_config(tmp_path)
+    install_active(config.path, bundle_bytes("lr", "1.0.0"))
+    path = tmp_path / "agent.toml"
+    path.write_text(config_toml(config))
+    X, _ = dataset()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-c", AGENT_SCRIPT, str(path), json.dumps([float(v) for v in X[0]])],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["modules"] == [], f"the agent imported {result['modules']}; avoid {AVOIDED}"
+    assert result["version"] == "1.0.0"  # verified with the key from [trust] public_keys_pem
+
+
+# ---------------------------------------------------------------- resources
+
+
+def test_resource_figures_are_psutils():
+    assert total_ram_bytes() == psutil.virtual_memory().total
+    hw = detect_hardware()
+    assert hw.ram_mb == psutil.virtual_memory().total // (1024 * 1024)
+    assert hw.cpu_count == os.cpu_count()
+    assert not hw.cpu_model.isdigit()  # x86's "model: 17" line is not the CPU model
+    # Same source (/proc/self/statm): equal unless the heap moved between the two reads.
+    before = psutil.Process().memory_info().rss
+    mine = rss_bytes()
+    after = psutil.Process().memory_info().rss
+    assert min(before, after) - 2**20 <= mine <= max(before, after) + 2**20
+
+
+def test_process_resources_sample(tmp_path):
+    sample = process_resources(tmp_path)()
+    assert sample.rss_bytes > 0 and sample.cpu_s > 0
+    assert sample.disk_free_bytes == pytest.approx(psutil.disk_usage(str(tmp_path)).free, rel=0.01)
+    assert process_resources(tmp_path / "missing")().disk_free_bytes == 0
+
+
+# ---------------------------------------------------------------- Ed25519 public keys
+
+
+def _pem(key) -> bytes:
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def test_public_key_from_pem_matches_cryptography_and_keeps_key_ids():
+    for _ in range(20):
+        private, public = generate_keypair()
+        pem = _pem(public)
+        ours = public_key_from_pem(pem)
+        theirs = serialization.load_pem_public_key(pem)
+        assert ours.public_bytes_raw() == theirs.public_bytes_raw() == public.public_bytes_raw()
+        # Key ids as they were computed with serialization: sha256 of the raw public bytes.
+        raw = theirs.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        assert key_id(ours) == key_id(private) == hashlib.sha256(raw).hexdigest()[:16]
+        assert public_key_from_pem(pem.decode()).public_bytes_raw() == raw
+        signature = private.sign(b"manifest")
+        ours.verify(signature, b"manifest")
+
+
+@pytest.mark.parametrize("variant", ["crlf", "indented", "text around", "second block"])
+def test_public_key_pem_layouts_cryptography_accepts(variant):
+    other = _pem(generate_keypair()[1])
+    public = generate_keypair()[1]
+    pem = _pem(public)
+    data = {
+        "crlf": pem.replace(b"\n", b"\r\n"),
+        "indented": b"\n".join(b"    " + line for line in pem.split(b"\n")),
+        "text around": b"release key, 2025\n" + pem + b"(end)\n",
+        "second block": pem + other,  # the first PUBLIC KEY block is read
+    }[variant]
+    assert serialization.load_pem_public_key(data).public_bytes_raw() == public.public_bytes_raw()
+    assert public_key_from_pem(data).public_bytes_raw() == public.public_bytes_raw()
+
+
+def test_public_key_from_pem_refuses_everything_else():
+    private, public = generate_keypair()
+    pem = _pem(public)
+    # x25519 has Ed25519's 44-byte length and another OID: the prefix check must catch it.
+    for other in (x25519.X25519PrivateKey.generate().public_key(), ed448.Ed448PrivateKey.generate().public_key(),
+                  ec.generate_private_key(ec.SECP256R1()).public_key()):
+        with pytest.raises(SignatureError, match="not an Ed25519 public key"):
+            public_key_from_pem(_pem(other))
+    der = ED25519_SPKI_PREFIX + public.public_bytes_raw()
+
+    def block(payload: bytes) -> bytes:
+        return b"-----BEGIN PUBLIC KEY-----\n" + base64.b64encode(payload) + b"\n-----END PUBLIC KEY-----\n"
+
+    assert public_key_from_pem(block(der)).public_bytes_raw() == public.public_bytes_raw()
+    private_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption())
+    refused = [
+        (private_pem, "no '-----BEGIN PUBLIC KEY-----'"),
+        (b"", "no '-----BEGIN PUBLIC KEY-----'"),
+        (pem.split(b"-----END")[0], "no '-----BEGIN PUBLIC KEY-----'"),
+        (pem.replace(b"MCowBQYDK2VwAyEA", b"MCowBQYDK2VwAyE*"), "not valid base64"),
+        (block(der[:-1]), "this one is 43 bytes"),
+        (block(der + b"\0"), "this one is 45 bytes"),
+    ]
+    for data, message in refused:
+        with pytest.raises(SignatureError, match=message):
+            public_key_from_pem(data)
+
+
+def test_load_public_key_errors_name_the_file(tmp_path):
+    public = generate_keypair()[1]
+    path = save_public_key(public, tmp_path / "k.pub")
+    assert key_id(load_public_key(path)) == key_id(public)
+    with pytest.raises(SignatureError, match="cannot read public key .*missing.pub"):
+        load_public_key(tmp_path / "missing.pub")
+    (tmp_path / "x.pub").write_bytes(_pem(x25519.X25519PrivateKey.generate().public_key()))
+    with pytest.raises(SignatureError, match="x.pub is not a usable public key: not an Ed25519 public key"):
+        load_public_key(tmp_path / "x.pub")
+
+
+def test_config_pem_that_is_not_ed25519_is_refused_by_index(tmp_path):
+    config = make_config(tmp_path)
+    assert len(trusted_keys_from_config(config)) == 1
+    config.trust.public_keys_pem.append(_pem(x25519.X25519PrivateKey.generate().public_key()).decode())
+    with pytest.raises(ValueError, match=r"\[trust\] public_keys_pem\[1\]: not an Ed25519 public key"):
+        trusted_keys_from_config(config)
