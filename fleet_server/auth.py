@@ -106,10 +106,8 @@ def issue_token(storage: Any, name: str, role: str, now: float, expires_in_s: fl
     if expires_in_s is not None and not expires_in_s > 0:
         raise ValueError(f"a token's lifetime must be positive, got {expires_in_s} seconds")
     token = new_token()
-    token_id = storage.insert_token(name, role, token_hash(token), now)
-    if expires_in_s is not None:
-        # The Storage interface predates expiry; SQLite is its only implementation.
-        storage.db["tokens"].update(token_id, {"expires_at": now + expires_in_s})
+    storage.insert_token(name, role, token_hash(token), now,
+                         now + expires_in_s if expires_in_s is not None else None)
     return token
 
 
@@ -119,8 +117,7 @@ def token_identity(storage: Any, token: str, now: float) -> dict[str, Any] | Non
     identity = storage.find_token(token_hash(token))
     if identity is None:
         return None
-    row = next(iter(storage.db.query("SELECT expires_at FROM tokens WHERE id = ?", [identity["id"]])), None)
-    expires_at = row["expires_at"] if row else None
+    expires_at = identity.get("expires_at")
     if expires_at is not None and now >= expires_at:
         raise TokenExpired(identity, expires_at)
     return {**identity, "expires_at": expires_at}

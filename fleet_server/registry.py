@@ -70,9 +70,8 @@ KEY_ID = re.compile(r"^[0-9a-f]{16}$")
 
 
 def revoked_keys(svc: Services) -> dict[str, dict[str, Any]]:
-    """Revoked signing keys by key id (the Storage interface predates revocation; SQLite is its
-    only implementation)."""
-    return {row["key_id"]: row for row in svc.storage.db.query("SELECT * FROM revoked_keys")}
+    """Revoked signing keys by key id."""
+    return {row["key_id"]: row for row in svc.storage.revoked_keys()}
 
 
 def revoke_key(svc: Services, kid: str, reason: str = "") -> bool:
@@ -82,10 +81,7 @@ def revoke_key(svc: Services, kid: str, reason: str = "") -> bool:
     kid = kid.strip().lower()
     if not KEY_ID.match(kid):
         raise RegistryError(f"{kid[:40]!r} is not a key id: use the 16 hex digits listed by GET /api/v1/keys")
-    if kid in revoked_keys(svc):
-        return False
-    svc.storage.db["revoked_keys"].insert({"key_id": kid, "revoked_at": svc.clock(), "reason": reason})
-    return True
+    return svc.storage.revoke_key(kid, svc.clock(), reason)
 
 
 def trusted_key_pems(svc: Services) -> list[str]:

@@ -481,19 +481,29 @@ class SqliteStorage:
         with self._immediate() as conn:
             return conn.execute("DELETE FROM trusted_keys WHERE key_id = ?", (key_id,)).rowcount > 0
 
+    def revoked_keys(self) -> list[dict[str, Any]]:
+        return self._rows("SELECT * FROM revoked_keys ORDER BY revoked_at")
+
+    def revoke_key(self, key_id: str, now: float, reason: str) -> bool:
+        with self._immediate() as conn:
+            return conn.execute(
+                "INSERT OR IGNORE INTO revoked_keys(key_id, revoked_at, reason) VALUES (?,?,?)", (key_id, now, reason)
+            ).rowcount > 0
+
     # ------------------------------------------------------------------ tokens
 
-    def insert_token(self, name: str, role: str, token_hash: str, now: float) -> int:
+    def insert_token(self, name: str, role: str, token_hash: str, now: float,
+                     expires_at: float | None = None) -> int:
         with self._immediate() as conn:
             cur = conn.execute(
-                "INSERT INTO tokens(name, role, token_hash, created_at) VALUES (?,?,?,?)",
-                (name, role, token_hash, now),
+                "INSERT INTO tokens(name, role, token_hash, created_at, expires_at) VALUES (?,?,?,?,?)",
+                (name, role, token_hash, now, expires_at),
             )
             return int(cur.lastrowid)
 
     def find_token(self, token_hash: str) -> dict[str, Any] | None:
         return self._one(
-            "SELECT id, name, role, created_at FROM tokens WHERE token_hash = ? AND revoked_at IS NULL",
+            "SELECT id, name, role, created_at, expires_at FROM tokens WHERE token_hash = ? AND revoked_at IS NULL",
             [token_hash],
         )
 
