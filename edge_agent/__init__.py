@@ -1,6 +1,6 @@
 """edge_agent: serve signed ONNX bundles on a device, report telemetry, apply updates safely.
 
-The agent imports numpy, onnxruntime, paho-mqtt, cryptography, prometheus-client and psutil
+The agent imports numpy, onnxruntime, paho-mqtt, cryptography, prometheus-client and msgspec
 only: never scikit-learn, skl2onnx, Flask or the fleet server.
 """
 
