@@ -11,7 +11,7 @@ achieved by the generator, windows stored per second, publish-to-stored lag (p50
 and CPU time per window of server, broker and generator. Prints a markdown table and writes
 bench/results/ingest.md.
 
-    .venv/bin/python bench/ingest.py [--rates 2500,3000,3500,4000] [--seconds 15] [--devices 200] [--procs 2]
+    .venv/bin/python bench/ingest.py [--rates 3000,4000,5000,6000] [--seconds 15] [--devices 200] [--procs 2]
 """
 
 from __future__ import annotations
@@ -393,7 +393,7 @@ def main() -> None:
     from tests.brokers import free_port
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rates", type=lambda v: [float(x) for x in v.split(",")], default=[2500.0, 3000.0, 3500.0, 4000.0],
+    parser.add_argument("--rates", type=lambda v: [float(x) for x in v.split(",")], default=[3000.0, 4000.0, 5000.0, 6000.0],
                         help="offered windows/s of each step, all publishers (comma-separated)")
     parser.add_argument("--seconds", type=float, default=15.0, help="how long each step publishes")
     parser.add_argument("--devices", type=int, default=200, help="devices = MQTT connections")
