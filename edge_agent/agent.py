@@ -156,7 +156,8 @@ class Agent:
     def start(self) -> Agent:
         """Open the data dir and outbox, load the committed model, recover updates, connect."""
         self.data.create()
-        self.outbox = Outbox(self.data.outbox_file, self.config.outbox.max_bytes, self.config.outbox.resend_after_s)
+        self.outbox = Outbox(self.data.outbox_file, self.config.outbox.max_bytes, self.config.outbox.resend_after_s,
+                             clock=self.clock)
         self._load_committed()
         self.machine.recover()
         if self.link_mode != "none":

@@ -3,6 +3,10 @@ server acknowledges its seq.
 
 `seq` is one per-device counter over all queued messages. synchronous=FULL because a power
 cut must never roll `seq` back: a reused seq would be dropped by the server as a duplicate.
+A new outbox (a new install, or a data dir wiped under the same device id) starts at its
+creation time in seconds shifted left by `SEQ_INSTALL_SHIFT` bits, so a reinstalled device's
+seqs start far above the previous install's and the server neither drops them as duplicates
+nor counts the jump as lost messages (protocol.md, "Sequence numbers").
 Acks are deleted in batches, so a week of backlog drains without an fsync per message.
 
 A broker's PUBACK only frees the message's in-flight slot: the broker may still lose it (a crash
@@ -16,9 +20,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from edge_agent.protocol import SEQ_INSTALL_SHIFT
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -31,6 +38,11 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
 
+def first_seq(now: float) -> int:
+    """The first seq of an outbox created at `now` (an install's seqs start here)."""
+    return max(0, int(now)) << SEQ_INSTALL_SHIFT
+
+
 @dataclass
 class Message:
     seq: int
@@ -41,7 +53,8 @@ class Message:
 class Outbox:
     """A bounded, persistent FIFO of outgoing messages keyed by `seq`."""
 
-    def __init__(self, path: str | Path, max_bytes: int = 16 * 1024 * 1024, resend_after_s: float = 120.0) -> None:
+    def __init__(self, path: str | Path, max_bytes: int = 16 * 1024 * 1024, resend_after_s: float = 120.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.resend_after_s = resend_after_s
@@ -50,10 +63,17 @@ class Outbox:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
-        self._next_seq = self._meta("next_seq", 0)
+        self._next_seq = self._meta("next_seq", -1)
         last = self._db.execute("SELECT MAX(seq) FROM messages").fetchone()[0]
         if last is not None and last >= self._next_seq:
             self._next_seq = last + 1
+        if self._next_seq < 0:  # a new outbox: this install's first seq, kept from now on
+            self._next_seq = first_seq(clock())
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                     [("next_seq", self._next_seq), ("first_seq", self._next_seq)])
+        self.first_seq = self._meta("first_seq", 0)  # this install's first seq (0 before seqs had one)
         self.dropped_total = self._meta("dropped_total", 0)
         self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM messages").fetchone()[0]
         self._acked: list[int] = []

@@ -20,6 +20,14 @@ TopicKind = Literal["desired", "ack", "reported", "status", "telemetry", "events
 DEVICE_TOPICS: tuple[str, ...] = ("reported", "status", "telemetry", "events")
 SERVER_TOPICS: tuple[str, ...] = ("desired", "ack")
 
+# A device's seqs count up from its install's first seq, the outbox's creation time in seconds
+# shifted left by this many bits: a reinstall (a new data dir under the same device id) a second
+# or more later starts about 2**20 per second above the previous install's seqs. To the server,
+# a seq more than SEQ_NEW_INSTALL_JUMP above a device's highest is a new install; a real gap
+# (messages an outbox dropped under its byte bound) stays far below it.
+SEQ_INSTALL_SHIFT = 20
+SEQ_NEW_INSTALL_JUMP = 1 << (SEQ_INSTALL_SHIFT - 1)
+
 # Fleet and device ids appear in topics, file names and URLs: keep them to a safe alphabet.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from edge_agent import Agent, RequestError
-from edge_agent.outbox import Outbox
+from edge_agent.outbox import Outbox, first_seq
+from edge_agent.protocol import SEQ_INSTALL_SHIFT, SEQ_NEW_INSTALL_JUMP
 from edge_agent.service import AgentService
 from model_tools.binning import count_categorical, count_numeric
 from tests.agent_fixtures import (
@@ -22,8 +23,28 @@ from tests.agent_fixtures import (
 from tests.brokers import wait_until
 
 
+def EPOCH() -> float:  # an outbox created at time 0 starts at seq 0
+    return 0.0
+
+
+def test_a_new_outbox_starts_above_every_seq_of_an_earlier_install(tmp_path):
+    first = Outbox(tmp_path / "a.sqlite3", clock=lambda: 1_700_000_000.0)
+    seqs = [first.append("telemetry", lambda s: b"{}") for _ in range(3)]
+    assert seqs[0] == first.first_seq == 1_700_000_000 << SEQ_INSTALL_SHIFT
+    assert seqs == [seqs[0], seqs[0] + 1, seqs[0] + 2]
+    first.close()
+    # Reopened later: the same install, the counter goes on (it never restarts from the clock).
+    again = Outbox(tmp_path / "a.sqlite3", clock=lambda: 1_800_000_000.0)
+    assert again.append("events", lambda s: b"{}") == seqs[-1] + 1 and again.first_seq == seqs[0]
+    again.close()
+    # The data dir wiped and the agent reinstalled a second later under the same device id.
+    fresh = Outbox(tmp_path / "b.sqlite3", clock=lambda: 1_700_000_001.0)
+    assert fresh.append("telemetry", lambda s: b"{}") - seqs[-1] > SEQ_NEW_INSTALL_JUMP
+    fresh.close()
+
+
 def test_outbox_seq_bound_and_restart(tmp_path):
-    box = Outbox(tmp_path / "o.sqlite3", max_bytes=1000)
+    box = Outbox(tmp_path / "o.sqlite3", max_bytes=1000, clock=EPOCH)
     seqs = [box.append("telemetry", lambda s: b"x" * 300) for _ in range(5)]
     assert seqs == [0, 1, 2, 3, 4]
     assert box.bytes <= 1000 and box.dropped_total == 2
@@ -32,19 +53,19 @@ def test_outbox_seq_bound_and_restart(tmp_path):
     box.commit_acks()
     assert [m.seq for m in box.pending()] == [3, 4]
     box.close()
-    box = Outbox(tmp_path / "o.sqlite3", max_bytes=1000)
+    box = Outbox(tmp_path / "o.sqlite3", max_bytes=1000, clock=EPOCH)
     assert box.dropped_total == 2 and [m.seq for m in box.pending()] == [3, 4]
     assert box.append("events", lambda s: b"{}") == 5  # seq never goes back
     box.ack(3)
     box.ack(4)
     box.ack(5)
     box.close()
-    box = Outbox(tmp_path / "o.sqlite3")
+    box = Outbox(tmp_path / "o.sqlite3", clock=EPOCH)
     assert box.pending() == [] and box.append("events", lambda s: b"{}") == 6
 
 
 def test_outbox_keeps_a_message_the_broker_took_until_the_server_acks_it(tmp_path):
-    box = Outbox(tmp_path / "o.sqlite3", max_bytes=1000, resend_after_s=60)
+    box = Outbox(tmp_path / "o.sqlite3", max_bytes=1000, resend_after_s=60, clock=EPOCH)
     for _ in range(3):
         box.append("telemetry", lambda s: b"x" * 100)
     assert [m.seq for m in box.due(0.0, limit=2)] == [0, 1]  # at most the link's room
@@ -70,7 +91,7 @@ def test_outbox_keeps_a_message_the_broker_took_until_the_server_acks_it(tmp_pat
         box.append("telemetry", lambda s: b"x" * 100)
     assert box.bytes <= 1000 and box.dropped_total == 1 and 0 not in {m.seq for m in box.pending()}
     box.close()
-    box = Outbox(tmp_path / "o.sqlite3", max_bytes=1000)
+    box = Outbox(tmp_path / "o.sqlite3", max_bytes=1000, clock=EPOCH)
     assert [m.seq for m in box.due(0.0, limit=3)] == [2, 3, 4]  # after a restart: all of it again
 
 
@@ -137,6 +158,7 @@ def test_broker_outage_loses_and_duplicates_no_window(tmp_path, broker, collecto
     try:
         agent = service.agent
         wait_until(lambda: len(collector.get("telemetry")) >= 2, 10, message="windows before the outage")
+        first = min(w.seq for w in collector.get("telemetry"))  # this install's first seq
         broker.stop()
         wait_until(lambda: not agent.link.connected, 10, message="agent notices the outage")
         wait_until(lambda: agent.outbox.count() >= 6, 15, message="windows queued while offline")
@@ -147,7 +169,7 @@ def test_broker_outage_loses_and_duplicates_no_window(tmp_path, broker, collecto
         wait_until(lambda: collector.subscribed > subscribed, 10, message="collector back")
         again = AgentService(config).start()  # the same device after a restart
         try:
-            wait_until(lambda: {w.seq for w in collector.get("telemetry")} >= set(range(queued + 3)), 30,
+            wait_until(lambda: {w.seq for w in collector.get("telemetry")} >= set(range(first, queued + 3)), 30,
                        message="every queued window delivered, then new ones")
         finally:
             again.stop()
@@ -155,7 +177,7 @@ def test_broker_outage_loses_and_duplicates_no_window(tmp_path, broker, collecto
         for w in collector.get("telemetry"):
             windows.setdefault(w.seq, w)  # the server dedupes by (device, seq)
         seqs = sorted(windows)
-        assert seqs == list(range(len(seqs)))  # no gap
+        assert seqs == list(range(first, first + len(seqs)))  # no gap
         starts = [windows[s].window_start for s in seqs]
         assert len(set(starts)) == len(starts)  # no window sent twice under two seqs
         assert all(a.window_end <= b.window_start + 1e-6 for a, b in zip(
@@ -193,7 +215,8 @@ def test_outbox_bound_drops_oldest_and_reports(tmp_path, broker, collector):
 
         wait_until(delivered, 30, message="kept windows delivered")
         seqs = sorted({w.seq for w in collector.get("telemetry")})
-        assert seqs[0] == dropped and seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # newest, in order
+        assert seqs[0] == first_seq(1_000_000.0) + dropped  # the oldest were dropped
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # the newest, in order
         assert max(w.dropped_total for w in collector.get("telemetry")) > 0
     finally:
         agent.close()
