@@ -58,6 +58,7 @@ class ServerConfig:
     stats_interval_s: float = 2.0
     ack_interval_s: float = 10.0  # a device's delivery acknowledgement goes out at most this often
     samples_per_device: int = 200  # newest sampled rows kept per device; 0 keeps none
+    telemetry_retention_days: float = 14.0  # windows (and their seqs) kept this long; 0 keeps them forever
     max_queued_messages: int = 1_000_000
     trusted_key_files: list[str] = field(default_factory=list)
     # Default drift policy; per-model overrides live in the registry.
@@ -83,6 +84,8 @@ class ServerConfig:
             raise ConfigError("bucket_s must be positive (seconds per drift bucket)")
         if self.ack_interval_s < 0:
             raise ConfigError("ack_interval_s must be 0 (acknowledge after every batch) or more seconds")
+        if self.telemetry_retention_days < 0:
+            raise ConfigError("telemetry_retention_days must be 0 (keep telemetry windows forever) or more days")
         if self.samples_per_device < 0:
             raise ConfigError("samples_per_device must be 0 (keep no sampled rows) or more")
         if ":" not in self.listen:

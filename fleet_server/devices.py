@@ -136,7 +136,9 @@ def get_device(svc: Services, device_id: str) -> dict[str, Any]:
 
 
 def loss_summary(stats: dict[str, Any]) -> dict[str, Any]:
-    """Loss = seq gaps the device did not explain by its own `dropped_total`."""
+    """Loss = seq gaps the device did not explain by its own `dropped_total`, over its current
+    install: a reinstall (seqs jumping far above the highest) starts the counts over, and is
+    counted in `reinstalls` (see sqlite_ingest.account)."""
     expected = stats["max_seq"] - stats["first_seq"] + 1
     missing = expected - stats["received"]
     return {
@@ -146,6 +148,9 @@ def loss_summary(stats: dict[str, Any]) -> dict[str, Any]:
         "missing": missing,
         "dropped_by_device": stats["dropped_total"],
         "lost": max(0, missing - stats["dropped_total"]),
+        "reinstalls": stats.get("reinstalls", 0),
+        "reinstalled_at": stats.get("reinstalled_at"),
+        "purged_upto": stats.get("purged_upto"),
     }
 
 

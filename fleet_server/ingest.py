@@ -47,6 +47,10 @@ from fleet_server.storage import IngestBatch, Reject, Storage
 log = logging.getLogger(__name__)
 
 SHARED_GROUP = "ingest"
+# Telemetry retention per maintenance pass (every stats_interval_s): windows per transaction, and
+# transactions per pass.
+PURGE_BATCH = 1000
+PURGE_BATCHES = 5
 
 
 class Incoming(NamedTuple):
@@ -320,6 +324,9 @@ class IngestWorker:
             if time.monotonic() - last_stats > self.config.stats_interval_s:
                 self._flush_stats()
                 self._compact()
+                self._purge()
+                with self.stats.lock:
+                    self.stats.counters["maintenance_passes"] += 1
                 last_stats = time.monotonic()
             if self._stop.is_set() and self.queue.empty():
                 return
@@ -389,6 +396,25 @@ class IngestWorker:
             self.storage.compact_buckets(closed, self.clock(), limit=2000)
         except Exception:
             log.exception("compacting drift buckets failed; it is retried")
+
+    def _purge(self) -> None:
+        """Telemetry retention: delete windows (and their seqs) stored more than
+        `telemetry_retention_days` ago, PURGE_BATCH rows a transaction so that the write lock is
+        never held long, at most PURGE_BATCHES of them a pass (a backlog goes over several passes,
+        between batches of ingest). Any ingest process may do it; they take turns on the lock."""
+        days = self.config.telemetry_retention_days
+        if days <= 0:
+            return
+        try:
+            before = self.clock() - days * 86400.0
+            for _ in range(PURGE_BATCHES):
+                n = self.storage.purge_telemetry(before, limit=PURGE_BATCH)
+                with self.stats.lock:
+                    self.stats.counters["purged_windows"] += n
+                if n < PURGE_BATCH:
+                    break
+        except Exception:
+            log.exception("purging old telemetry failed; it is retried")
 
     def _flush_stats(self) -> None:
         try:

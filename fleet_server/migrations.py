@@ -430,6 +430,25 @@ def m0008_feedback(db: Database) -> None:
         """
     )
 
+
+@migrations(name="0009_reinstalls_retention")
+def m0009_reinstalls_retention(db: Database) -> None:
+    # Message accounting per install: a seq more than 2**20 above a device's highest starts a
+    # new install (a wiped outbox starts at its creation time << 20), which restarts first_seq,
+    # received and dropped_total; `reinstalls` counts them and `reinstalled_at` is the server time
+    # of the last one. Telemetry retention deletes old `windows` rows with their `seqs` rows;
+    # `purged_upto` is the highest telemetry seq purged for the device, and ingest takes a
+    # telemetry seq at or below it for a duplicate, so a replay of a purged window is not stored
+    # again. NULL: nothing purged (seqs may start at 0).
+    db.executescript(
+        """
+        ALTER TABLE seq_stats ADD COLUMN reinstalls INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE seq_stats ADD COLUMN reinstalled_at REAL;
+        ALTER TABLE seq_stats ADD COLUMN purged_upto INTEGER;
+        """
+    )
+
+
 def apply(db: Database) -> None:
     """Bring the schema up to date (idempotent; safe to call from every process)."""
     migrations.apply(db)

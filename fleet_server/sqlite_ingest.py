@@ -5,6 +5,11 @@ Part of the SQLite storage (`SqliteStorage.store_batch` calls `store_batch` insi
 (device, seq), windows are summed per bucket once, and every table gets one `executemany`.
 Each window's reservoir sample is kept in a per-device bound: one read and at most one DELETE per
 device and batch, never per row.
+
+Message accounting (`seq_stats`) is per install: one read of the batch's devices' rows, the
+fresh seqs applied in seq order (`account`), one write. The same read gives each device's
+retention floor (`purged_upto`): a telemetry seq at or below it was stored and purged, so it is a
+duplicate without a `seqs` row to prove it.
 """
 
 from __future__ import annotations
@@ -52,12 +57,64 @@ _CLAIM_SEQS = (
     "INSERT OR IGNORE INTO seqs(device, seq, kind) "
     "SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each(?) RETURNING device, seq"
 )
-_UPSERT_SEQ_STATS = (
-    "INSERT INTO seq_stats(device, first_seq, max_seq, received, dropped_total) VALUES (?,?,?,?,?) "
-    "ON CONFLICT(device) DO UPDATE SET first_seq = min(first_seq, excluded.first_seq), "
-    "max_seq = max(max_seq, excluded.max_seq), received = received + excluded.received, "
-    "dropped_total = max(dropped_total, excluded.dropped_total)"
+_SEQ_STATS_OF = (
+    "SELECT device, first_seq, max_seq, received, dropped_total, reinstalls, reinstalled_at, purged_upto "
+    "FROM seq_stats WHERE device IN (SELECT value FROM json_each(?))"
 )
+# Read and written in the same transaction (BEGIN IMMEDIATE), so the row is replaced whole;
+# `purged_upto` belongs to the retention pass and is left as it is.
+_UPSERT_SEQ_STATS = (
+    "INSERT INTO seq_stats(device, first_seq, max_seq, received, dropped_total, reinstalls, reinstalled_at) "
+    "VALUES (?,?,?,?,?,?,?) ON CONFLICT(device) DO UPDATE SET first_seq = excluded.first_seq, "
+    "max_seq = excluded.max_seq, received = excluded.received, dropped_total = excluded.dropped_total, "
+    "reinstalls = excluded.reinstalls, reinstalled_at = excluded.reinstalled_at"
+)
+
+# A seq more than this above a device's highest is a new install: an outbox created afresh (new
+# install, wiped data dir) starts its seqs at its creation time << 20, while a real gap (messages
+# the outbox bound dropped) stays in the thousands.
+NEW_INSTALL_JUMP = 1 << 20
+
+
+class SeqAccount:
+    """One device's message accounting (a `seq_stats` row without the retention floor)."""
+
+    __slots__ = ("first_seq", "max_seq", "received", "dropped_total", "reinstalls", "reinstalled_at")
+
+    def __init__(self, first_seq: int, max_seq: int, received: int, dropped_total: int,
+                 reinstalls: int = 0, reinstalled_at: float | None = None) -> None:
+        self.first_seq, self.max_seq, self.received = first_seq, max_seq, received
+        self.dropped_total, self.reinstalls, self.reinstalled_at = dropped_total, reinstalls, reinstalled_at
+
+    def row(self) -> tuple:
+        return (self.first_seq, self.max_seq, self.received, self.dropped_total, self.reinstalls,
+                self.reinstalled_at)
+
+
+def account(acc: SeqAccount | None, seqs: list[tuple[int, int]], now: float) -> SeqAccount | None:
+    """Apply a device's fresh (seq, dropped_total) pairs, in seq order, to its accounting.
+
+    - a seq more than NEW_INSTALL_JUMP above `max_seq` starts a new install: first_seq, max_seq,
+      received and dropped_total (the agent's own counter since install) start over from it, and
+      `reinstalls` counts it;
+    - a seq more than NEW_INSTALL_JUMP below `first_seq` is a straggler of an earlier install
+      (another ingest process stored it after the jump): stored, but not counted, so `missing`
+      (max_seq - first_seq + 1 - received) stays that of the current install;
+    - any other seq counts in the current install, also when it arrives after higher ones.
+    Events carry no dropped_total: they pass 0.
+    """
+    for seq, dropped in sorted(seqs):
+        if acc is None:
+            acc = SeqAccount(seq, seq, 1, dropped)
+        elif seq > acc.max_seq + NEW_INSTALL_JUMP:
+            acc = SeqAccount(seq, seq, 1, dropped, acc.reinstalls + 1, now)
+        elif seq < acc.first_seq - NEW_INSTALL_JUMP:
+            continue
+        else:
+            acc.first_seq, acc.max_seq = min(acc.first_seq, seq), max(acc.max_seq, seq)
+            acc.received += 1
+            acc.dropped_total = max(acc.dropped_total, dropped)
+    return acc
 
 
 def _dumps(value: Any) -> str:
@@ -75,8 +132,18 @@ def bucket_params(
     )
 
 
-def claim_seqs(conn: sqlite3.Connection, keys: list[tuple[str, int, str]]) -> set[tuple[str, int]]:
-    """Record (device, seq, kind) keys; returns those not seen before (in this batch or earlier)."""
+def claim_seqs(
+    conn: sqlite3.Connection, keys: list[tuple[str, int, str]], floors: dict[str, int] | None = None
+) -> set[tuple[str, int]]:
+    """Record (device, seq, kind) keys; returns those not seen before (in this batch or earlier).
+
+    `floors` maps a device to its retention floor: a telemetry seq at or below it was stored and
+    purged since, so it is never fresh (and gets no `seqs` row again)."""
+    if floors:
+        keys = [
+            k for k in keys
+            if k[2] != "telemetry" or (floor := floors.get(k[0])) is None or k[1] > floor
+        ]
     if not keys:
         return set()
     return set(conn.execute(_CLAIM_SEQS, (_json.encode(keys).decode(),)).fetchall())
@@ -152,37 +219,39 @@ def store_batch(
         if received > seen.get(device, 0.0):
             seen[device] = received
 
+    accounts: dict[str, SeqAccount | None] = {}
+    floors: dict[str, int] = {}
+    if seen:
+        for device, *row, floor in conn.execute(_SEQ_STATS_OF, (_json.encode(list(seen)).decode(),)):
+            accounts[device] = SeqAccount(*row)
+            if floor is not None:
+                floors[device] = floor
     fresh = claim_seqs(
         conn,
         [(w.device, w.seq, "telemetry") for w, _, _ in batch.windows]
         + [(e.device, e.seq, "events") for e, _ in batch.events],
+        floors,
     )
-    seq_stats: dict[str, list[int]] = {}  # device -> [min, max, count, dropped_total]
+    fresh_seqs: dict[str, list[tuple[int, int]]] = {}  # device -> [(seq, dropped_total)]
 
-    def first_time(device: str, seq: int) -> bool:
+    def first_time(device: str, seq: int, dropped: int) -> bool:
         # A key sent twice in one batch is fresh once: remove it on first use.
         try:
             fresh.remove((device, seq))
         except KeyError:
             result.duplicates += 1
             return False
-        s = seq_stats.get(device)
-        if s is None:
-            seq_stats[device] = [seq, seq, 1, 0]
-        else:
-            s[0], s[1], s[2] = min(s[0], seq), max(s[1], seq), s[2] + 1
+        fresh_seqs.setdefault(device, []).append((seq, dropped))
         return True
 
     groups: dict[tuple[str, str, float, str], list] = {}
     sizes: dict[int, int] = {}
     for w, _, size in batch.windows:
         sizes[id(w)] = size
-        if first_time(w.device, w.seq):
-            s = seq_stats[w.device]
-            s[3] = max(s[3], w.dropped_total)
+        if first_time(w.device, w.seq, w.dropped_total):
             key = (w.model or "", w.model_version or "", bucket_start(w, bucket_s), w.device)
             groups.setdefault(key, []).append(w)
-    events = [e for e, _ in batch.events if first_time(e.device, e.seq)]
+    events = [e for e, _ in batch.events if first_time(e.device, e.seq, 0)]
 
     # One partial bucket row per (model, version, bucket, device) and batch; readers sum them.
     stored: list = []
@@ -219,7 +288,8 @@ def store_batch(
         ],
     )
     result.stored_events = len(events)
-    conn.executemany(_UPSERT_SEQ_STATS, [(d, *s) for d, s in seq_stats.items()])
+    updated = [(d, account(accounts.get(d), seqs, now)) for d, seqs in fresh_seqs.items()]
+    conn.executemany(_UPSERT_SEQ_STATS, [(d, *acc.row()) for d, acc in updated if acc is not None])
 
     for st, received, retained in batch.statuses:
         seen[st.device] = max(seen.get(st.device, 0.0), received)

@@ -287,6 +287,35 @@ class SqliteStorage:
                 removed += len(rows) - 1
             return removed
 
+    def purge_telemetry(self, before: float, limit: int = 2000) -> int:
+        """Delete up to `limit` windows stored before `before`, oldest first, with the telemetry
+        `seqs` rows of their devices up to the new floor; returns the windows deleted.
+
+        One short transaction per call (callers loop while it returns `limit`). Each device's
+        `seq_stats.purged_upto` rises to the highest seq purged, so that a replay of a purged
+        window is still a duplicate (sqlite_ingest.claim_seqs). Events and their seqs stay."""
+        with self._immediate() as conn:
+            purged = conn.execute(
+                "DELETE FROM windows WHERE (device, seq) IN (SELECT device, seq FROM windows "
+                "WHERE stored_at < ? ORDER BY stored_at LIMIT ?) RETURNING device, seq",
+                (before, limit),
+            ).fetchall()
+            floors: dict[str, int] = {}
+            for device, seq in purged:
+                if seq > floors.get(device, -1):
+                    floors[device] = seq
+            conn.executemany(
+                "UPDATE seq_stats SET purged_upto = max(coalesce(purged_upto, ?1), ?1) WHERE device = ?2",
+                [(floor, device) for device, floor in floors.items()],
+            )
+            # At or below the floor every telemetry seq is a duplicate anyway (and none is claimed
+            # again), so one range per device: it also takes the seqs of windows refused while
+            # storing (shape_mismatch), which have no windows row.
+            conn.executemany(
+                "DELETE FROM seqs WHERE device = ? AND seq <= ? AND kind = 'telemetry'", list(floors.items())
+            )
+            return len(purged)
+
     def put_worker_stats(self, worker_id: str, pid: int, stats: dict[str, Any], now: float) -> None:
         with self._immediate() as conn:
             conn.execute(

@@ -28,6 +28,7 @@ def ingest_stats():
             "devices": len(loss),
             "lost": sum(x["lost"] for x in loss),
             "dropped_by_devices": sum(x["dropped_by_device"] for x in loss),
+            "reinstalls": sum(x["reinstalls"] for x in loss),
             "lossy_devices": [x for x in loss if x["lost"]][:100],
         },
     )

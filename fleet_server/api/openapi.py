@@ -27,7 +27,7 @@ OPERATIONS: list[tuple[str, str, str, str | None, list[tuple[str, str, str, str]
     ], None),
     ("post", "/api/v1/devices", "Provision a device: credentials and its agent config (shown once)",
      "operator", [], "application/json"),
-    ("get", "/api/v1/devices/{device_id}", "A device: status, reported state, tags, delivery (loss)",
+    ("get", "/api/v1/devices/{device_id}", "A device: status, reported state, tags, delivery (loss, reinstalls)",
      "viewer", [("device_id", P, "string", "device id")], None),
     ("post", "/api/v1/devices/{device_id}/revoke", "Revoke a device's broker and download access",
      "operator", [("device_id", P, "string", "device id")], None),

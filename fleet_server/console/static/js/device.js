@@ -90,6 +90,7 @@ async function refresh() {
     ["Messages received", fmtNum(del.received)],
     ["Lost (seq gaps)", del.lost ? el("span", { class: "bad-text" }, fmtNum(del.lost)) : fmtNum(del.lost ?? null)],
     ["Dropped on device", fmtNum(del.dropped_by_device ?? null)],
+    ["Reinstalls", del.reinstalls ? `${fmtNum(del.reinstalls)} (last ${fmtTime(del.reinstalled_at)})` : fmtNum(del.reinstalls ?? null)],
   ]);
   const labels = d.series.map((p) => fmtClock(p.bucket_start));
   upsertChart(charts, "latency", "latency-chart", {
