@@ -433,7 +433,7 @@ def m0008_feedback(db: Database) -> None:
 
 @migrations(name="0009_reinstalls_retention")
 def m0009_reinstalls_retention(db: Database) -> None:
-    # Message accounting per install: a seq more than 2**20 above a device's highest starts a
+    # Message accounting per install: a seq more than 2**19 above a device's highest starts a
     # new install (a wiped outbox starts at its creation time << 20), which restarts first_seq,
     # received and dropped_total; `reinstalls` counts them and `reinstalled_at` is the server time
     # of the last one. Telemetry retention deletes old `windows` rows with their `seqs` rows;

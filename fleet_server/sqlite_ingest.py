@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from edge_agent.protocol import SEQ_NEW_INSTALL_JUMP
 from fleet_server.performance import FeedbackMismatch, FeedbackSums
 from fleet_server.storage import BatchResult, IngestBatch, Reject
 from fleet_server.telemetry import BucketSums, bucket_start, sum_windows
@@ -70,10 +71,10 @@ _UPSERT_SEQ_STATS = (
     "reinstalls = excluded.reinstalls, reinstalled_at = excluded.reinstalled_at"
 )
 
-# A seq more than this above a device's highest is a new install: an outbox created afresh (new
-# install, wiped data dir) starts its seqs at its creation time << 20, while a real gap (messages
-# the outbox bound dropped) stays in the thousands.
-NEW_INSTALL_JUMP = 1 << 20
+# A seq more than this (2**19) above a device's highest is a new install: an outbox created afresh
+# (new install, wiped data dir) starts its seqs at its creation second << 20, while a real gap
+# (messages the outbox bound dropped) stays in the thousands. One constant with the agent's.
+NEW_INSTALL_JUMP = SEQ_NEW_INSTALL_JUMP
 
 
 class SeqAccount:
