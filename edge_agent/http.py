@@ -90,6 +90,15 @@ def _head(status: int, content_type: str) -> bytes:
 Job = Callable[[bytes], None]
 
 
+def body_length(value: str, headers: dict[str, str]) -> int:
+    """A request's body length from its Content-Length, or -1 when the framing is ambiguous:
+    anything but decimal digits (no sign, `_`, spaces inside or hex, which `int()` would take),
+    or Content-Length together with Transfer-Encoding (RFC 9112 6.3: a request smuggling vector)."""
+    value = value.strip()
+    if "transfer-encoding" in headers or not (value.isascii() and value.isdigit()) or len(value) > 18:
+        return -1
+    return int(value)
+
 class Connection:
     """One client connection: buffered input, the request being framed, unsent output.
 
@@ -306,10 +315,7 @@ class Connection:
     def discard_body(self, headers: dict[str, str], version: str, answer: Job, mode: int = _INLINE) -> None:
         """Read and drop the body (if it is one we would accept), then `answer`; a body we
         would not read closes the connection after the answer."""
-        try:
-            n = int(headers.get("content-length", "0"))
-        except ValueError:
-            n = -1
+        n = body_length(headers.get("content-length", "0"), headers)
         if 0 < n <= self.agent.config.http.max_body_bytes:
             self.await_body(n, headers, version, answer, mode)
             return
@@ -390,12 +396,16 @@ class Connection:
         if length is None:
             self.send(411, _encode({"error": "length_required", "message": "send a Content-Length header"}), close=True)
             return
-        try:
-            n = int(length)
-        except ValueError:
-            n = -1
+        n = body_length(length, headers)
         limit = self.agent.config.http.max_body_bytes
-        if n < 0 or n > limit:
+        if n < 0:
+            self.close = True  # the framing is unknown: the connection cannot go on
+            exc = RequestError("bad_request", f"Content-Length must be decimal digits alone, without "
+                               f"Transfer-Encoding; got {length[:40]!r}")
+            refused(exc)
+            self.error(exc)
+            return
+        if n > limit:
             # Not read: the connection cannot go on.
             self.close = True
             exc = RequestError("body_too_large", f"body of {n} bytes; at most {limit} are accepted")

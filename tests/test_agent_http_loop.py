@@ -319,6 +319,12 @@ REFUSALS = [
      + b"\r\nContent-Length: 99999999999\r\n\r\n", 413, "body_too_large", True),
     (b"POST /v1/predict HTTP/1.1\r\nAuthorization: Bearer " + TOKEN.encode()
      + b"\r\nContent-Length: 5\r\n\r\n{nope", 400, "malformed_json", False),
+    # Framing that int() would take but an upstream proxy might read otherwise: refused, closed.
+    *[(b"POST /v1/predict HTTP/1.1\r\nAuthorization: Bearer " + TOKEN.encode()
+       + b"\r\nContent-Length: " + length + b"\r\n\r\n{}", 400, "bad_request", True)
+      for length in (b"+2", b"0_2", b"2 2", b"\xd9\xa2")],  # the last: an Arabic-Indic digit 2
+    (b"POST /v1/predict HTTP/1.1\r\nAuthorization: Bearer " + TOKEN.encode()
+     + b"\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}", 400, "bad_request", True),
 ]
 
 
