@@ -460,20 +460,6 @@ def _agent_overrides(config: Any) -> None:
     config.outbox.resend_after_s = RESEND_AFTER_S
 
 
-def _ingested(svc: Any, fleet: SimFleet) -> bool:
-    """The server stored every message of every running device that has a network."""
-    stats = {s["device"]: s for s in svc.storage.seq_stats()}
-    for device_id, d in fleet.devices.items():
-        agent = d.agent
-        if agent is None or agent.outbox is None or d.network_down:
-            continue
-        last = agent.outbox.next_seq - 1
-        s = stats.get(device_id)
-        if last >= 0 and (s is None or s["max_seq"] < last or agent.outbox.count()):
-            return False
-    return True
-
-
 def _settled_fleet(fleet: SimFleet) -> bool:
     """Every device running, online, with a network and no update under way."""
     for s in fleet.states().values():
@@ -532,7 +518,7 @@ def run_chaos(plan: ChaosPlan, workdir: Path, *, say: Callable[[str], None] = la
                   "the rollout to finish", 0.5)
         fleet.wait(lambda: _settled_fleet(fleet), settle_timeout_s, "every device up, online and idle")
         fleet.wait(fleet.delivered, settle_timeout_s, "every outbox acknowledged by the server")
-        fleet.wait(lambda: _ingested(svc, fleet), settle_timeout_s, "the server to store every message")
+        fleet.wait(lambda: fleet.ingested(svc.storage.seq_stats()), settle_timeout_s, "the server to store every message")
         states = fleet.states()
         fleet.stop()
         _wait_quiet(data_dir)
@@ -577,8 +563,8 @@ def _read_only(data_dir: Path) -> sqlite3.Connection:
 # ------------------------------------------------------------------ the invariants
 
 
-def _outbox_state(path: Path) -> tuple[int, set[int], int]:
-    """(next seq, seqs still queued, dropped total) of a stopped device's outbox file."""
+def _outbox_state(path: Path) -> tuple[range, set[int], int]:
+    """(the seqs the outbox made, those still queued, dropped total) of a stopped device's outbox."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
@@ -586,7 +572,7 @@ def _outbox_state(path: Path) -> tuple[int, set[int], int]:
     finally:
         db.close()
     next_seq = max(int(meta.get("next_seq", 0)), max(pending, default=-1) + 1)
-    return next_seq, pending, int(meta.get("dropped_total", 0))
+    return range(int(meta.get("first_seq", 0)), next_seq), pending, int(meta.get("dropped_total", 0))
 
 
 def _row(name: str, expected: str, observed: str, problems: list[str]) -> Invariant:
@@ -696,8 +682,8 @@ def _delivery_invariants(db: sqlite3.Connection, fleet: SimFleet) -> list[Invari
     acked_total = stored_total = missing_total = dropped_total = 0
     lost, phantom, unreported = [], [], []
     for device_id in fleet.ids:
-        next_seq, pending, dropped = _outbox_state(DataDir(fleet.devices[device_id].config.data_dir).outbox_file)
-        acked = set(range(next_seq)) - pending  # acknowledged by the server, or dropped by the device
+        made, pending, dropped = _outbox_state(DataDir(fleet.devices[device_id].config.data_dir).outbox_file)
+        acked = set(made) - pending  # acknowledged by the server, or dropped by the device
         have = stored[device_id]
         missing = acked - have
         acked_total += len(acked) - dropped
@@ -707,7 +693,7 @@ def _delivery_invariants(db: sqlite3.Connection, fleet: SimFleet) -> list[Invari
         if len(missing) > dropped:
             lost.append(f"{device_id}: {len(missing) - dropped} acknowledged seqs not stored "
                         f"(first {sorted(missing)[:5]}), device dropped {dropped}")
-        extra = have - set(range(next_seq))
+        extra = {seq for seq in have if seq not in made}
         if extra:
             phantom.append(f"{device_id}: stored seqs the device never made: {sorted(extra)[:5]}")
         if dropped != server_dropped.get(device_id, 0) and (dropped or missing):

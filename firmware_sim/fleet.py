@@ -26,6 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edge_agent.config import AgentConfig, config_from_dict
 from edge_agent.store import DataDir
@@ -316,6 +317,20 @@ class SimFleet:
                 continue
             if not d.online or (d.agent.outbox is not None and d.agent.outbox.count()):
                 return False
+        return True
+
+    def ingested(self, seq_stats: list[dict[str, Any]]) -> bool:
+        """The server stored every message of every running device that has a network: given the
+        server's `seq_stats()`, each such device's newest seq is in and its outbox is empty."""
+        stats = {s["device"]: s for s in seq_stats}
+        with self._cond:
+            for device_id, d in self.devices.items():
+                outbox = d.agent.outbox if d.agent is not None else None
+                if outbox is None or d.network_down or outbox.next_seq == outbox.first_seq:
+                    continue  # no network: it keeps its outbox until it is back; or nothing made yet
+                s = stats.get(device_id)
+                if s is None or s["max_seq"] < outbox.next_seq - 1 or outbox.count():
+                    return False
         return True
 
     # ------------------------------------------------------------------ looking at it

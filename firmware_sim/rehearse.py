@@ -333,22 +333,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ingested(svc: Any, fleet: SimFleet) -> bool:
-    """The server stored every message of every running device that has a network."""
-    stats = {s["device"]: s for s in svc.storage.seq_stats()}
-    for device_id, d in fleet.devices.items():
-        agent = d.agent
-        if agent is None or agent.outbox is None or d.network_down:
-            continue
-        last = agent.outbox.next_seq - 1
-        if last < 0:
-            continue
-        s = stats.get(device_id)
-        if s is None or s["max_seq"] < last or agent.outbox.count():
-            return False
-    return True
-
-
 def _target_note(plan: dict[str, Any], shapes: list[DeviceShape]) -> tuple[dict[str, Any], str | None]:
     """Explicit device lists name real devices the simulation does not have: rehearse on all."""
     target = plan.get("target") or {}
@@ -524,7 +508,7 @@ def _settle(svc: Any, fleet: SimFleet, timeout: float, notes: list[str]) -> None
     """Wait until every online device's messages are stored (the pass then sees all of them)."""
     try:
         fleet.wait(fleet.delivered, timeout, "every online device's outbox acknowledged")
-        fleet.wait(lambda: _ingested(svc, fleet), timeout, "the server to store every message")
+        fleet.wait(lambda: fleet.ingested(svc.storage.seq_stats()), timeout, "the server to store every message")
     except TimeoutError as exc:
         notes.append(f"some devices lagged behind the simulated clock ({exc})")
 

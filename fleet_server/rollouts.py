@@ -404,13 +404,10 @@ def _reconcile_rollout(svc: Services, p: _Pass, row: dict[str, Any]) -> None:
     spec = spec_of(row)
     rid, state = row["id"], RolloutState(row["state"])
     assigned = {m["device"]: m for m in svc.storage.rollout_devices(rid)}
-    matching = [d for d in _matching(spec.target, list(p.devices.values())) if d not in p.taken or d in assigned]
-    p.taken.update(matching)
+    population = [d for d in _matching(spec.target, list(p.devices.values()))
+                  if d not in p.taken or d in assigned]
+    p.taken.update(population)
     p.taken.update(assigned)
-    # A device joins the population once it has reported what it runs: its active version then is
-    # the version an abort sends it back to. Assigned earlier, a device that had just connected
-    # would have no previous version, and an abort would leave it on the rolled-out one.
-    population = [d for d in matching if d in assigned or (p.devices[d].get("reported") is not None)]
     if state is RolloutState.ABORTING:
         _reconcile_abort(svc, p, row, spec, assigned)
         return
@@ -434,8 +431,17 @@ def _reconcile_rollout(svc: Services, p: _Pass, row: dict[str, Any]) -> None:
             if stage.mode == "live" and m["live_at"] is None:
                 m["live_at"] = p.now
             changed.append(m)
-    # Publish to every assigned device (a device that came back or was missed converges).
+    # Publish to every assigned device (a device that came back or was missed converges), once
+    # the server knows what it runs: that version is the one an abort sends it back to. A device
+    # taken before its first report waits for it (pending, then timed out like any silent one);
+    # told at once, an abort could not return it and would leave it on this version.
     for device, m in assigned.items():
+        known = p.devices.get(device) or {}
+        if known.get("reported") is None:
+            continue
+        if m["previous_version"] is None and known.get("active_version") not in (None, spec.version):
+            m["previous_version"] = known["active_version"]
+            changed.append(m)
         _publish(svc, p, device, spec.model, spec.version, m["mode"], rid)
     changed += _update_statuses(svc, p, row, spec, assigned, cohort)
     svc.storage.put_rollout_devices(_unique(changed))

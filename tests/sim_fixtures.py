@@ -65,24 +65,10 @@ class SimServer:
         for device_id in fleet.ids:
             assert publish_desired(self.svc, device_id, desired)
 
-    def ingested(self, fleet: SimFleet) -> bool:
-        """The server stored every message of every running device that has a network."""
-        stats = {s["device"]: s for s in self.svc.storage.seq_stats()}
-        for device_id, d in fleet.devices.items():
-            if d.agent is None or d.agent.outbox is None or d.network_down:
-                continue  # a device without network keeps its outbox until it is back
-            last = d.agent.outbox.next_seq - 1
-            if last < 0:
-                continue
-            s = stats.get(device_id)
-            if s is None or s["max_seq"] < last or d.agent.outbox.count():
-                return False
-        return True
-
     def settle(self, fleet: SimFleet, timeout: float = 60.0, judge: bool = True) -> None:
         """Wait until everything sent is stored, then (optionally) judge the closed buckets."""
         fleet.wait(fleet.delivered, timeout, "every online device's outbox acknowledged")
-        fleet.wait(lambda: self.ingested(fleet), timeout, "the server to store every message")
+        fleet.wait(lambda: fleet.ingested(self.svc.storage.seq_stats()), timeout, "the server to store every message")
         if judge:
             evaluate_closed(self.svc)
 

@@ -264,21 +264,26 @@ def test_wrong_model_is_paused_at_first_live_stage_and_rolled_back(tmp_path):
         fleet.close()
 
 
-def test_device_joins_the_rollout_once_it_has_reported_and_an_abort_brings_it_back(tmp_path):
+def test_device_is_told_once_it_has_reported_and_an_abort_brings_it_back(tmp_path):
     fleet = start_fleet(tmp_path, 2)
     try:
         # Registered but silent: the server does not know what it runs, so nothing to go back to yet.
         late = fleet.provision("dev-late")
         upload_bundle(fleet.svc, bundle_bytes("lr", "2.0.0"))
         rid = rollouts.create_rollout(fleet.svc, plan("2.0.0", [stage(100, soak=600)]))["id"]
-        wait_until(lambda: len(fleet.svc.storage.rollout_devices(rid)) == 2, 30,
-                   message=lambda: f"the two reporting devices assigned: {fleet.svc.storage.rollout_devices(rid)}")
-        assert "dev-late" not in {m["device"] for m in fleet.svc.storage.rollout_devices(rid)}
-        assert rollouts.rollout_status(fleet.svc, rid)["population"] == 2
+
+        def members() -> dict[str, dict]:
+            return {m["device"]: m for m in fleet.svc.storage.rollout_devices(rid)}
+
+        wait_until(lambda: all(members().get(d, {}).get("status") == "updated" for d in ("dev-00", "dev-01")), 60,
+                   message=lambda: f"the reporting devices updated: {members()}")
+        # Taken (it counts in the stage) but not told: it has no version to go back to yet.
+        assert members()["dev-late"]["status"] == "pending" and members()["dev-late"]["previous_version"] is None
+        assert "dev-late" not in fleet.svc.storage.device_desired()
+        assert rollouts.rollout_status(fleet.svc, rid)["population"] == 3
         fleet.start("dev-late", late)
-        member = wait_until(lambda: {m["device"]: m for m in fleet.svc.storage.rollout_devices(rid)}.get("dev-late"),
-                            30, message="the late device assigned once it reported")
-        assert member["previous_version"] == "1.0.0"
+        wait_until(lambda: members()["dev-late"]["previous_version"] == "1.0.0", 30,
+                   message=lambda: f"the late device's version recorded once it reported: {members()['dev-late']}")
         wait_until(lambda: fleet.agents["dev-late"].active_version() == "2.0.0", 60,
                    message=lambda: f"the late device took 2.0.0: {fleet.versions()}")
         rollouts.abort(fleet.svc, rid, "bob", "changed our mind")
