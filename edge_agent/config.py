@@ -94,6 +94,9 @@ class UpdateConfig:
     # Below this median (ms) a model is never too slow: scheduling noise on a busy CPU moves
     # sub-millisecond models by more than any factor.
     probation_latency_floor_ms: float = 2.0
+    # SelfTest's latency budget (build-time median x the bundle's latency_tolerance) is never
+    # below this, for the same reason.
+    selftest_latency_floor_ms: float = 0.5
     download_timeout_s: float = 300.0
     max_download_bytes: int = 256 * MiB
     min_free_disk_bytes: int = 64 * MiB

@@ -161,7 +161,7 @@ def selftest(m: UpdateMachine) -> Event | None:
         runtime = m.host.load_runtime(bundle)
     except Exception as exc:  # a model onnxruntime cannot load is a failed self-test
         return m.fail(f"selftest: cannot load the model: {exc}")
-    result = runtime.self_test()
+    result = runtime.self_test(latency_floor_ms=m.host.config.update.selftest_latency_floor_ms)
     if not result.ok:
         return m.fail(f"selftest: {result.reason}")
     m.candidate = runtime
