@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.brokers import Broker
+# Helper modules that test modules import or name in `pytest_plugins`: rewrite their asserts
+# too (registered before anything imports them).
+pytest.register_assert_rewrite(
+    "tests.agent_fixtures", "tests.brokers", "tests.console_fixtures", "tests.model_fixtures", "tests.server_fixtures",
+    "tests.sim_fixtures",
+)
+
+from tests.brokers import Broker  # noqa: E402 - after the registration above
 
 
 @pytest.fixture
