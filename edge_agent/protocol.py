@@ -165,6 +165,9 @@ class ReportedState(msgspec.Struct, kw_only=True):
     rollout_id: str | None = None
     update_state: str = "idle"
     update_outcome: str | None = None  # success / failure / rolled_back / rollback_failed
+    # Idle after a transient failure with attempts left: the device will try the same desired
+    # again (a rollout counts it as still updating, not failed).
+    update_retry: bool = False
     last_error: str | None = None
     agent_version: str = ""
     hardware: Hardware = msgspec.field(default_factory=Hardware)

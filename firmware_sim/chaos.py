@@ -643,7 +643,8 @@ def _model_invariants(svc: Any, plan: ChaosPlan, fleet: SimFleet, states: dict[s
         if m_status == "updated" and version != TARGET:
             mismatched.append(f"{device_id}: rollout says updated, device runs {version}")
         if m_status == "failed" and version == TARGET:
-            mismatched.append(f"{device_id}: rollout says failed, device runs {TARGET}")
+            mismatched.append(f"{device_id}: rollout says failed, device runs {TARGET}"
+                              f" ({_update_story(svc, rollout_id, device_id, m)})")
         if m is None and status["state"] == "completed":
             mismatched.append(f"{device_id}: the completed rollout never took it")
         reg = registry[device_id]
@@ -665,6 +666,15 @@ def _model_invariants(svc: Any, plan: ChaosPlan, fleet: SimFleet, states: dict[s
         _row("server registry matches the devices", "0 differences", f"{len(registry_off)} differences",
              registry_off),
     ]
+
+
+def _update_story(svc: Any, rollout_id: str, device_id: str, member: dict[str, Any]) -> str:
+    """What a device did in the rollout, for a mismatch message: its member row and outcomes."""
+    events = [e for e in svc.storage.rollout_events(rollout_id) if e["device"] == device_id
+              and e["kind"] in ("outcome", "refused")]
+    told = {k: member.get(k) for k in ("stage", "mode", "status_at", "desired_at", "live_at")}
+    return f"member {told}; events " + "; ".join(
+        f"seq {e['seq']} {e['kind']} {e.get('version')} {e.get('outcome')} {e.get('reason')!r}" for e in events[-6:])
 
 
 def _short(text: str, n: int = 32) -> str:

@@ -503,7 +503,7 @@ def _device_status(rollout_id: str, version: str, member: dict[str, Any], device
     `updated` only while it reports the version active (or, in shadow, as its running shadow
     candidate); a live device on probation counts only while it is online (one that went down
     there rolls back when it boots). `failed` when its latest attempt at the version ended in a
-    failure, a local rollback or a refusal and it is not trying again. Otherwise `pending` until
+    failure, a local rollback or a refusal and it will not try again. Otherwise `pending` until
     the device timeout, then `timed_out`.
     """
     rep = device.get("reported") or {}
@@ -514,7 +514,9 @@ def _device_status(rollout_id: str, version: str, member: dict[str, Any], device
             return "updated"
     elif member["mode"] == "shadow" and on_version and state == "Shadow":
         return "updated"
-    trying_again = on_version and state not in (None, "Idle")
+    # Busy with the version, or idle after a transient failure it will try again (attempts left).
+    trying_again = (on_version and state not in (None, "Idle")) or (
+        state == "Idle" and rep.get("update_retry") is True and rep.get("rollout_id") == rollout_id)
     # The reported outcome covers a failure whose event has not been stored yet.
     failed_now = (rep.get("rollout_id") == rollout_id and state == "Idle"
                   and rep.get("update_outcome") in FAILED_OUTCOMES)

@@ -57,6 +57,53 @@ def test_kill_9_in_state_ends_on_valid_model(state, entry, first_outcome, tmp_pa
         proc.stop()
 
 
+def test_interrupted_update_is_reported_as_retrying_until_its_desired_returns(tmp_path, broker, collector,
+                                                                              bundle_server):
+    """A power cut mid-update is transient: after the restart the agent serves its old model and
+    says it will try again (`update_retry`) until the retained desired reaches it; then it does."""
+    config = make_config(tmp_path, broker, listen="127.0.0.1:0", update={"probation_s": 0.5})
+    install_active(config.path, bundle_bytes("lr", "1.0.0"))
+    proc = AgentProcess(config, tmp_path / "agent.toml").start(fault="crash_in=Activate")
+    try:
+        publish_desired(broker, "dev-1", bundle_server.desired("dev-1", "b.efb", bundle_bytes("lr", "2.0.0")))
+        assert proc.wait_exit(60) == -9
+        publish_desired(broker, "dev-1", b"")  # cleared: the restarted agent does not get it at once
+        proc.start()
+
+        def waiting():
+            r = collector.latest("reported")
+            return r is not None and r.update_state == "Idle" and r.update_outcome == "rolled_back" and r
+
+        waiting_report = wait_until(waiting, 60, message=lambda: f"rolled back and idle: {collector.latest('reported')}")
+        assert waiting_report.update_retry is True and waiting_report.active_version == "1.0.0"
+        assert waiting_report.candidate_version is None
+
+        publish_desired(broker, "dev-1", bundle_server.desired("dev-1", "b.efb", bundle_bytes("lr", "2.0.0")))
+        wait_until(lambda: "success" in collector.outcomes(), 60, message="the retry converges")
+        done = wait_until(lambda: (r := collector.latest("reported")) and r.update_outcome == "success" and r, 20,
+                          message="reported after the retry")
+        assert done.update_retry is False and done.active_version == "2.0.0"
+    finally:
+        proc.stop()
+
+
+def test_attempts_used_up_are_not_reported_as_retrying(tmp_path, broker, collector, bundle_server):
+    """A permanent failure (here a corrupt download) ends with `update_retry` false."""
+    config = make_config(tmp_path, broker, listen="127.0.0.1:0")
+    install_active(config.path, bundle_bytes("lr", "1.0.0"))
+    proc = AgentProcess(config, tmp_path / "agent.toml").start()
+    try:
+        desired = bundle_server.desired("dev-1", "b.efb", bundle_bytes("lr", "2.0.0"))
+        desired.sha256 = "0" * 64  # what arrives never matches
+        publish_desired(broker, "dev-1", desired)
+        report = wait_until(lambda: (r := collector.latest("reported")) and r.update_outcome == "failure" and r, 60,
+                            message=lambda: f"the update fails: {collector.latest('reported')}")
+        assert report.update_state == "Idle" and report.update_retry is False
+        assert "sha256" in (report.last_error or "")
+    finally:
+        proc.stop()
+
+
 def _get(port: int, path: str):
     try:
         r = requests.get(f"http://127.0.0.1:{port}{path}", timeout=2)

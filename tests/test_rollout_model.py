@@ -143,3 +143,32 @@ def test_a_full_stage_skips_control_comparisons():
     results = {r.name: r for r in evaluate_gates(spec, "live", canary, CohortStats())}
     assert results["prediction_js"].status == "skipped"
     assert verdict(list(results.values())) == "pass"
+
+
+# A device's status in a stage, derived from its reported state: (reported, failure event, status).
+MEMBER = {"mode": "live", "desired_at": 100.0, "assigned_at": 100.0}
+STATUS_CASES = [
+    ("committed", {"active_version": "2", "update_state": "Idle", "update_outcome": "success"}, None, "updated"),
+    ("installing", {"active_version": "1", "candidate_version": "2", "update_state": "Download"}, None, "pending"),
+    ("failed for good", {"active_version": "1", "update_state": "Idle", "update_outcome": "failure",
+                         "rollout_id": "r1"}, "verify: sha256", "failed"),
+    ("rolled back, will retry when its desired arrives",
+     {"active_version": "1", "update_state": "Idle", "update_outcome": "rolled_back", "update_retry": True,
+      "rollout_id": "r1"}, "interrupted in Activate", "pending"),
+    ("retry for another rollout does not count",
+     {"active_version": "1", "update_state": "Idle", "update_outcome": "rolled_back", "update_retry": True,
+      "rollout_id": "r0"}, "interrupted in Activate", "failed"),
+    ("agent without update_retry: failed as before",
+     {"active_version": "1", "update_state": "Idle", "update_outcome": "rolled_back", "rollout_id": "r1"},
+     None, "failed"),
+]
+
+
+@pytest.mark.parametrize("reported,failure,expected", [c[1:] for c in STATUS_CASES], ids=[c[0] for c in STATUS_CASES])
+def test_device_status_counts_a_device_about_to_retry_as_updating(reported, failure, expected):
+    from fleet_server.rollouts import _device_status
+
+    device = {"reported": reported, "status": "online"}
+    assert _device_status("r1", "2", MEMBER, device, failure, now=110.0, timeout_s=60.0) == expected
+    if expected == "pending":  # until the device timeout
+        assert _device_status("r1", "2", MEMBER, device, failure, now=200.0, timeout_s=60.0) == "timed_out"

@@ -33,7 +33,7 @@ from edge_agent.update.events import (
     next_state,
     reduce_outcome,
 )
-from edge_agent.update.states import HANDLERS, desired_key
+from edge_agent.update.states import HANDLERS, MAX_ATTEMPTS, desired_key
 
 log = logging.getLogger("edge_agent.update")
 
@@ -171,6 +171,15 @@ class UpdateMachine:
     @property
     def busy(self) -> bool:
         return self.ctx.state is not State.IDLE
+
+    @property
+    def will_retry(self) -> bool:
+        """Idle after a transient failure (a restart, the network) with attempts left: the device
+        tries the same desired again, at once when it knows it, else when it arrives."""
+        ctx = self.ctx
+        if ctx.state is not State.IDLE or ctx.desired is None or ctx.outcome in (None, Outcome.SUCCESS, Outcome.CANCELLED):
+            return False
+        return ctx.attempts.get(desired_key(ctx.desired), 0) < MAX_ATTEMPTS
 
     def kick(self) -> None:
         """Schedule a run on the host's executor (desired changed, restart, verdict posted)."""
