@@ -80,8 +80,8 @@ def test_interrupted_update_is_reported_as_retrying_until_its_desired_returns(tm
 
         publish_desired(broker, "dev-1", bundle_server.desired("dev-1", "b.efb", bundle_bytes("lr", "2.0.0")))
         wait_until(lambda: "success" in collector.outcomes(), 60, message="the retry converges")
-        done = wait_until(lambda: (r := collector.latest("reported")) and r.update_outcome == "success" and r, 20,
-                          message="reported after the retry")
+        done = wait_until(lambda: (r := collector.latest("reported")) and r.update_state == "Idle"
+                          and r.update_outcome == "success" and r, 20, message="reported after the retry")
         assert done.update_retry is False and done.active_version == "2.0.0"
     finally:
         proc.stop()
@@ -96,9 +96,10 @@ def test_attempts_used_up_are_not_reported_as_retrying(tmp_path, broker, collect
         desired = bundle_server.desired("dev-1", "b.efb", bundle_bytes("lr", "2.0.0"))
         desired.sha256 = "0" * 64  # what arrives never matches
         publish_desired(broker, "dev-1", desired)
-        report = wait_until(lambda: (r := collector.latest("reported")) and r.update_outcome == "failure" and r, 60,
+        report = wait_until(lambda: (r := collector.latest("reported")) and r.update_state == "Idle"
+                            and r.update_outcome == "failure" and r, 60,
                             message=lambda: f"the update fails: {collector.latest('reported')}")
-        assert report.update_state == "Idle" and report.update_retry is False
+        assert report.update_retry is False
         assert "sha256" in (report.last_error or "")
     finally:
         proc.stop()

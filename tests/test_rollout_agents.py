@@ -91,6 +91,8 @@ class AgentFleet:
     offline: set[str] = field(default_factory=set)
     stop: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    # Held while the traffic thread drives one agent, so that an agent is never closed mid-tick.
+    driving: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def svc(self):
@@ -122,29 +124,33 @@ class AgentFleet:
 
         def loop() -> None:
             while not self.stop.wait(0.03):
-                for device_id, agent in list(self.agents.items()):
-                    if device_id in self.offline:
-                        continue
-                    # Small requests: the agent's probation has a 0.5 ms latency floor, and two
-                    # shared cores make larger batches cross it now and then.
-                    idx = np.where(rng.random(10) < 0.75, rng.choice(common, 10), rng.choice(rare, 10))
-                    with contextlib.suppress(Exception):  # mid-swap: the next call serves
-                        agent.predict(X[idx].tolist())
-                    agent.tick()
+                for device_id in list(self.agents):
+                    with self.driving:
+                        if device_id in self.offline:
+                            continue
+                        agent = self.agents[device_id]
+                        # Small requests: probation has a latency floor, and two shared cores make
+                        # larger batches cross it now and then.
+                        idx = np.where(rng.random(10) < 0.75, rng.choice(common, 10), rng.choice(rare, 10))
+                        with contextlib.suppress(Exception):  # mid-swap: the next call serves
+                            agent.predict(X[idx].tolist())
+                        agent.tick()
 
         self.thread = threading.Thread(target=loop, daemon=True)
         self.thread.start()
         return self
 
     def go_offline(self, device_id: str) -> None:
-        self.offline.add(device_id)
+        with self.driving:
+            self.offline.add(device_id)
         self.agents[device_id].close()
 
     def come_back(self, device_id: str) -> Agent:
         old = self.agents[device_id]
         agent = Agent(old.config, hardware=old.hardware).start()
-        self.agents[device_id] = agent
-        self.offline.discard(device_id)
+        with self.driving:
+            self.agents[device_id] = agent
+            self.offline.discard(device_id)
         return agent
 
     def versions(self) -> dict[str, str | None]:
