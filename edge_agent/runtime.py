@@ -159,7 +159,9 @@ class ModelRuntime:
             return SelfTestResult(
                 False,
                 f"median single-row latency {p50:.3f} ms is over the budget {limit:.3f} ms "
-                f"({budget.latency_ms_p50} ms x {budget.latency_tolerance}, floor {latency_floor_ms} ms)",
+                f"({budget.latency_ms_p50} ms x {budget.latency_tolerance}, floor {latency_floor_ms} ms): "
+                "this device is too slow for the model; use a smaller model, or raise "
+                "update.selftest_latency_floor_ms if the device is only busy",
                 p50,
             )
         return SelfTestResult(True, "", p50)

@@ -641,7 +641,8 @@ def _model_invariants(svc: Any, plan: ChaosPlan, fleet: SimFleet, states: dict[s
             unexplained.append(f"{device_id}: runs {version!r}, neither {TARGET} nor {CURRENT}")
         # What the rollout stored about the device against what it runs.
         if m_status == "updated" and version != TARGET:
-            mismatched.append(f"{device_id}: rollout says updated, device runs {version}")
+            mismatched.append(f"{device_id}: rollout says updated, device runs {version}"
+                              f" ({_update_story(svc, rollout_id, device_id, m)})")
         if m_status == "failed" and version == TARGET:
             mismatched.append(f"{device_id}: rollout says failed, device runs {TARGET}"
                               f" ({_update_story(svc, rollout_id, device_id, m)})")

@@ -87,8 +87,8 @@ def test_interrupted_update_is_reported_as_retrying_until_its_desired_returns(tm
         proc.stop()
 
 
-def test_attempts_used_up_are_not_reported_as_retrying(tmp_path, broker, collector, bundle_server):
-    """A permanent failure (here a corrupt download) ends with `update_retry` false."""
+def test_permanent_failure_is_not_reported_as_retrying(tmp_path, broker, collector, bundle_server):
+    """A permanent failure (here a download whose sha256 never matches) ends with `update_retry` false."""
     config = make_config(tmp_path, broker, listen="127.0.0.1:0")
     install_active(config.path, bundle_bytes("lr", "1.0.0"))
     proc = AgentProcess(config, tmp_path / "agent.toml").start()

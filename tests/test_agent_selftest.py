@@ -27,6 +27,7 @@ def test_budget_below_the_measured_latency_fails_naming_the_numbers():
     result = runtime_with_budget(1e-9).self_test()
     assert not result.ok
     assert "median single-row latency" in result.reason and "over the budget" in result.reason
+    assert "selftest_latency_floor_ms" in result.reason  # says what to change
 
 
 def test_floor_lifts_a_budget_measured_on_a_faster_machine():

@@ -33,7 +33,7 @@ from edge_agent.update.events import (
     next_state,
     reduce_outcome,
 )
-from edge_agent.update.states import HANDLERS, MAX_ATTEMPTS, desired_key
+from edge_agent.update.states import HANDLERS, attempts_left, desired_key
 
 log = logging.getLogger("edge_agent.update")
 
@@ -179,7 +179,7 @@ class UpdateMachine:
         ctx = self.ctx
         if ctx.state is not State.IDLE or ctx.desired is None or ctx.outcome in (None, Outcome.SUCCESS, Outcome.CANCELLED):
             return False
-        return ctx.attempts.get(desired_key(ctx.desired), 0) < MAX_ATTEMPTS
+        return attempts_left(ctx.attempts, ctx.desired)
 
     def kick(self) -> None:
         """Schedule a run on the host's executor (desired changed, restart, verdict posted)."""

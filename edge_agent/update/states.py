@@ -28,6 +28,11 @@ def desired_key(d: DesiredState) -> str:
     return hashlib.sha256(encode(d)).hexdigest()[:16]
 
 
+def attempts_left(attempts: dict[str, int], d: DesiredState) -> bool:
+    """Whether `d` may be tried again: it has not failed for good nor used up its attempts."""
+    return attempts.get(desired_key(d), 0) < MAX_ATTEMPTS
+
+
 def schema_problem(active: Manifest, candidate: Manifest) -> str | None:
     """Why `candidate` would break local apps built for `active`, or None when compatible."""
     a, c = active.inputs, candidate.inputs
@@ -60,13 +65,11 @@ def idle(m: UpdateMachine) -> Event | None:
     d = m.host.desired()
     if d is None or d.version == m.host.active_version():
         return None
-    key = desired_key(d)
-    attempts = m.ctx.attempts.get(key, 0)
-    if attempts >= MAX_ATTEMPTS:
+    if not attempts_left(m.ctx.attempts, d):
         return None  # already failed for good: wait for a new desired
     reason = refusal(m, d)
     if reason:
-        m.ctx.attempts[key] = MAX_ATTEMPTS
+        m.ctx.attempts[desired_key(d)] = MAX_ATTEMPTS
         m.refuse(d, reason)
         return None
     m.begin(d)
