@@ -46,7 +46,11 @@ FAST_GATES = {  # small samples: a handful of devices serve a few thousand predi
     "p95_latency_ratio": {"max": 5.0, "min_sample": 200},
     "prediction_js": {"min_sample": 200},
     "shadow_agreement": {"min_sample": 100},
-    "input_drift_psi": {"min_sample": 200},
+    # The traffic is skewed on purpose (75 % one class, unlike the training reference), so the
+    # canary's inputs drift from the reference by design; at 200-250 predictions the largest
+    # feature PSI measured up to 0.253 against the 0.25 default. This gate is not what these
+    # tests judge (tests/test_rollout_model.py covers it), so it only has to stay quiet here.
+    "input_drift_psi": {"max": 0.5, "min_sample": 200},
 }
 
 

@@ -118,6 +118,16 @@ def test_divergent_predictions_fail_the_js_gate():
     assert results["prediction_js"].value > 0.1
 
 
+def test_drifted_canary_inputs_fail_the_input_drift_gate():
+    spec = parse_spec({"model": "m", "version": "2"})
+    canary = _stats(devices=10, updated=10, predictions=1000, lat_bin=3, prediction_counts=[600, 400],
+                    max_feature_psi=0.3)
+    control = _stats(devices=90, predictions=9000, lat_bin=3, prediction_counts=[5900, 4100])
+    results = {r.name: r for r in evaluate_gates(spec, "live", canary, control)}
+    assert results["input_drift_psi"].status == "fail" and results["input_drift_psi"].value == 0.3
+    assert results["input_drift_psi"].threshold == 0.25
+
+
 def test_small_samples_are_pending_not_passed():
     spec = parse_spec({"model": "m", "version": "2"})
     canary = _stats(devices=10, updated=1, predictions=10, lat_bin=3, prediction_counts=[5, 5])
