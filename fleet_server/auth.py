@@ -11,6 +11,7 @@ passwords, so those get argon2id too; console session ids are random like tokens
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import secrets
@@ -52,16 +53,28 @@ def mosquitto_hash(password: str, salt: bytes | None = None) -> str:
     return f"$7${MOSQUITTO_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
-class PasswordChecker:
-    """Checks device passwords against argon2 hashes, remembering recent successes."""
+# Unknown accounts are checked against this hash, so a wrong password costs one argon2 check
+# whether the name exists or not: response times do not tell which ids exist.
+_DUMMY_HASH = _hasher.hash("edgefleet: no such account")
 
-    def __init__(self, cache_size: int = 4096) -> None:
+
+class PasswordChecker:
+    """Checks device passwords against argon2 hashes, remembering recent successes.
+
+    An unknown (or revoked) device id is checked against a dummy hash, so a wrong password takes
+    the same time for an existing and an unknown id (no device-id oracle).
+    """
+
+    def __init__(self, cache_size: int = 4096, hasher: PasswordHasher = _hasher) -> None:
         self._ok: OrderedDict[tuple[str, bytes], str] = OrderedDict()
         self._size = cache_size
         self._lock = threading.Lock()
+        self._hasher = hasher
 
     def check(self, device_id: str, password: str, stored_hash: str | None) -> bool:
         if stored_hash is None:
+            with contextlib.suppress(VerificationError, InvalidHashError):
+                self._hasher.verify(_DUMMY_HASH, password)
             return False
         # The cache key includes the stored hash: a revoked or re-provisioned device misses it.
         key = (device_id, hashlib.sha256(password.encode()).digest())
@@ -70,7 +83,7 @@ class PasswordChecker:
                 self._ok.move_to_end(key)
                 return True
         try:
-            _hasher.verify(stored_hash, password)
+            self._hasher.verify(stored_hash, password)
         except (VerificationError, InvalidHashError):
             return False
         with self._lock:
@@ -129,7 +142,6 @@ def constant_time_equal(a: str, b: str) -> bool:
 
 SESSION_COOKIE = "ef_session"
 CSRF_HEADER = "X-CSRF-Token"
-_DUMMY_HASH = _hasher.hash("edgefleet: no such operator")
 
 
 def verify_password(stored_hash: str | None, password: str) -> bool:
