@@ -4,17 +4,11 @@ The agent imports numpy, onnxruntime, paho-mqtt, cryptography, prometheus-client
 only: never scikit-learn, skl2onnx, Flask or the fleet server.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("edgefleet")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0"
-
-from edge_agent.agent import Agent, Prediction  # noqa: E402
-from edge_agent.config import AgentConfig, ConfigError, config_from_dict, load_config  # noqa: E402
-from edge_agent.feedback import FeedbackResult  # noqa: E402
-from edge_agent.validation import RequestError  # noqa: E402
+from edge_agent.agent import Agent, Prediction
+from edge_agent.config import AgentConfig, ConfigError, config_from_dict, load_config
+from edge_agent.feedback import FeedbackResult
+from edge_agent.validation import RequestError
+from edge_agent.version import __version__
 
 __all__ = [
     "Agent",

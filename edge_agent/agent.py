@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge_agent import __version__
 from edge_agent.config import AgentConfig
 from edge_agent.feedback import FeedbackResult, PredictionRecord, format_ids, parse_items
 from edge_agent.link import MqttLink
@@ -44,6 +43,7 @@ from edge_agent.telemetry import Telemetry
 from edge_agent.update.events import Outcome
 from edge_agent.update.machine import UpdateMachine, parse_faults
 from edge_agent.validation import RequestError
+from edge_agent.version import __version__
 from model_tools.bundle import Bundle, load_extracted
 from model_tools.errors import BundleError
 from model_tools.manifest import Manifest

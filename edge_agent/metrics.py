@@ -7,7 +7,7 @@ nothing for metrics, and a simulator can hold a thousand agents in one process.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -21,11 +21,29 @@ from prometheus_client.registry import Collector
 from edge_agent.protocol import LATENCY_EDGES_MS
 
 if TYPE_CHECKING:
-    from edge_agent.agent import Agent
+    from edge_agent.config import AgentConfig
+    from edge_agent.link import MqttLink
+    from edge_agent.outbox import Outbox
+    from edge_agent.runtime import ModelRuntime
+    from edge_agent.telemetry import Telemetry
+    from edge_agent.update.machine import UpdateMachine
+
+
+class ScrapedAgent(Protocol):
+    """What a scrape reads from the agent (the `Agent` has all of it)."""
+
+    config: AgentConfig
+    telemetry: Telemetry
+    machine: UpdateMachine
+    outbox: Outbox | None
+    link: MqttLink | None
+
+    @property
+    def active(self) -> ModelRuntime | None: ...
 
 
 class AgentCollector(Collector):
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: ScrapedAgent) -> None:
         self.agent = agent
 
     def collect(self) -> Iterator[Metric]:
@@ -65,7 +83,7 @@ class AgentCollector(Collector):
                                 value=1 if a.link is not None and a.link.connected else 0)
 
 
-def build_registry(agent: Agent) -> CollectorRegistry:
+def build_registry(agent: ScrapedAgent) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(AgentCollector(agent))
     return registry

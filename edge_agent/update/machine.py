@@ -10,19 +10,15 @@ after saving the named state, or post `failure` from it. Never set it in product
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
-
-import msgspec
+from typing import Any
 
 from edge_agent.protocol import DesiredState
-from edge_agent.store import DataDir, atomic_write_bytes, read_json
+from edge_agent.store import atomic_write_bytes, read_json
+from edge_agent.update.context import UpdateContext, UpdateHost
 from edge_agent.update.events import (
     LIVE_STATES,
     RESTART_ENTRY,
@@ -38,74 +34,6 @@ from edge_agent.update.states import HANDLERS, attempts_left, desired_key
 log = logging.getLogger("edge_agent.update")
 
 MAX_SAVES = 64  # saves within one update; more means a loop
-
-
-class UpdateHost(Protocol):
-    """What the machine needs from the agent."""
-
-    config: Any
-    data: DataDir
-    clock: Callable[[], float]
-
-    def desired(self) -> DesiredState | None: ...
-    def active_version(self) -> str | None: ...
-    def active_manifest(self) -> Any: ...
-    def trusted_keys(self) -> list[Any]: ...
-    def load_runtime(self, bundle: Any) -> Any: ...
-    def set_shadow(self, runtime: Any) -> None: ...
-    def activate(self, runtime: Any) -> None: ...
-    def start_probation(self) -> None: ...
-    def probation_stats(self) -> tuple[int, int, float | None]: ...
-    def commit(self, version: str, previous: str | None) -> None: ...
-    def rollback(self, previous: str | None) -> None: ...
-    def prune_versions(self) -> None: ...
-    def emit(self, **fields: Any) -> None: ...
-    def state_changed(self) -> None: ...
-    def submit(self, fn: Callable[[], None]) -> None: ...
-
-
-@dataclass
-class UpdateContext:
-    """The persisted part of the machine (update.json)."""
-
-    state: State = State.IDLE
-    desired: DesiredState | None = None
-    previous_version: str | None = None
-    outcome: Outcome | None = None
-    last_error: str | None = None
-    final: bool = False  # the failure will not go away by retrying
-    went_live: bool = False
-    activated_at: float | None = None
-    selftest_p50_ms: float | None = None
-    save_count: int = 0
-    attempts: dict[str, int] = field(default_factory=dict)
-
-    def to_json(self) -> bytes:
-        data = asdict(self)
-        data["state"] = self.state.value
-        data["outcome"] = self.outcome.value if self.outcome else None
-        data["desired"] = msgspec.to_builtins(self.desired) if self.desired else None
-        return json.dumps(data).encode()
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> UpdateContext:
-        ctx = cls()
-        try:
-            ctx.state = State(data.get("state", "Idle"))
-            ctx.desired = msgspec.convert(data["desired"], DesiredState) if data.get("desired") else None
-            ctx.previous_version = data.get("previous_version")
-            ctx.outcome = Outcome(data["outcome"]) if data.get("outcome") else None
-            ctx.last_error = data.get("last_error")
-            ctx.final = bool(data.get("final"))
-            ctx.went_live = bool(data.get("went_live"))
-            ctx.activated_at = data.get("activated_at")
-            ctx.selftest_p50_ms = data.get("selftest_p50_ms")
-            ctx.save_count = int(data.get("save_count", 0))
-            ctx.attempts = {str(k): int(v) for k, v in (data.get("attempts") or {}).items()}
-        except (ValueError, KeyError, TypeError, msgspec.ValidationError):
-            log.warning("update.json is unreadable; starting idle")
-            return cls()
-        return ctx
 
 
 def parse_faults(spec: str | None) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """What each update state does on entry. Each returns an Event, or None to wait.
 
 States touch the device only through the `UpdateHost` the machine is given (the Agent), so a
-simulator drives the same code with its own host, clock and files.
+simulator drives the same code with its own host, clock and files. A handler gets the running
+machine as an `UpdateRun` (update/context.py): the states never import the machine.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from model_tools.errors import BundleError
 from model_tools.manifest import Manifest
 
 if TYPE_CHECKING:
-    from edge_agent.update.machine import UpdateMachine
+    from edge_agent.update.context import UpdateRun
 
 MAX_ATTEMPTS = 3  # transient failures (network, restarts) of one desired before giving up
 
@@ -49,7 +50,7 @@ def schema_problem(active: Manifest, candidate: Manifest) -> str | None:
     return None
 
 
-def refusal(m: UpdateMachine, d: DesiredState) -> str | None:
+def refusal(m: UpdateRun, d: DesiredState) -> str | None:
     """Reasons to refuse a desired state without starting (checked in Idle)."""
     if not SAFE_VERSION.match(d.version):
         return f"version {d.version[:80]!r} is not a safe version name"
@@ -61,7 +62,7 @@ def refusal(m: UpdateMachine, d: DesiredState) -> str | None:
     return None
 
 
-def idle(m: UpdateMachine) -> Event | None:
+def idle(m: UpdateRun) -> Event | None:
     d = m.host.desired()
     if d is None or d.version == m.host.active_version():
         return None
@@ -76,12 +77,12 @@ def idle(m: UpdateMachine) -> Event | None:
     return Event.SUCCESS
 
 
-def _still_wanted(m: UpdateMachine) -> bool:
+def _still_wanted(m: UpdateRun) -> bool:
     d, mine = m.host.desired(), m.ctx.desired
     return d is not None and mine is not None and d.version == mine.version and d.sha256 == mine.sha256
 
 
-def download_state(m: UpdateMachine) -> Event | None:
+def download_state(m: UpdateRun) -> Event | None:
     d = m.ctx.desired
     assert d is not None
     cfg = m.host.config
@@ -107,13 +108,13 @@ def download_state(m: UpdateMachine) -> Event | None:
     return Event.SUCCESS if _still_wanted(m) else Event.NOTHING_TO_DO
 
 
-def revoked_key_ids(m: UpdateMachine) -> list[str]:
+def revoked_key_ids(m: UpdateRun) -> list[str]:
     """Signing keys the device refuses (`[trust] revoked_key_ids`), even if it still trusts them."""
     trust = getattr(m.host.config, "trust", None)
     return list(getattr(trust, "revoked_key_ids", ()))
 
 
-def verify(m: UpdateMachine) -> Event | None:
+def verify(m: UpdateRun) -> Event | None:
     d = m.ctx.desired
     assert d is not None
     path = m.host.data.downloads / f"{d.sha256}.efb"
@@ -140,7 +141,7 @@ def verify(m: UpdateMachine) -> Event | None:
     return Event.SUCCESS if _still_wanted(m) else Event.NOTHING_TO_DO
 
 
-def install(m: UpdateMachine) -> Event | None:
+def install(m: UpdateRun) -> Event | None:
     d = m.ctx.desired
     assert d is not None
     try:
@@ -156,7 +157,7 @@ def install(m: UpdateMachine) -> Event | None:
     return Event.SUCCESS
 
 
-def selftest(m: UpdateMachine) -> Event | None:
+def selftest(m: UpdateRun) -> Event | None:
     d = m.ctx.desired
     assert d is not None
     try:
@@ -172,7 +173,7 @@ def selftest(m: UpdateMachine) -> Event | None:
     return Event.SUCCESS if _still_wanted(m) else Event.NOTHING_TO_DO
 
 
-def shadow(m: UpdateMachine) -> Event | None:
+def shadow(m: UpdateRun) -> Event | None:
     d = m.host.desired()
     if not _still_wanted(m):
         m.host.set_shadow(None)
@@ -188,7 +189,7 @@ def shadow(m: UpdateMachine) -> Event | None:
     return None  # wait for desired to switch to live or move on
 
 
-def activate(m: UpdateMachine) -> Event | None:
+def activate(m: UpdateRun) -> Event | None:
     if m.candidate is None:
         return m.fail("activate: the candidate is not loaded", final=False)
     m.host.activate(m.candidate)
@@ -196,12 +197,12 @@ def activate(m: UpdateMachine) -> Event | None:
     return Event.SUCCESS
 
 
-def probation(m: UpdateMachine) -> Event | None:
+def probation(m: UpdateRun) -> Event | None:
     m.host.start_probation()
     return None  # `UpdateMachine.check_probation` posts the verdict from tick
 
 
-def commit(m: UpdateMachine) -> Event | None:
+def commit(m: UpdateRun) -> Event | None:
     d = m.ctx.desired
     assert d is not None
     try:
@@ -211,11 +212,11 @@ def commit(m: UpdateMachine) -> Event | None:
     return Event.SUCCESS
 
 
-def check_rollback(m: UpdateMachine) -> Event | None:
+def check_rollback(m: UpdateRun) -> Event | None:
     return Event.SUCCESS if m.ctx.went_live else Event.NOTHING_TO_DO
 
 
-def rollback(m: UpdateMachine) -> Event | None:
+def rollback(m: UpdateRun) -> Event | None:
     try:
         m.host.rollback(m.ctx.previous_version)
     except Exception as exc:
@@ -224,7 +225,7 @@ def rollback(m: UpdateMachine) -> Event | None:
     return Event.SUCCESS
 
 
-def failed(m: UpdateMachine) -> Event | None:
+def failed(m: UpdateRun) -> Event | None:
     d = m.ctx.desired
     if d is not None:
         key = desired_key(d)
@@ -232,7 +233,7 @@ def failed(m: UpdateMachine) -> Event | None:
     return Event.SUCCESS
 
 
-def cleanup(m: UpdateMachine) -> Event | None:
+def cleanup(m: UpdateRun) -> Event | None:
     m.host.set_shadow(None)
     m.candidate = None
     d = m.ctx.desired
