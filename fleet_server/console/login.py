@@ -3,18 +3,45 @@
 from __future__ import annotations
 
 import secrets
+from urllib.parse import unquote, urlsplit
 
 from flask import Blueprint, Response, make_response, redirect, render_template, request, url_for
 
 from fleet_server.api.common import services, session_identity
 from fleet_server.auth import SESSION_COOKIE, constant_time_equal
 from fleet_server.console import accounts
-from fleet_server.console.web import no_store, safe_next
+from fleet_server.console.web import no_store
 
 # The console's templates live in console/templates/console/ (registered once, found by every area).
 bp = Blueprint("console_auth", __name__, url_prefix="/console", template_folder="templates")
 
 LOGIN_CSRF_COOKIE = "ef_login"  # double-submit token: a forged login form cannot know it
+CONSOLE_PREFIX = "/console"
+
+
+def safe_next(target: str | None) -> str:
+    """Where to go after logging in: a console path on this server, else the overview.
+
+    `next` is attacker-controlled (a link in a phishing mail), so it is judged as a browser would
+    read it: percent-encoding undone (also twice encoded), backslashes read as slashes (`/\\evil`
+    is `//evil`, another host), tabs and newlines dropped by the URL parser, so any control
+    character refuses the target. Only a path under /console without scheme or host is followed.
+    """
+    default = url_for("console_overview.page")
+    if not target or len(target) > 2048:
+        return default
+    seen = target
+    for _ in range(3):  # %255C -> %5C -> \
+        seen = unquote(seen)
+    seen = seen.replace("\\", "/")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F or c.isspace() for c in seen):
+        return default
+    parts = urlsplit(seen)
+    if parts.scheme or parts.netloc or seen.startswith("//"):
+        return default
+    if not (seen == CONSOLE_PREFIX or seen.startswith(CONSOLE_PREFIX + "/") or seen.startswith(CONSOLE_PREFIX + "?")):
+        return default
+    return target
 
 
 def _secure() -> bool:
