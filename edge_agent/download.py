@@ -2,6 +2,12 @@
 
 stdlib only (urllib): a device needs no `requests`. The partial file survives a restart so a
 flaky link resumes where it stopped instead of starting over.
+
+The device's password goes only to the configured server's origin (scheme, host and port of
+`[server] url`): a desired state naming another origin is refused, unless that origin is in
+`update.allowed_download_origins` (a mirror or CDN), which is then fetched without credentials.
+Redirects are held to the same rule, hop by hop. A full disk is a `DiskFull` failure with the
+free and needed bytes, which the update machine retries once space returns.
 """
 
 from __future__ import annotations
@@ -14,11 +20,17 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from edge_agent.store import is_disk_full
 
 CHUNK = 64 * 1024
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+Origin = tuple[str, str, int]
 
 
 class DownloadError(Exception):
@@ -27,6 +39,75 @@ class DownloadError(Exception):
     def __init__(self, message: str, transient: bool = True) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+class DiskFull(DownloadError):
+    """The bundle does not fit: `free` bytes are free, `needed` are needed. Transient: the update
+    is tried again when space returns."""
+
+    def __init__(self, free: int, needed: int, detail: str = "") -> None:
+        super().__init__(f"disk full: {free} bytes free, {needed} needed{detail}", transient=True)
+        self.free = free
+        self.needed = needed
+
+
+class OriginRefused(DownloadError):
+    """The URL's origin is neither the configured server's nor an allowed download origin."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=False)
+
+
+def origin_of(url: str) -> Origin:
+    """(scheme, host, port) of an http(s) URL, lower-cased, with the scheme's default port.
+    Raises ValueError for other schemes, no host, or a bad port."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        raise ValueError(f"{url[:120]!r} is not an http:// or https:// URL")
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise ValueError(f"{url[:120]!r} has no host")
+    port = parts.port  # raises ValueError for a port out of range
+    return scheme, host, port or DEFAULT_PORTS[scheme]
+
+
+def format_origin(o: Origin) -> str:
+    host = f"[{o[1]}]" if ":" in o[1] else o[1]
+    return f"{o[0]}://{host}:{o[2]}"
+
+
+def resolve_url(url: str, server_url: str) -> str:
+    """An absolute URL: a relative one (a path) is taken against the configured server."""
+    return url if "://" in url else server_url.rstrip("/") + "/" + url.lstrip("/")
+
+
+def check_origin(url: str, server_url: str, allowed: Sequence[str] = ()) -> bool:
+    """Whether `url` may be fetched, and with credentials: True for the server's own origin, False
+    for an allowed other origin (no credentials); raises OriginRefused for anything else."""
+    try:
+        target = origin_of(url)
+    except ValueError as exc:
+        raise OriginRefused(f"refusing download URL: {exc}") from exc
+    server = None
+    if server_url:
+        try:
+            server = origin_of(server_url)
+        except ValueError:
+            server = None
+    if target == server:
+        return True
+    for entry in allowed:
+        try:
+            if origin_of(entry) == target:
+                return False
+        except ValueError:
+            continue
+    where = format_origin(server) if server else "none configured"
+    raise OriginRefused(
+        f"refusing download from {format_origin(target)}: not the fleet server's origin ({where}) "
+        "and not in update.allowed_download_origins; the device password is sent to the server only"
+    )
 
 
 @dataclass
@@ -42,6 +123,8 @@ class DownloadRequest:
     max_bytes: int = 256 * 1024 * 1024
     min_free_disk_bytes: int = 64 * 1024 * 1024
     retries: int = 4
+    server_url: str = ""  # credentials go to this origin only
+    allowed_origins: Sequence[str] = ()  # other origins fetched without credentials
 
 
 def file_sha256(path: Path) -> str:
@@ -58,6 +141,7 @@ def download(req: DownloadRequest, cancelled: Callable[[], bool] = lambda: False
         raise DownloadError(
             f"bundle is {req.size} bytes, over the device's max_download_bytes {req.max_bytes}", transient=False
         )
+    with_credentials = check_origin(req.url, req.server_url, req.allowed_origins)
     if req.dest.exists() and req.dest.stat().st_size == req.size:
         return req.dest
     part = req.dest.with_name(req.dest.name + ".part")
@@ -67,11 +151,9 @@ def download(req: DownloadRequest, cancelled: Callable[[], bool] = lambda: False
         have = 0
     free = shutil.disk_usage(req.dest.parent).free
     if free - (req.size - have) < req.min_free_disk_bytes:
-        raise DownloadError(
-            f"not enough disk: {free} bytes free, the bundle needs {req.size - have} more and "
-            f"{req.min_free_disk_bytes} must stay free",
-            transient=False,
-        )
+        raise DiskFull(free, req.size - have + req.min_free_disk_bytes,
+                       f" (the bundle's {req.size - have} remaining bytes and update.min_free_disk_bytes "
+                       f"{req.min_free_disk_bytes})")
     deadline = time.monotonic() + req.timeout_s
     context = ssl.create_default_context(cafile=req.ca_file or None) if req.url.startswith("https") else None
     delay = 0.5
@@ -80,13 +162,15 @@ def download(req: DownloadRequest, cancelled: Callable[[], bool] = lambda: False
         if cancelled():
             raise DownloadError("cancelled: desired state changed", transient=True)
         try:
-            _fetch(req, part, deadline, context, cancelled)
+            _fetch(req, part, deadline, context, cancelled, with_credentials)
             break
         except DownloadError as exc:
-            if not exc.transient:
+            if not exc.transient or isinstance(exc, DiskFull):
                 raise
             last_error = str(exc)
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            if isinstance(exc, OSError) and is_disk_full(exc):
+                raise _disk_full(req, part) from exc
             last_error = f"{type(exc).__name__}: {exc}"
         if attempt == req.retries or time.monotonic() + delay > deadline:
             raise DownloadError(f"download failed after {attempt + 1} attempts: {last_error}")
@@ -96,20 +180,47 @@ def download(req: DownloadRequest, cancelled: Callable[[], bool] = lambda: False
     return req.dest
 
 
-def _fetch(req: DownloadRequest, part: Path, deadline: float, context, cancelled) -> None:
+def _disk_full(req: DownloadRequest, part: Path) -> DiskFull:
+    have = part.stat().st_size if part.exists() else 0
+    return DiskFull(shutil.disk_usage(req.dest.parent).free, req.size - have, " (writing the download)")
+
+
+class _SameRulesRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to an origin the device may fetch from, and carry the device's
+    credentials only to the server's origin (urllib would copy them to any host)."""
+
+    def __init__(self, req: DownloadRequest) -> None:
+        self.req = req
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is None:
+            return None
+        if not check_origin(new.full_url, self.req.server_url, self.req.allowed_origins):
+            new.remove_header("Authorization")
+            new.unredirected_hdrs.pop("Authorization", None)
+        return new
+
+
+def _fetch(req: DownloadRequest, part: Path, deadline: float, context, cancelled,
+           with_credentials: bool = False) -> None:
     have = part.stat().st_size if part.exists() else 0
     if have == req.size:
         return
     headers = {"User-Agent": "edgefleet-agent"}
-    if req.username:
+    if req.username and with_credentials:
         token = base64.b64encode(f"{req.username}:{req.password}".encode()).decode()
         headers["Authorization"] = f"Basic {token}"
     if have:
         headers["Range"] = f"bytes={have}-"
     request = urllib.request.Request(req.url, headers=headers)
     remaining = max(1.0, deadline - time.monotonic())
+    handlers: list[urllib.request.BaseHandler] = [_SameRulesRedirects(req)]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
     try:
-        resp = urllib.request.urlopen(request, timeout=min(30.0, remaining), context=context)
+        resp = opener.open(request, timeout=min(30.0, remaining))
     except urllib.error.HTTPError as exc:
         if exc.code == 416:  # our partial file does not match the server's: start over
             part.unlink(missing_ok=True)

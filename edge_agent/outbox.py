@@ -18,6 +18,8 @@ everything still here is sent again; the server dedupes by (device, seq) and ack
 
 from __future__ import annotations
 
+import errno
+import logging
 import sqlite3
 import threading
 import time
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.protocol import SEQ_INSTALL_SHIFT
+
+log = logging.getLogger("edge_agent.outbox")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -36,6 +40,18 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """SQLite could not write: the disk (or the quota) is full, or an I/O error. Serving goes on
+    without the outbox; anything else is a bug and is raised."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    if name.startswith(("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN")):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and ("disk is full" in text or "disk i/o error" in text)
 
 
 def first_seq(now: float) -> int:
@@ -74,7 +90,11 @@ class Outbox:
                 self._db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                                      [("next_seq", self._next_seq), ("first_seq", self._next_seq)])
         self.first_seq = self._meta("first_seq", 0)  # this install's first seq (0 before seqs had one)
-        self.dropped_total = self._meta("dropped_total", 0)
+        self.dropped_total = self._meta("dropped_total", 0)  # byte-bound drops and write failures
+        self._dropped_saved = self.dropped_total
+        self.lost_total = 0  # messages lost since opening because SQLite could not write
+        self.write_error: str | None = None  # the last write failure, until a write succeeds
+        self._lost_in_episode = 0
         self._bytes = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM messages").fetchone()[0]
         self._acked: list[int] = []
         self._cursor = -1  # highest seq handed to the link since this outbox was opened
@@ -85,44 +105,82 @@ class Outbox:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return int(row[0]) if row else default
 
-    def append(self, kind: str, build: Callable[[int], bytes]) -> int:
-        """Queue a message; `build(seq)` makes its payload with the seq it is given."""
+    def append(self, kind: str, build: Callable[[int], bytes]) -> int | None:
+        """Queue a message; `build(seq)` makes its payload with the seq it is given.
+
+        Returns the seq, or None when SQLite cannot write (a full disk): the message is lost,
+        but its seq is used up and the loss counted in `dropped_total`, so the server sees a
+        gap the device explains, and the next message that can be written carries the count.
+        """
         with self._lock:
             seq = self._next_seq
             payload = build(seq)
             db = self._db
-            db.execute("BEGIN IMMEDIATE")
+            freed: list[tuple[int, int]] = []
             try:
+                db.execute("BEGIN IMMEDIATE")
                 db.execute(
                     "INSERT INTO messages (seq, kind, payload, size) VALUES (?, ?, ?, ?)",
                     (seq, kind, payload, len(payload)),
                 )
-                self._bytes += len(payload)
-                dropped = 0
-                while self._bytes > self.max_bytes:
+                total = self._bytes + len(payload)
+                while total > self.max_bytes:
                     # Drop the oldest: recent windows matter more to the server than stale ones.
                     row = db.execute("SELECT seq, size FROM messages ORDER BY seq LIMIT 1").fetchone()
                     if row is None or row[0] == seq:
                         break
                     db.execute("DELETE FROM messages WHERE seq = ?", (row[0],))
-                    self._awaiting.pop(row[0], None)
-                    self._bytes -= row[1]
-                    dropped += 1
+                    freed.append((row[0], row[1]))
+                    total -= row[1]
                 db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?)", (seq + 1,)
                 )
-                if dropped:
+                dropped_total = self.dropped_total + len(freed)
+                if dropped_total != self._dropped_saved:
                     db.execute(
-                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('dropped_total', ?)",
-                        (self.dropped_total + dropped,),
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('dropped_total', ?)", (dropped_total,)
                     )
                 db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._abort(exc)
+                if not is_write_failure(exc):
+                    raise
+                # Lost: the seq stays used (a gap) and the loss is counted (written with the
+                # next message that can be stored).
+                self._next_seq = seq + 1
+                self.dropped_total += 1
+                self.lost_total += 1
+                self._note_failure(exc)
+                return None
             except BaseException:
-                db.execute("ROLLBACK")
+                self._abort(None)
                 raise
+            for old, _size in freed:
+                self._awaiting.pop(old, None)
+            self._bytes = total
             self._next_seq = seq + 1
-            self.dropped_total += dropped
+            self.dropped_total = self._dropped_saved = dropped_total
+            if self.write_error is not None:
+                log.warning("outbox writes again after %d lost message(s): %s", self._lost_in_episode,
+                            self.write_error)
+                self.write_error = None
+                self._lost_in_episode = 0
             return seq
+
+    def _abort(self, exc: BaseException | None) -> None:
+        """Roll back the open transaction, if SQLite has not already (after SQLITE_FULL at COMMIT
+        it has, and a second ROLLBACK would raise "no transaction is active")."""
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.warning("outbox rollback failed after %s", exc)
+
+    def _note_failure(self, exc: sqlite3.Error) -> None:
+        if self.write_error is None:
+            log.error("outbox cannot write (%s): messages are lost and counted in dropped_total until it can", exc)
+        self.write_error = str(exc)
+        self._lost_in_episode += 1
 
     def pending(self, after: int = -1, limit: int = 100) -> list[Message]:
         """Oldest queued messages with seq > `after` (not yet acknowledged)."""
@@ -198,21 +256,31 @@ class Outbox:
             self._acked.append(seq)
 
     def commit_acks(self) -> int:
-        """Delete the acknowledged messages in one transaction; returns how many acks there were."""
+        """Delete the acknowledged messages in one transaction; returns how many acks there were.
+        When SQLite cannot write (a full disk) the acks are kept for the next call."""
         with self._lock:
             acked, self._acked = self._acked, []
             if not acked:
                 return 0
             db = self._db
-            db.execute("BEGIN IMMEDIATE")
             total = 0
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                for seq in acked:
+                    row = db.execute("SELECT size FROM messages WHERE seq = ?", (seq,)).fetchone()
+                    if row is not None:
+                        total += row[0]
+                        db.execute("DELETE FROM messages WHERE seq = ?", (seq,))
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._abort(exc)
+                if not is_write_failure(exc):
+                    raise
+                self._acked = acked + self._acked  # deleted later; the server dedupes resends
+                self._note_failure(exc)
+                return 0
             for seq in acked:
                 self._awaiting.pop(seq, None)
-                row = db.execute("SELECT size FROM messages WHERE seq = ?", (seq,)).fetchone()
-                if row is not None:
-                    total += row[0]
-                    db.execute("DELETE FROM messages WHERE seq = ?", (seq,))
-            db.execute("COMMIT")
             self._bytes -= total
             return len(acked)
 

@@ -6,6 +6,8 @@ Every file the agent writes lives under `data_dir`; every state file is replaced
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -26,13 +28,47 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data`, or leave it as it was: on a full disk the temp file is removed
+    (it would hold the last free blocks) and the OSError raised (`is_disk_full` tells it apart)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fsync_dir(path.parent)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an error means the disk (or the user's quota) is full, from the OS or SQLite."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name.startswith("SQLITE_FULL") or "disk is full" in str(exc).lower()
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes free for this process in the file system holding `path` (0 if it cannot be read)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+class DiskFullError(OSError):
+    """A write did not fit: `free` bytes were free and `needed` were needed (approximately, for
+    writes whose size is only known afterwards)."""
+
+    def __init__(self, what: str, free: int, needed: int) -> None:
+        super().__init__(errno.ENOSPC, f"disk full: {what} needs {needed} bytes, {free} are free")
+        self.what = what
+        self.free = free
+        self.needed = needed
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
