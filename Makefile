@@ -1,6 +1,7 @@
-# edgefleet: `make demo` runs the whole system on this machine, `make test` runs every test.
-# Both set up what they need first (a .venv, and Mosquitto and Chromium from Debian's packages
-# when missing) and are safe to rerun.
+# edgefleet: `make demo` runs the whole system on this machine, `make test` runs every test,
+# `make dist` builds what devices install. They set up what they need first (a .venv, and
+# Mosquitto, Chromium, qemu-user-static and mmdebstrap from Debian's packages when missing) and
+# are safe to rerun.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -8,23 +9,34 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgefleet-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := mosquitto chromium python3-venv
+APT_PACKAGES := mosquitto chromium python3-venv qemu-user-static binfmt-support mmdebstrap
 
-.PHONY: setup system-deps demo test test-fast bench chaos lint clean vendor
+.PHONY: setup system-deps binfmt demo test test-fast bench chaos lint clean vendor dist
 
-setup: system-deps $(STAMP)
+setup: system-deps binfmt $(STAMP)
 
-# Debian packages: Mosquitto (the broker), Chromium (browser tests), venv support.
+# Debian packages: Mosquitto (the broker), Chromium (browser tests), venv support; qemu-user-static,
+# binfmt-support and mmdebstrap for the emulated arm64 device tests (tests/test_arm64_device.py).
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/bin/qemu-aarch64-static ] || missing="$$missing qemu-user-static"; \
+	command -v update-binfmts >/dev/null 2>&1 || missing="$$missing binfmt-support"; \
+	command -v mmdebstrap >/dev/null 2>&1 || missing="$$missing mmdebstrap"; \
 	$(PYTHON) -c "import ensurepip, venv" >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 		echo "Installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
+
+# Lets this machine run arm64 programs (the emulated device's root) through qemu-user-static.
+binfmt:
+	@[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || { \
+		mountpoint -q /proc/sys/fs/binfmt_misc || $(SUDO) mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc; \
+		$(SUDO) update-binfmts --enable qemu-aarch64; \
+	} || echo "warning: no qemu-aarch64 binfmt handler; the arm64 device tests will fail and say why"
 
 $(STAMP): pyproject.toml
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
@@ -53,8 +65,13 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check . || true
 
+# The edgefleet wheel and one offline wheelhouse per device platform, with SHA256SUMS
+# (dist/wheelhouse/cp311-aarch64, cp311-x86_64): docs/device.md#install-on-a-raspberry-pi.
+dist: setup
+	$(PY) -m edge_release build --out dist
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info .demo test-artifacts
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info .demo test-artifacts
 
 # The console's chart library, from the npm registry, served by the fleet server itself
 # (factory LANs have no internet). The files are committed; this target refreshes them.
