@@ -283,7 +283,7 @@ def baseline(data_dir: Path, creds: dict[str, str], args) -> dict:
     """Mosquitto alone: the same load to a subscriber that only counts."""
     from fleet_server.broker import ManagedBroker
     from fleet_server.mqtt_link import make_client
-    from fleet_server.sqlite_storage import SqliteStorage
+    from fleet_server.storage.sqlite import SqliteStorage
 
     config = load_config(data_dir, broker_port=args.broker_port)
     storage = SqliteStorage(config.db_path)
@@ -322,7 +322,7 @@ def baseline(data_dir: Path, creds: dict[str, str], args) -> dict:
 
 def server_run(data_dir: Path, creds: dict[str, str], args, ingest_procs: int) -> dict:
     """The fleet server under a step test: each offered rate in turn, drained before the next."""
-    from fleet_server.sqlite_storage import SqliteStorage
+    from fleet_server.storage.sqlite import SqliteStorage
 
     config = load_config(data_dir, broker_port=args.broker_port)
     storage = SqliteStorage(config.db_path)

@@ -18,7 +18,7 @@ _EXPORTS = {
     "bootstrap": "fleet_server.service",
     "publish_desired": "fleet_server.service",
     "Storage": "fleet_server.storage",
-    "SqliteStorage": "fleet_server.sqlite_storage",
+    "SqliteStorage": "fleet_server.storage.sqlite",
 }
 
 __all__ = sorted(_EXPORTS)

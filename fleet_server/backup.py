@@ -1,8 +1,7 @@
 """Backup and restore of a server data dir: a consistent copy taken while the server runs.
 
-The database is copied with SQLite's online backup API in one step: in WAL mode that is one read
-transaction, so the copy is a snapshot of a single moment and writers (ingest) are never blocked.
-Bundles, secrets, TLS files and server.toml are copied after it (a bundle is written before its
+The storage backend writes the database snapshot (`Storage.backup_to`: one moment, writers never
+blocked). Bundles, secrets, TLS files and server.toml are copied after it (a bundle is written before its
 row, so every model in the snapshot has its file), and the managed broker's persistence file
 (retained `desired` states, queued messages), freshly saved. The broker's other files are
 regenerated from the database at start.
@@ -17,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import stat
 import tarfile
 import tempfile
@@ -27,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from fleet_server.config import CONFIG_FILE
+from fleet_server.storage import StorageError
+from fleet_server.storage.sqlite import SqliteStorage
 
 FORMAT = 1
 MANIFEST = "backup.json"
@@ -62,43 +62,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _snapshot_database(source: Path, dest: Path) -> None:
-    """Copy the live WAL database with the online backup API, then check the copy."""
-    src = sqlite3.connect(str(source), timeout=30.0)
-    try:
-        src.execute("PRAGMA busy_timeout=30000")
-        out = sqlite3.connect(str(dest))
-        try:
-            # pages=-1: everything in one step, i.e. one read transaction. A stepwise copy would
-            # restart on every commit of a busy ingest and might never finish.
-            src.backup(out, pages=-1)
-            out.execute("PRAGMA journal_mode=DELETE")  # one self-contained file in the archive
-            check = out.execute("PRAGMA quick_check").fetchone()[0]
-        finally:
-            out.close()
-    finally:
-        src.close()
-    if check != "ok":
-        raise BackupError(f"the copied database fails its integrity check ({check}); try again")
-
-
-def _read_facts(db_path: Path) -> tuple[list[str], dict[str, int], list[str]]:
-    """(applied migrations, row counts, bundle files the models reference) of a database file."""
-    conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-    try:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        migrations = (
-            [r[0] for r in conn.execute("SELECT name FROM _sqlite_migrations ORDER BY applied_at, name")]
-            if "_sqlite_migrations" in tables else []
-        )
-        counts = {t: conn.execute(f"SELECT count(*) FROM [{t}]").fetchone()[0]
-                  for t in ("devices", "models", "windows", "rollouts", "alerts") if t in tables}
-        files = [r[0] for r in conn.execute("SELECT file FROM models")] if "models" in tables else []
-    finally:
-        conn.close()
-    return migrations, counts, files
 
 
 def _save_broker_state(data_dir: Path, timeout: float = 5.0) -> Path | None:
@@ -155,8 +118,14 @@ def create_backup(data_dir: str | Path, output: str | Path, *, overwrite: bool =
 
     with tempfile.TemporaryDirectory(prefix="edgefleet-backup-", dir=output.parent) as tmp:
         snapshot = Path(tmp) / DATABASE
-        _snapshot_database(db_path, snapshot)
-        migrations, counts, referenced = _read_facts(snapshot)
+        storage = SqliteStorage(db_path, migrate=False)
+        try:
+            facts = storage.backup_to(snapshot)
+        except StorageError as exc:
+            raise BackupError(str(exc)) from exc
+        finally:
+            storage.close()
+        migrations, counts, referenced = facts.migrations, facts.counts, facts.bundle_files
         members: list[tuple[str, Path]] = [(DATABASE, snapshot)]
         for name in DIRECTORIES:
             members += list(_walk(data_dir, name))

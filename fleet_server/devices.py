@@ -138,7 +138,7 @@ def get_device(svc: Services, device_id: str) -> dict[str, Any]:
 def loss_summary(stats: dict[str, Any]) -> dict[str, Any]:
     """Loss = seq gaps the device did not explain by its own `dropped_total`, over its current
     install: a reinstall (seqs jumping far above the highest) starts the counts over, and is
-    counted in `reinstalls` (see sqlite_ingest.account)."""
+    counted in `reinstalls` (see fleet_server.storage.accounting.account)."""
     expected = stats["max_seq"] - stats["first_seq"] + 1
     missing = expected - stats["received"]
     return {

@@ -20,7 +20,7 @@ from fleet_server.auth import PasswordChecker
 from fleet_server.broker import ManagedBroker
 from fleet_server.config import ServerConfig
 from fleet_server.mqtt_link import Publisher
-from fleet_server.sqlite_storage import SqliteStorage
+from fleet_server.storage.sqlite import SqliteStorage
 from fleet_server.storage import Storage
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleet_server.auth import issue_token
-from fleet_server.sqlite_storage import SqliteStorage
+from fleet_server.storage.sqlite import SqliteStorage
 from tests.brokers import free_port, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]

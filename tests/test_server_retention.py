@@ -12,9 +12,9 @@ import pytest
 from edge_agent.protocol import DeliveryAck, UpdateEvent, decode
 from fleet_server.devices import provision_device
 from fleet_server.service import FleetServer
-from fleet_server.sqlite_ingest import NEW_INSTALL_JUMP
-from fleet_server.sqlite_storage import SqliteStorage
 from fleet_server.storage import IngestBatch
+from fleet_server.storage.accounting import NEW_INSTALL_JUMP
+from fleet_server.storage.sqlite import SqliteStorage
 from tests.server_fixtures import DeviceClient, make_config, shifted_window, wait_until
 
 pytest_plugins = ["tests.server_fixtures"]

@@ -10,7 +10,7 @@ import pytest
 from edge_agent.protocol import SampleRow, TelemetryWindow, encode
 from fleet_server.registry import trust_key, upload_bundle
 from fleet_server.service import FleetServer
-from fleet_server.sqlite_storage import SqliteStorage
+from fleet_server.storage.sqlite import SqliteStorage
 from fleet_server.storage import IngestBatch
 from tests.server_fixtures import (
     FEATURES,

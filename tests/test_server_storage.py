@@ -20,8 +20,8 @@ from edge_agent.protocol import (
 from fleet_server.auth import PasswordChecker, hash_password, mosquitto_hash
 from fleet_server.config import ServerConfig
 from fleet_server.devices import DeviceError, agent_config_toml, loss_summary, parse_tags
-from fleet_server.sqlite_storage import SqliteStorage
 from fleet_server.storage import IngestBatch
+from fleet_server.storage.sqlite import SqliteStorage
 from fleet_server.telemetry import BucketSums, sum_rows
 
 

@@ -1,13 +1,12 @@
-"""The SQLite ingest write path: one batch of validated messages in one transaction.
+"""The SQLite ingest write path: one batch of validated messages in one transaction, and retention.
 
-Part of the SQLite storage (`SqliteStorage.store_batch` calls `store_batch` inside its
-`BEGIN IMMEDIATE`). Per batch, not per message: one statement dedupes the whole batch by
+`IngestMixin.store_batch` calls `store_batch` inside its `BEGIN IMMEDIATE`. Per batch, not per message: one statement dedupes the whole batch by
 (device, seq), windows are summed per bucket once, and every table gets one `executemany`.
 Each window's reservoir sample is kept in a per-device bound: one read and at most one DELETE per
 device and batch, never per row.
 
 Message accounting (`seq_stats`) is per install: one read of the batch's devices' rows, the
-fresh seqs applied in seq order (`account`), one write. The same read gives each device's
+fresh seqs applied in seq order (`accounting.account`), one write. The same read gives each device's
 retention floor (`purged_upto`): a telemetry seq at or below it was stored and purged, so it is a
 duplicate without a `seqs` row to prove it.
 """
@@ -19,9 +18,10 @@ from typing import Any
 
 import msgspec
 
-from edge_agent.protocol import SEQ_NEW_INSTALL_JUMP
 from fleet_server.performance import FeedbackMismatch, FeedbackSums
-from fleet_server.storage import BatchResult, IngestBatch, Reject
+from fleet_server.storage.accounting import SeqAccount, account
+from fleet_server.storage.base import BatchResult, IngestBatch, Reject
+from fleet_server.storage.sqlite.connection import SqliteConnection, dumps
 from fleet_server.telemetry import BucketSums, bucket_start, sum_windows
 
 _json = msgspec.json.Encoder()
@@ -71,65 +71,14 @@ _UPSERT_SEQ_STATS = (
     "reinstalls = excluded.reinstalls, reinstalled_at = excluded.reinstalled_at"
 )
 
-# A seq more than this (2**19) above a device's highest is a new install: an outbox created afresh
-# (new install, wiped data dir) starts its seqs at its creation second << 20, while a real gap
-# (messages the outbox bound dropped) stays in the thousands. One constant with the agent's.
-NEW_INSTALL_JUMP = SEQ_NEW_INSTALL_JUMP
-
-
-class SeqAccount:
-    """One device's message accounting (a `seq_stats` row without the retention floor)."""
-
-    __slots__ = ("first_seq", "max_seq", "received", "dropped_total", "reinstalls", "reinstalled_at")
-
-    def __init__(self, first_seq: int, max_seq: int, received: int, dropped_total: int,
-                 reinstalls: int = 0, reinstalled_at: float | None = None) -> None:
-        self.first_seq, self.max_seq, self.received = first_seq, max_seq, received
-        self.dropped_total, self.reinstalls, self.reinstalled_at = dropped_total, reinstalls, reinstalled_at
-
-    def row(self) -> tuple:
-        return (self.first_seq, self.max_seq, self.received, self.dropped_total, self.reinstalls,
-                self.reinstalled_at)
-
-
-def account(acc: SeqAccount | None, seqs: list[tuple[int, int]], now: float) -> SeqAccount | None:
-    """Apply a device's fresh (seq, dropped_total) pairs, in seq order, to its accounting.
-
-    - a seq more than NEW_INSTALL_JUMP above `max_seq` starts a new install: first_seq, max_seq,
-      received and dropped_total (the agent's own counter since install) start over from it, and
-      `reinstalls` counts it;
-    - a seq more than NEW_INSTALL_JUMP below `first_seq` is a straggler of an earlier install
-      (another ingest process stored it after the jump): stored, but not counted, so `missing`
-      (max_seq - first_seq + 1 - received) stays that of the current install;
-    - any other seq counts in the current install, also when it arrives after higher ones.
-    Events carry no dropped_total: they pass 0.
-    """
-    for seq, dropped in sorted(seqs):
-        if acc is None:
-            acc = SeqAccount(seq, seq, 1, dropped)
-        elif seq > acc.max_seq + NEW_INSTALL_JUMP:
-            acc = SeqAccount(seq, seq, 1, dropped, acc.reinstalls + 1, now)
-        elif seq < acc.first_seq - NEW_INSTALL_JUMP:
-            continue
-        else:
-            acc.first_seq, acc.max_seq = min(acc.first_seq, seq), max(acc.max_seq, seq)
-            acc.received += 1
-            acc.dropped_total = max(acc.dropped_total, dropped)
-    return acc
-
-
-def _dumps(value: Any) -> str:
-    return _json.encode(value).decode()
-
-
 def bucket_params(
     model: str, version: str, device: str, start: float, sums: BucketSums, now: float, compacted: int
 ) -> tuple:
     """Parameters of INSERT_BUCKET for one (partial or compacted) bucket row."""
     return (
         model, version, device, start, sums.windows, sums.predictions, sums.requests,
-        _dumps(sums.errors), _dumps(sums.latency), sums.latency_sum_ms, _dumps(sums.features or []),
-        _dumps(sums.prediction) if sums.prediction is not None else None, now, compacted,
+        dumps(sums.errors), dumps(sums.latency), sums.latency_sum_ms, dumps(sums.features or []),
+        dumps(sums.prediction) if sums.prediction is not None else None, now, compacted,
     )
 
 
@@ -200,13 +149,13 @@ def store_feedback(conn: sqlite3.Connection, windows: list, bucket_s: float, now
 def feedback_params(model: str, version: str, start: float, device: str, s: FeedbackSums, now: float) -> tuple:
     """Parameters of INSERT_FEEDBACK for one summed row."""
     calibration = (
-        _dumps([s.calibration_counts, s.calibration_hits, s.calibration_prob_sum])
+        dumps([s.calibration_counts, s.calibration_hits, s.calibration_prob_sum])
         if s.calibration_counts is not None else None
     )
     return (
         model, version, device, start, now, s.joined, s.unknown_label, s.late, s.unknown, s.duplicate,
-        s.rejected, _dumps(s.confusion) if s.confusion is not None else None, s.abs_error_sum, s.sq_error_sum,
-        _dumps(s.error_bins) if s.error_bins is not None else None, calibration,
+        s.rejected, dumps(s.confusion) if s.confusion is not None else None, s.abs_error_sum, s.sq_error_sum,
+        dumps(s.error_bins) if s.error_bins is not None else None, calibration,
     )
 
 
@@ -270,8 +219,8 @@ def store_batch(
             (
                 w.device, w.seq, w.model or "", w.model_version or "", w.window_start, w.window_end,
                 w.sent_at, now, w.predictions, w.requests, sum(w.errors.values()),
-                _dumps(w.latency.counts), _dumps(w.prediction) if w.prediction is not None else None,
-                _dumps(w.shadow) if w.shadow is not None else None, sizes[id(w)],
+                dumps(w.latency.counts), dumps(w.prediction) if w.prediction is not None else None,
+                dumps(w.shadow) if w.shadow is not None else None, sizes[id(w)],
             )
             for w in stored
         ],
@@ -302,7 +251,7 @@ def store_batch(
         result.snapshots += conn.execute(
             "UPDATE devices SET reported = ?, reported_ts = ?, model = ?, active_version = ?, "
             "agent_version = ?, update_state = ? WHERE id = ? AND (reported_ts IS NULL OR reported_ts < ?)",
-            (_dumps(rep), rep.ts, rep.model, rep.active_version, rep.agent_version, rep.update_state,
+            (dumps(rep), rep.ts, rep.model, rep.active_version, rep.agent_version, rep.update_state,
              rep.device, rep.ts),
         ).rowcount
     conn.executemany(
@@ -326,3 +275,49 @@ def count_rejects(conn: sqlite3.Connection, rejects: list[Reject], now: float) -
         "last_at = excluded.last_at, last_detail = excluded.last_detail",
         [(reason, device, n, now, detail[:300]) for (reason, device), (n, detail) in counts.items()],
     )
+
+
+class IngestMixin(SqliteConnection):
+    """The write side of telemetry: batches from ingest, worker heartbeats, retention."""
+
+    def store_batch(
+        self, batch: IngestBatch, bucket_s: float, now: float, *, samples_per_device: int = 200
+    ) -> BatchResult:
+        with self._immediate() as conn:
+            return store_batch(conn, batch, bucket_s, now, samples_per_device)
+
+    def purge_telemetry(self, before: float, limit: int = 2000) -> int:
+        """Delete up to `limit` windows stored before `before`, oldest first, with the telemetry
+        `seqs` rows of their devices up to the new floor; returns the windows deleted.
+
+        One short transaction per call (callers loop while it returns `limit`). Each device's
+        `seq_stats.purged_upto` rises to the highest seq purged, so that a replay of a purged
+        window is still a duplicate (`claim_seqs`). Events and their seqs stay."""
+        with self._immediate() as conn:
+            purged = conn.execute(
+                "DELETE FROM windows WHERE (device, seq) IN (SELECT device, seq FROM windows "
+                "WHERE stored_at < ? ORDER BY stored_at LIMIT ?) RETURNING device, seq",
+                (before, limit),
+            ).fetchall()
+            floors: dict[str, int] = {}
+            for device, seq in purged:
+                if seq > floors.get(device, -1):
+                    floors[device] = seq
+            conn.executemany(
+                "UPDATE seq_stats SET purged_upto = max(coalesce(purged_upto, ?1), ?1) WHERE device = ?2",
+                [(floor, device) for device, floor in floors.items()],
+            )
+            # At or below the floor every telemetry seq is a duplicate anyway (and none is claimed
+            # again), so one range per device: it also takes the seqs of windows refused while
+            # storing (shape_mismatch), which have no windows row.
+            conn.executemany(
+                "DELETE FROM seqs WHERE device = ? AND seq <= ? AND kind = 'telemetry'", list(floors.items())
+            )
+            return len(purged)
+
+    def put_worker_stats(self, worker_id: str, pid: int, stats: dict[str, Any], now: float) -> None:
+        with self._immediate() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO ingest_workers(worker_id, pid, updated_at, stats) VALUES (?,?,?,?)",
+                (worker_id, pid, now, dumps(stats)),
+            )

@@ -1,21 +1,21 @@
 """The SQLite schema as numbered migrations (sqlite_utils.Migrations: one transaction each, recorded).
 
-Never edit a migration that has shipped: add the next number. Counts are stored as compact JSON
-arrays so that roll-ups are element-wise sums (DESIGN section 5).
+Never edit a migration that has shipped: add the next number to SCRIPTS. Counts are stored as
+compact JSON arrays so that roll-ups are element-wise sums (DESIGN section 5).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
-migrations = Migrations("edgefleet")
+MIGRATIONS_TABLE = Migrations.migrations_table
 
+SCRIPTS: list[tuple[str, str]] = []  # (name, SQL script), applied in this order
 
-@migrations(name="0001_initial")
-def m0001_initial(db: Database) -> None:
-    db.executescript(
-        """
+SCRIPTS.append(("0001_initial", """
         CREATE TABLE devices (
             id TEXT PRIMARY KEY,
             fleet TEXT NOT NULL,
@@ -200,17 +200,12 @@ def m0001_initial(db: Database) -> None:
             value TEXT NOT NULL
         );
         INSERT INTO meta(key, value) VALUES ('devices_generation', '0');
-        """
-    )
+"""))
 
-
-@migrations(name="0002_bucket_parts")
-def m0002_bucket_parts(db: Database) -> None:
-    # Ingest appends one partial row per (key, batch) instead of read-modify-write of a single
-    # row (3x faster at thousands of windows a second); a loop compacts closed buckets later.
-    # Readers always sum, so partial rows and compacted rows mean the same numbers.
-    db.executescript(
-        """
+# Ingest appends one partial row per (key, batch) instead of read-modify-write of a single
+# row (3x faster at thousands of windows a second); a loop compacts closed buckets later.
+# Readers always sum, so partial rows and compacted rows mean the same numbers.
+SCRIPTS.append(("0002_bucket_parts", """
         CREATE TABLE buckets_new (
             id INTEGER PRIMARY KEY,
             model TEXT NOT NULL,
@@ -237,17 +232,12 @@ def m0002_bucket_parts(db: Database) -> None:
         CREATE INDEX buckets_key ON buckets(model, model_version, bucket_start, device);
         CREATE INDEX buckets_device ON buckets(device, bucket_start);
         CREATE INDEX buckets_pending ON buckets(compacted, bucket_start);
-        """
-    )
+"""))
 
-
-@migrations(name="0003_rollouts")
-def m0003_rollouts(db: Database) -> None:
-    # The rollout controller's whole state, so that a restarted server continues where it was.
-    # Windows keep their latency, prediction and shadow counts so that gates compare cohorts
-    # over exactly the windows received since a stage started (buckets are too coarse).
-    db.executescript(
-        """
+# The rollout controller's whole state, so that a restarted server continues where it was.
+# Windows keep their latency, prediction and shadow counts so that gates compare cohorts
+# over exactly the windows received since a stage started (buckets are too coarse).
+SCRIPTS.append(("0003_rollouts", """
         CREATE TABLE rollouts (
             id TEXT PRIMARY KEY,
             name TEXT NOT NULL DEFAULT '',
@@ -313,16 +303,11 @@ def m0003_rollouts(db: Database) -> None:
         ALTER TABLE windows ADD COLUMN latency TEXT;
         ALTER TABLE windows ADD COLUMN prediction TEXT;
         ALTER TABLE windows ADD COLUMN shadow TEXT;
-        """
-    )
+"""))
 
-
-@migrations(name="0004_operators")
-def m0004_operators(db: Database) -> None:
-    # Console accounts, server-side sessions (the cookie holds a random id, stored hashed, so
-    # logging out or disabling an operator ends the session at once) and the audit log.
-    db.executescript(
-        """
+# Console accounts, server-side sessions (the cookie holds a random id, stored hashed, so
+# logging out or disabling an operator ends the session at once) and the audit log.
+SCRIPTS.append(("0004_operators", """
         CREATE TABLE operators (
             name TEXT PRIMARY KEY,
             role TEXT NOT NULL,                   -- viewer | operator
@@ -350,21 +335,16 @@ def m0004_operators(db: Database) -> None:
             remote_addr TEXT
         );
         CREATE INDEX audit_log_target ON audit_log(target, id);
-        """
-    )
+"""))
 
-
-@migrations(name="0005_samples")
-def m0005_samples(db: Database) -> None:
-    # Each window's reservoir sample, newest first per device, bounded to the most recent
-    # `samples_per_device` rows: `upto` is the device's running count of sampled rows through
-    # this window, so one DELETE per device and batch drops what fell out of the bound. Rows are
-    # msgpack, not JSON: writing floats as text cost more than the rest of a window's storage.
-    # A rowid table, unlike the others: rows of a kilobyte or more make a WITHOUT ROWID B-tree
-    # split pages on almost every insert (measured 4x slower at 1 KB).
-    # `windows.bytes` is the MQTT payload size, for telemetry bandwidth per device.
-    db.executescript(
-        """
+# Each window's reservoir sample, newest first per device, bounded to the most recent
+# `samples_per_device` rows: `upto` is the device's running count of sampled rows through
+# this window, so one DELETE per device and batch drops what fell out of the bound. Rows are
+# msgpack, not JSON: writing floats as text cost more than the rest of a window's storage.
+# A rowid table, unlike the others: rows of a kilobyte or more make a WITHOUT ROWID B-tree
+# split pages on almost every insert (measured 4x slower at 1 KB).
+# `windows.bytes` is the MQTT payload size, for telemetry bandwidth per device.
+SCRIPTS.append(("0005_samples", """
         CREATE TABLE samples (
             device TEXT NOT NULL,
             seq INTEGER NOT NULL,
@@ -376,35 +356,25 @@ def m0005_samples(db: Database) -> None:
             PRIMARY KEY (device, seq)
         );
         ALTER TABLE windows ADD COLUMN bytes INTEGER;
-        """
-    )
+"""))
 
-
-@migrations(name="0007_token_expiry_key_revocation")
-def m0007_token_expiry_key_revocation(db: Database) -> None:
-    # API tokens may expire (`create-token --expires-in`; NULL never expires). A revoked signing
-    # key stays listed in `revoked_keys` even when its PEM also comes from `trusted_key_files`, so
-    # no bundle signed by it is registered again.
-    db.executescript(
-        """
+# API tokens may expire (`create-token --expires-in`; NULL never expires). A revoked signing
+# key stays listed in `revoked_keys` even when its PEM also comes from `trusted_key_files`, so
+# no bundle signed by it is registered again.
+SCRIPTS.append(("0007_token_expiry_key_revocation", """
         ALTER TABLE tokens ADD COLUMN expires_at REAL;
         CREATE TABLE revoked_keys (
             key_id TEXT PRIMARY KEY,
             revoked_at REAL NOT NULL,
             reason TEXT NOT NULL DEFAULT ''
         );
-        """
-    )
+"""))
 
-
-@migrations(name="0008_feedback")
-def m0008_feedback(db: Database) -> None:
-    # Ground-truth feedback counts per (model version, device, time bucket), one partial row per
-    # ingest batch like `buckets` before compaction; readers sum them. `stored_at` lets rollout
-    # gates take exactly the feedback received since a stage started. Performance alerts share
-    # the alerts table: `kind` tells them from drift alerts.
-    db.executescript(
-        """
+# Ground-truth feedback counts per (model version, device, time bucket), one partial row per
+# ingest batch like `buckets` before compaction; readers sum them. `stored_at` lets rollout
+# gates take exactly the feedback received since a stage started. Performance alerts share
+# the alerts table: `kind` tells them from drift alerts.
+SCRIPTS.append(("0008_feedback", """
         CREATE TABLE feedback (
             id INTEGER PRIMARY KEY,
             model TEXT NOT NULL,
@@ -427,26 +397,31 @@ def m0008_feedback(db: Database) -> None:
         CREATE INDEX feedback_key ON feedback(model, model_version, bucket_start, device);
         CREATE INDEX feedback_stored ON feedback(model, stored_at);
         ALTER TABLE alerts ADD COLUMN kind TEXT NOT NULL DEFAULT 'drift';
-        """
-    )
+"""))
 
-
-@migrations(name="0009_reinstalls_retention")
-def m0009_reinstalls_retention(db: Database) -> None:
-    # Message accounting per install: a seq more than 2**19 above a device's highest starts a
-    # new install (a wiped outbox starts at its creation time << 20), which restarts first_seq,
-    # received and dropped_total; `reinstalls` counts them and `reinstalled_at` is the server time
-    # of the last one. Telemetry retention deletes old `windows` rows with their `seqs` rows;
-    # `purged_upto` is the highest telemetry seq purged for the device, and ingest takes a
-    # telemetry seq at or below it for a duplicate, so a replay of a purged window is not stored
-    # again. NULL: nothing purged (seqs may start at 0).
-    db.executescript(
-        """
+# Message accounting per install: a seq more than 2**19 above a device's highest starts a
+# new install (a wiped outbox starts at its creation time << 20), which restarts first_seq,
+# received and dropped_total; `reinstalls` counts them and `reinstalled_at` is the server time
+# of the last one. Telemetry retention deletes old `windows` rows with their `seqs` rows;
+# `purged_upto` is the highest telemetry seq purged for the device, and ingest takes a
+# telemetry seq at or below it for a duplicate, so a replay of a purged window is not stored
+# again. NULL: nothing purged (seqs may start at 0).
+SCRIPTS.append(("0009_reinstalls_retention", """
         ALTER TABLE seq_stats ADD COLUMN reinstalls INTEGER NOT NULL DEFAULT 0;
         ALTER TABLE seq_stats ADD COLUMN reinstalled_at REAL;
         ALTER TABLE seq_stats ADD COLUMN purged_upto INTEGER;
-        """
-    )
+"""))
+
+
+def _runner(script: str) -> Callable[[Database], None]:
+    def run(db: Database) -> None:
+        db.executescript(script)
+    return run
+
+
+migrations = Migrations("edgefleet")
+for _name, _script in SCRIPTS:
+    migrations(name=_name)(_runner(_script))
 
 
 def apply(db: Database) -> None:

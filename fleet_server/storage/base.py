@@ -1,14 +1,16 @@
 """The storage interface every service talks to (DESIGN section 7).
 
 Services and views never write SQL: they call these methods. `SqliteStorage`
-(`fleet_server.sqlite_storage`) is the embedded implementation; a PostgreSQL one implements the
-same Protocol. Rows cross the interface as plain dicts and dataclasses, already JSON-decoded.
+(`fleet_server.storage.sqlite`) is the embedded implementation; every backend implements the
+same Protocol, one subpackage per backend with one module per concern. Rows cross the interface
+as plain dicts and dataclasses, already JSON-decoded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from edge_agent.protocol import ReportedState, Status, TelemetryWindow, UpdateEvent
@@ -58,11 +60,24 @@ class BatchResult:
     lags: list[float] = field(default_factory=list)  # stored_at - sent_at of stored windows
 
 
+@dataclass
+class SnapshotFacts:
+    """What a database snapshot holds, read from the copy: for a backup's manifest."""
+
+    migrations: list[str]  # applied schema migrations, oldest first
+    counts: dict[str, int]  # rows of the main tables
+    bundle_files: list[str]  # bundle files (relative to the data dir) the models reference
+
+
 class Storage(Protocol):
     """Everything the fleet server persists. Implementations must be safe to share across threads
     and across processes on one database (several ingest processes write concurrently)."""
 
     def close(self) -> None: ...
+    def backup_to(self, dest: Path) -> SnapshotFacts:
+        """Write a consistent snapshot of the whole database (one moment, writers not blocked) to
+        the file `dest`, check it, and return what it holds."""
+        ...
 
     # ---- devices
     def insert_device(
