@@ -6,9 +6,12 @@ hook) makes it SIGKILL itself right after persisting that state.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor, Future
+
 import pytest
 import requests
 
+from edge_agent.store import DataDir
 from tests.agent_fixtures import (
     AgentProcess,
     bundle_bytes,
@@ -111,3 +114,79 @@ def _get(port: int, path: str):
         return r.json() if r.status_code == 200 else None
     except requests.RequestException:
         return None
+
+
+class ManualExecutor(Executor):
+    """Runs the update machine's work only when the test says so (`run_all`)."""
+
+    def __init__(self) -> None:
+        self.jobs: list = []
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        self.jobs.append(lambda: fn(*args, **kwargs))
+        return Future()
+
+    def run_all(self) -> None:
+        while self.jobs:
+            self.jobs.pop(0)()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self.jobs.clear()
+
+
+class MovingDataDir(DataDir):
+    """A data dir whose next `committed()` read first lets the update machine run to its end:
+    the machine moves while the agent is in the middle of building its report."""
+
+    def __init__(self, root, executor: ManualExecutor) -> None:
+        super().__init__(root)
+        self.executor = executor
+        self.armed = False
+
+    def committed(self):
+        if self.armed:
+            self.armed = False
+            self.executor.run_all()
+        return super().committed()
+
+
+def test_reported_snapshot_is_consistent_while_the_machine_moves(tmp_path):
+    """The flake's interleaving, provoked: after a kill -9 in Activate the agent restarts in
+    CheckRollback; while it builds `reported`, the machine runs CheckRollback -> Rollback ->
+    Failed -> Cleanup -> Idle. The report must describe one moment: never Idle / rolled_back
+    with the interrupted candidate still named."""
+    from edge_agent.agent import Agent
+    from edge_agent.protocol import DesiredState
+    from edge_agent.update.events import State
+    from edge_agent.update.machine import UpdateContext
+
+    config = make_config(tmp_path)
+    install_active(config.path, bundle_bytes("lr", "1.0.0"))
+    desired = DesiredState(model="demo", version="2.0.0", url="http://127.0.0.1:9/b.efb", sha256="ab" * 32, size=10)
+    saved = UpdateContext(state=State.ACTIVATE, desired=desired, previous_version="1.0.0", went_live=True)
+    (config.path / "update.json").write_bytes(saved.to_json())
+
+    executor = ManualExecutor()
+    agent = Agent(config, executor=executor, link_mode="none", faults="")
+    agent.data = MovingDataDir(config.path, executor)
+    agent.start()
+    try:
+        assert agent.machine.state is State.CHECK_ROLLBACK and executor.jobs
+        for build in (agent.reported, agent.model_info):
+            agent.data.armed = True
+            report = build()
+            if not isinstance(report, dict):
+                report = {"update_state": report.update_state, "update_outcome": report.update_outcome,
+                          "candidate_version": report.candidate_version, "update_retry": report.update_retry}
+            consistent = [
+                {"update_state": "CheckRollback", "update_outcome": None, "candidate_version": "2.0.0",
+                 "update_retry": False},
+                {"update_state": "Idle", "update_outcome": "rolled_back", "candidate_version": None,
+                 "update_retry": True},
+            ]
+            assert {k: report[k] for k in consistent[0]} in consistent, report
+        after = agent.reported()
+        assert (after.update_state, after.update_outcome, after.candidate_version, after.update_retry) == (
+            "Idle", "rolled_back", None, True)
+    finally:
+        agent.close()

@@ -8,6 +8,7 @@ import json
 import msgspec
 import pytest
 
+from edge_agent.config import TrustConfig
 from edge_agent.protocol import DesiredState, encode
 from edge_agent.trust import (
     Accepted,
@@ -20,7 +21,18 @@ from edge_agent.trust import (
     verify_desired,
 )
 from model_tools.signing import generate_keypair, key_id
-from tests.agent_fixtures import keypair, public_pem
+from tests.agent_fixtures import (
+    BundleServer,
+    bundle_bytes,
+    bundle_server_fixture,  # noqa: F401 - fixture
+    collector_fixture,  # noqa: F401 - fixture
+    install_active,
+    keypair,
+    make_config,
+    public_pem,
+    publish_desired,
+)
+from tests.brokers import wait_until
 
 
 def desired_doc(**kw) -> dict:
@@ -109,3 +121,104 @@ def test_fresh_keys_round_trip():
     verify_desired(parse_document(msgspec.json.encode(sign_desired(desired_doc(), private))), [raw_public_key(pem)])
     with pytest.raises(DesiredTrustError):
         raw_public_key("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----")
+
+
+# ---------------------------------------------------------------- a real agent, a real broker
+
+
+@pytest.fixture
+def signed_agent(tmp_path, broker, bundle_server):
+    """Start an in-process agent (AgentService) that trusts the "server" desired key."""
+    from edge_agent.agent import Agent
+    from edge_agent.config import ServerConfig
+    from edge_agent.service import AgentService
+
+    services = []
+
+    def start(**kw):
+        config = make_config(tmp_path, broker, server=ServerConfig(url=bundle_server.base),
+                             trust=TrustConfig(public_keys_pem=[public_pem()], desired_keys_pem=[public_pem("server")]),
+                             **kw)
+        if not (config.path / "state.json").exists():
+            install_active(config.path, bundle_bytes("lr", "1.0.0"))
+        service = AgentService(config, agent_factory=lambda c: Agent(c, faults="")).start()
+        services.append(service)
+        wait_until(lambda: service.agent.link.connected, 10, message="agent connected")
+        return service
+
+    yield start
+    for s in services:
+        s.stop()
+
+
+def sign_state(desired: DesiredState, signer: str = "server", **changes) -> bytes:
+    doc = msgspec.to_builtins(desired)
+    doc.update(changes)
+    return signed(doc, signer)
+
+
+def test_agent_takes_a_signed_desired(signed_agent, broker, collector, bundle_server):
+    service = signed_agent()
+    desired = bundle_server.desired("dev-1", "b.efb", bundle_bytes("lr", "2.0.0"), issued_at=100.0)
+    publish_desired(broker, "dev-1", sign_state(desired))
+    wait_until(lambda: collector.outcomes() == ["success"], 30, message="signed update succeeds")
+    assert service.agent.active_version() == "2.0.0"
+
+
+@pytest.mark.parametrize("forgery", ["unsigned", "attacker key", "changed url", "changed version"])
+def test_a_forged_retained_desired_is_refused(forgery, signed_agent, broker, collector, bundle_server):
+    """What a compromised broker (or anyone able to publish `desired`) can send: refused, nothing
+    downloaded, the device keeps its model."""
+    service = signed_agent()
+    desired = bundle_server.desired("dev-1", "b.efb", bundle_bytes("lr", "2.0.0"), issued_at=100.0)
+    payload = {
+        "unsigned": encode(desired),
+        "attacker key": sign_state(desired, signer="attacker"),
+        "changed url": _tamper(sign_state(desired), url=desired.url.replace("b.efb", "c.efb")),
+        "changed version": _tamper(sign_state(desired), allow_downgrade=True),
+    }[forgery]
+    publish_desired(broker, "dev-1", payload)
+    refused = wait_until(lambda: collector.events("refused"), 10, message="forged desired refused")
+    assert "desired" in refused[0].reason and ("signed" in refused[0].reason or "verify" in refused[0].reason)
+    assert bundle_server.requests == [] and collector.chain() == []
+    assert service.agent.active_version() == "1.0.0" and service.agent.desired() is None
+
+
+def _tamper(payload: bytes, **changes) -> bytes:
+    doc = json.loads(payload)
+    doc.update(changes)
+    return json.dumps(doc).encode()
+
+
+def test_an_old_signed_desired_is_not_replayed_even_after_a_restart(signed_agent, broker, collector, bundle_server):
+    """An old, validly signed desired allowing a downgrade (captured earlier) is refused once a
+    newer one was accepted, also by the agent after a restart."""
+    old = sign_state(bundle_server.desired("dev-1", "a.efb", bundle_bytes("lr", "1.0.0"), allow_downgrade=True,
+                                           issued_at=100.0))
+    service = signed_agent()
+    publish_desired(broker, "dev-1", sign_state(bundle_server.desired("dev-1", "b.efb", bundle_bytes("lr", "2.0.0"),
+                                                                      issued_at=200.0)))
+    wait_until(lambda: collector.outcomes() == ["success"], 30, message="signed update succeeds")
+    publish_desired(broker, "dev-1", old)
+    refused = wait_until(lambda: collector.events("refused"), 10, message="replay refused")
+    assert "replayed desired" in refused[0].reason
+    service.stop()
+
+    service = signed_agent()  # the old document is still the broker's retained copy
+    wait_until(lambda: len(collector.events("refused")) == 2, 10, message="replay refused after the restart")
+    assert service.agent.active_version() == "2.0.0" and collector.outcomes() == ["success"]
+
+
+def test_a_signed_desired_naming_another_origin_gets_no_credentials(signed_agent, broker, collector, bundle_server):
+    """Even a validly signed desired may only send the password to the configured server."""
+    other = BundleServer().start()
+    try:
+        signed_agent()
+        desired = other.desired("dev-1", "b.efb", bundle_bytes("lr", "2.0.0"), issued_at=100.0)
+        publish_desired(broker, "dev-1", sign_state(desired))
+        wait_until(lambda: collector.outcomes() == ["failure"], 30, message="the download is refused")
+        assert other.requests == []
+        failure = [e for e in collector.events("transition") if e.event == "failure"][0]
+        assert "allowed_download_origins" in failure.reason
+    finally:
+        other.stop()
