@@ -7,7 +7,9 @@ construct a `ServerConfig` directly with small buckets and fast loops.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import secrets
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from edge_agent.protocol import valid_id
+
+log = logging.getLogger(__name__)
 
 SERVER_USERNAME = "_edgefleet_server"  # never a valid device id: those start with a letter or digit
 CONFIG_FILE = "server.toml"
@@ -169,7 +173,52 @@ class ServerConfig:
 
     def ensure_dirs(self) -> None:
         for d in (self.data_dir, self.bundles_dir, self.secrets_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+        secure_data_dir(self.data_dir)
+
+
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_UMASK = 0o077  # what the server's processes create: for their user only
+
+
+def secure_data_dir(data_dir: Path) -> list[str]:
+    """Make the data dir private to the server's user: the dir and every dir in it 0700, every
+    file 0600 (the database holds operator password hashes and webhook secrets, `secrets/` and
+    `tls/` hold keys). A dir or file that other local users could read is fixed, with a warning
+    saying what was; one that cannot be fixed (owned by another user) refuses the start.
+    Returns the paths that were fixed."""
+    fixed: list[str] = []
+    if not data_dir.is_dir():
+        return fixed
+    paths = [data_dir, *sorted(data_dir.rglob("*"))]
+    for path in paths:
+        try:
+            st = path.lstat()
+        except FileNotFoundError:  # a temporary file gone meanwhile (the database's journal)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            continue  # the target's owner decides; the server never creates links
+        wanted = PRIVATE_DIR_MODE if stat.S_ISDIR(st.st_mode) else PRIVATE_FILE_MODE
+        mode = stat.S_IMODE(st.st_mode)
+        if not mode & 0o077:
+            continue
+        try:
+            path.chmod(wanted)
+        except FileNotFoundError:
+            continue
+        except PermissionError as exc:
+            raise ConfigError(
+                f"{path} is readable by other local users (mode {mode:04o}) and cannot be made private: "
+                f"{exc.strerror}. Run the server as the data dir's owner, or 'chmod -R go-rwx {data_dir}'"
+            ) from exc
+        fixed.append(f"{path} ({mode:04o} -> {wanted:04o})")
+    if fixed:
+        log.warning(
+            "the data dir %s was readable by other local users; made private (dirs 0700, files 0600): %s%s",
+            data_dir, ", ".join(fixed[:5]), f" and {len(fixed) - 5} more" if len(fixed) > 5 else "",
+        )
+    return fixed
 
 
 def _url_host(host: str) -> str:
