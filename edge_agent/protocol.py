@@ -257,6 +257,67 @@ class Feedback(msgspec.Struct, kw_only=True):
     calibration_prob_sum: list[float] | None = None  # sum of top-class probabilities per decile
 
 
+class PerformanceEstimate(msgspec.Struct, kw_only=True):
+    """Label-free performance sums of one window's predictions (CBPE), all mergeable by adding.
+
+    Per row, `p` is the calibrated probability vector (the manifest's `estimation.calibration`
+    applied to the model's probabilities) and `k` the predicted class, in the manifest's class
+    order. `confusion[c][k]` sums p[c] over rows predicted k: the expected confusion matrix,
+    [true class][predicted class] like `Feedback.confusion`. `predicted[k]` counts rows predicted
+    k; `confidence_sq_sum` is Σ p[k]² (the sampling noise of the expected accuracy needs it).
+    Binary models also count rows per bin of the raw positive probability over
+    `estimation.score_edges` (`score_counts`) and sum the calibrated positive probability per bin
+    (`score_positive`): cumulated in score order, the expected ROC curve.
+    """
+
+    rows: Count = 0
+    predicted: list[Count] = []
+    confusion: list[list[float]] = []
+    confidence_sq_sum: float = 0.0
+    score_counts: list[Count] | None = None
+    score_positive: list[float] | None = None
+
+
+class ReconstructionSums(msgspec.Struct, kw_only=True):
+    """The window's per-row PCA reconstruction errors (profile.multivariate), mergeable.
+
+    `bins` counts errors over the profile's reference `edges`; `filled` counts rows that had a
+    NaN replaced by the reference median before the error was computed.
+    """
+
+    rows: Count = 0
+    sum: float = 0.0
+    sum_sq: float = 0.0
+    bins: list[Count] = []
+    filled: Count = 0
+
+
+class QualityCounts(msgspec.Struct, kw_only=True, array_like=True):
+    """One feature's values in refused rows: missing/NaN, outside the training range, of the
+    wrong type (a string for a number, a number for a category), and unseen categories."""
+
+    nan: Count = 0
+    below_min: Count = 0
+    above_max: Count = 0
+    wrong_type: Count = 0
+    unseen: Count = 0
+
+
+class RefusedRows(msgspec.Struct, kw_only=True):
+    """Rows of predict requests refused by validation, still counted per feature.
+
+    A refused request refuses all its rows; each row's values are counted here (a data-quality
+    statistic), never binned into `features`. Rows of the wrong shape (wrong value count, not a
+    list or object) count in `malformed` only. Data quality of a feature over every row a
+    device was asked about: `features[j]` of the window (accepted rows) plus `refused.features[j]`,
+    over `predictions + refused.rows`.
+    """
+
+    rows: Count = 0
+    malformed: Count = 0
+    features: list[QualityCounts] = []  # aligned with the manifest's inputs
+
+
 class TelemetryWindow(msgspec.Struct, kw_only=True):
     """One window of a device's serving, summarised into mergeable counts."""
 
@@ -280,6 +341,10 @@ class TelemetryWindow(msgspec.Struct, kw_only=True):
     feedback_other: list[Feedback] = []  # late-arriving truth for predictions of other versions
     resources: Resources = msgspec.field(default_factory=Resources)
     dropped_total: Count = 0  # outbox messages this device dropped since it was installed
+    # Optional (older agents send none, older servers ignore them): see the types above.
+    estimate: PerformanceEstimate | None = None  # classifiers whose bundle has `estimation`
+    multivariate: ReconstructionSums | None = None  # bundles whose profile has `multivariate`
+    refused: RefusedRows | None = None  # only when the window refused rows
 
 
 class UpdateEvent(msgspec.Struct, kw_only=True):

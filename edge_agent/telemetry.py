@@ -2,7 +2,8 @@
 
 Counts go into the bundle's fixed reference bins with `bisect` on Python lists (right-closed,
 like `np.searchsorted(edges, x, side="left")` in `model_tools.binning`), so a single-row
-record costs a few microseconds and windows from any device add up exactly.
+record costs a few microseconds and windows from any device add up exactly. The label-free
+performance sums, reconstruction errors and refused-row counts are `edge_agent.monitoring`'s.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.feedback import FeedbackResult, FeedbackTally
+from edge_agent.monitoring import Monitor, RefusedAcc
 from edge_agent.protocol import (
     LATENCY_EDGES_MS,
     FeatureCounts,
@@ -30,6 +32,12 @@ from model_tools.manifest import BinnedDistribution, Manifest
 
 _LAT_EDGES = list(LATENCY_EDGES_MS)
 _LAT_EDGES_NP = np.asarray(LATENCY_EDGES_MS)
+
+# Refusals about the rows' content: their rows still count into per-feature data quality.
+ROW_REFUSALS = frozenset({
+    "wrong_feature_count", "unknown_feature", "missing_feature", "not_numeric", "wrong_type",
+    "nan_not_allowed", "unknown_category", "bad_request",
+})
 
 
 class Binner:
@@ -97,7 +105,14 @@ class Counts:
 class _Window:
     """The mutable counters of the current window (swapped out whole on flush)."""
 
-    def __init__(self, start: float, features: list[Binner], prediction: Binner | None, version: str | None):
+    def __init__(
+        self,
+        start: float,
+        features: list[Binner],
+        prediction: Binner | None,
+        version: str | None,
+        monitor: Monitor | None = None,
+    ):
         self.start = start
         self.version = version
         self.requests = 0
@@ -115,6 +130,9 @@ class _Window:
         self.sh_lat_sum = 0.0
         self.sh_pred: Counts | None = None
         self.fb = _FeedbackCounts()
+        self.estimate = monitor.new_estimate() if monitor is not None else None
+        self.multivariate = monitor.new_reconstruction() if monitor is not None else None
+        self.refused: RefusedAcc | None = None
 
 
 class _FeedbackCounts:
@@ -161,6 +179,7 @@ class Telemetry:
         self._features: list[Binner] = []
         self._prediction: Binner | None = None
         self._keep: list[bool] = []
+        self._monitor: Monitor | None = None
         self._w = _Window(clock(), [], None, None)
         # Cumulative totals since start, for /metrics (never reset).
         self.total_predictions = 0
@@ -177,6 +196,7 @@ class Telemetry:
             self._model = manifest
             if manifest is None:
                 self._features, self._prediction, self._keep = [], None, []
+                self._monitor = None
             else:
                 profiles = {p.name: p for p in manifest.profile.features}
                 self._features = []
@@ -185,14 +205,24 @@ class Telemetry:
                     self._features.append(Binner(p.distribution if p else None, spec.min, spec.max))
                 self._prediction = Binner(manifest.profile.prediction)
                 self._keep = [spec.name not in self.sample_exclude for spec in manifest.inputs]
+                self._monitor = Monitor(manifest)
             feedback = self._w.fb
-            self._w = _Window(self._w.start, self._features, self._prediction, manifest.version if manifest else None)
+            self._w = _Window(
+                self._w.start, self._features, self._prediction, manifest.version if manifest else None, self._monitor
+            )
             self._w.fb = feedback  # joins are attributed by version: none are lost on a switch
 
     # ------------------------------------------------------------------ recording
 
-    def record(self, rows: list[list[Any]], primary: list[Any], latency_s: float) -> None:
-        """One served request: validated rows, their predictions, and the model latency."""
+    def record(
+        self,
+        rows: list[list[Any]],
+        primary: list[Any],
+        latency_s: float,
+        probabilities: list[list[float]] | None = None,
+    ) -> None:
+        """One served request: validated rows, their predictions (and class probabilities, for
+        the performance estimate), and the model latency."""
         ms = latency_s * 1000.0
         with self._lock:
             w = self._w
@@ -213,6 +243,12 @@ class Telemetry:
                     c.add_many(b, [r[j] for r in rows])
                 if w.prediction is not None:
                     w.prediction.add_many(self._prediction, primary)
+            monitor = self._monitor
+            if monitor is not None:
+                if w.estimate is not None and probabilities is not None:
+                    monitor.add_estimate(w.estimate, primary, probabilities)
+                if w.multivariate is not None:
+                    monitor.add_reconstruction(w.multivariate, rows)
             k = self.sample_rows
             if k:
                 for row, y in zip(rows, primary, strict=False):
@@ -233,9 +269,15 @@ class Telemetry:
         keep = self._keep
         return SampleRow(x=[v if keep[j] else None for j, v in enumerate(row)], y=y)
 
-    def record_error(self, kind: str, feature: str | None = None) -> None:
+    def record_error(self, kind: str, feature: str | None = None, rows: Sequence[Any] | None = None) -> None:
+        """A refused request; with its `rows`, a refusal about their content also counts each
+        row's values into the window's data-quality counts (`refused`)."""
         with self._lock:
             w = self._w
+            if rows is not None and kind in ROW_REFUSALS and self._monitor is not None:
+                if w.refused is None:
+                    w.refused = self._monitor.new_refused()
+                self._monitor.add_refused(w.refused, rows)
             w.requests += 1
             w.errors[kind] = w.errors.get(kind, 0) + 1
             self.total_requests += 1
@@ -301,7 +343,9 @@ class Telemetry:
         """Close the current window at `now` and start the next one."""
         with self._lock:
             w = self._w
-            self._w = _Window(now, self._features, self._prediction, self._model.version if self._model else None)
+            self._w = _Window(
+                now, self._features, self._prediction, self._model.version if self._model else None, self._monitor
+            )
         shadow = None
         if w.shadow_version is not None:
             shadow = ShadowCounts(
@@ -333,4 +377,7 @@ class Telemetry:
             feedback_other=feedback_other,
             resources=resources,
             dropped_total=dropped_total,
+            estimate=w.estimate.freeze() if w.estimate is not None and w.estimate.rows else None,
+            multivariate=w.multivariate.freeze() if w.multivariate is not None and w.multivariate.rows else None,
+            refused=w.refused.freeze() if w.refused is not None else None,
         )

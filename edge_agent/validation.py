@@ -121,6 +121,51 @@ class RowValidator:
                 values[j] = self._categorical(v, cats, allow_nan, name, i)
         return values
 
+    def quality(self, rows: Sequence[Any]) -> tuple[int, int, list[list[int]]]:
+        """Data-quality counts of rows that were refused: (rows, malformed rows, per feature
+        [nan, below_min, above_max, wrong_type, unseen]).
+
+        Counts what each value is, whatever made the request fail, so a sensor that sends NaN
+        to a model that refuses NaN still shows in its feature's NaN share. A row that is not a
+        list of the right length or an object is malformed (no per-feature counts); in an object,
+        a missing feature is missing (NaN) and unknown keys are ignored.
+        """
+        counts = [[0, 0, 0, 0, 0] for _ in range(self.n)]
+        malformed = 0
+        for row in rows:
+            if type(row) is list or type(row) is tuple:
+                if len(row) != self.n:
+                    malformed += 1
+                    continue
+                values: Sequence[Any] = row
+            elif isinstance(row, Mapping):
+                values = [row.get(name) for name in self.names]
+            else:
+                malformed += 1
+                continue
+            for j, v in enumerate(values):
+                c = counts[j]
+                if v is None or (isinstance(v, float) and v != v):
+                    c[0] += 1
+                elif self.numeric[j]:
+                    if isinstance(v, bool) or not isinstance(v, (int, float)):
+                        c[3] += 1
+                        continue
+                    spec = self.specs[j]
+                    if spec.min is not None and v < spec.min:
+                        c[1] += 1
+                    elif spec.max is not None and v > spec.max:
+                        c[2] += 1
+                elif type(v) is not str and not (isinstance(v, int) and not isinstance(v, bool)):
+                    c[3] += 1
+                elif v == "":
+                    c[0] += 1
+                else:
+                    cats = self.categories[j]
+                    if cats and str(v) not in cats:
+                        c[4] += 1
+        return len(rows), malformed, counts
+
     def _from_mapping(self, row: Mapping[str, Any], i: int) -> list[Any]:
         extra = [k for k in row if k not in self.index]
         if extra:

@@ -72,6 +72,29 @@ class FeatureProfile(msgspec.Struct, kw_only=True):
     std: float | None = None
 
 
+class MultivariateProfile(msgspec.Struct, kw_only=True):
+    """A PCA of the reference's numeric features, for the per-row reconstruction error.
+
+    A row's error: take the `features` columns, replace NaN by `fill` (the reference medians),
+    standardise with `mean`/`scale`, project on the `components` (orthonormal rows) and back, and
+    take the Euclidean norm of what the projection lost. `edges` are the reference errors'
+    deciles (right-closed bins like every other here), `counts` the reference errors in them.
+    """
+
+    features: list[int]  # indices into Manifest.inputs (numeric features only)
+    fill: list[float]
+    mean: list[float]
+    scale: list[float]
+    components: list[list[float]]  # [k][len(features)]
+    variance_target: float = 0.65  # share of variance the components must explain
+    explained: float = 0.0  # share they do explain on the reference
+    edges: list[float] = []
+    counts: list[int] = []
+    rows: int = 0
+    mean_error: float = 0.0
+    std_error: float = 0.0
+
+
 class ReferenceProfile(msgspec.Struct, kw_only=True):
     """What "normal" looks like: the reference data's bins and the prediction distribution."""
 
@@ -79,6 +102,41 @@ class ReferenceProfile(msgspec.Struct, kw_only=True):
     features: list[FeatureProfile]
     prediction: BinnedDistribution
     warnings: list[str] = []
+    multivariate: MultivariateProfile | None = None  # absent: no multivariate drift
+
+
+class CalibrationMap(msgspec.Struct, kw_only=True):
+    """Monotone piecewise-linear maps from a classifier's raw probabilities to calibrated ones.
+
+    Column `columns[i]` of the probability matrix maps through `np.interp(p, knots[i], values[i])`.
+    Binary models map the positive column (1) only and take 1 - p for the other; multiclass
+    models map every column one-vs-rest and then divide each row by its sum. `applied` False
+    means the raw probabilities are used as they are: calibrating did not lower the expected
+    calibration error on held-out folds (`ece_raw`, `ece_calibrated`), or there were no labels.
+    """
+
+    applied: bool = False
+    method: Literal["isotonic", "identity"] = "identity"
+    source: Literal["cross_validation", "validation", "none"] = "none"
+    rows: int = 0  # labelled rows the map was chosen and fitted on
+    folds: int = 0
+    ece_raw: float | None = None
+    ece_calibrated: float | None = None
+    columns: list[int] = []
+    knots: list[list[float]] = []
+    values: list[list[float]] = []
+    reason: str = ""
+
+
+class PerformanceEstimation(msgspec.Struct, kw_only=True):
+    """What a device needs to estimate a classifier's performance without labels (CBPE)."""
+
+    calibration: CalibrationMap
+    positive: int | None = None  # binary models: column of the positive class
+    # Binary models: edges of the raw positive-probability histogram (right-closed).
+    score_edges: list[float] | None = None
+    reference_rows: int = 0
+    reference_accuracy: float | None = None  # expected accuracy on the reference data
 
 
 class RuntimeBudget(msgspec.Struct, kw_only=True):
@@ -113,6 +171,7 @@ class Manifest(msgspec.Struct, kw_only=True):
     profile: ReferenceProfile
     budget: RuntimeBudget
     golden_tolerance: GoldenTolerance = msgspec.field(default_factory=GoldenTolerance)
+    estimation: PerformanceEstimation | None = None  # classifiers with probabilities only
 
     @property
     def feature_names(self) -> list[str]:

@@ -1,4 +1,5 @@
-"""build_bundle: convert -> quantize -> parity gate -> profile -> golden -> budget -> package -> sign.
+"""build_bundle: convert -> quantize -> parity gate -> profile -> estimation -> golden -> budget
+-> package -> sign.
 
 Each stage is a function of its own module; this one only wires them and keeps the report.
 """
@@ -18,11 +19,18 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from model_tools.bundle import write_bundle
+from model_tools.calibration import class_index, fit_calibration
 from model_tools.convert import Conversion, check_fitted, convert, final_estimator, has_linear_op
 from model_tools.errors import InputDataError, ModelToolsError
+from model_tools.estimation import build_estimation, out_of_fold_probabilities
 from model_tools.feeds import feeds_from_columns
 from model_tools.golden import build_golden, golden_indices
-from model_tools.manifest import Manifest, ReferenceProfile, RuntimeBudget
+from model_tools.manifest import (
+    CalibrationMap,
+    Manifest,
+    ReferenceProfile,
+    RuntimeBudget,
+)
 from model_tools.parity import (
     ParityGateError,
     ParityRow,
@@ -33,6 +41,7 @@ from model_tools.parity import (
 )
 from model_tools.profile import build_profile
 from model_tools.quantize import Variant, build_variants
+from model_tools.reconstruction import fit_multivariate
 from model_tools.schema import EstimatorSchema, Table, feature_specs, inspect_estimator, read_table
 from model_tools.session import run_model
 from model_tools.signing import key_id
@@ -217,11 +226,15 @@ def build_bundle(
     out_path: str | os.PathLike[str] | None = None,
     label_column: str | None = None,
     seed: int = 0,
+    training: Any = None,
 ) -> BuildResult:
     """Turn a fitted estimator into a verified (and, with `sign_key`, signed) bundle.
 
-    `sample`, `validation` and `reference` accept a path (.csv/.npy/.npz), a 2-D array,
-    an (X, y) tuple or a `Table`. Without `validation`, 20 % of the sample is held out.
+    `sample`, `validation`, `reference` and `training` accept a path (.csv/.npy/.npz), a 2-D
+    array, an (X, y) tuple or a `Table`. Without `validation`, 20 % of the sample is held out.
+    `training` (labelled: the data the estimator was fitted on) lets a classifier's calibration
+    map be fitted on out-of-fold probabilities of 5-fold cross-validation; without it, labelled
+    validation data (held out from training) is used, see `model_tools.estimation`.
     Raises ParityGateError when no variant passes, ModelToolsError subclasses for bad input.
     """
     if quantize not in ("auto", "int8", "float32"):
@@ -282,6 +295,20 @@ def build_bundle(
         specs, ref_t.columns, ref_out[pred_name], conv.task, conv.outputs.classes
     )
     warnings.extend(profile.warnings)
+    profile.multivariate, why_not = fit_multivariate(specs, ref_t.columns)
+    if why_not is not None and sum(s.kind == "numeric" for s in specs) >= 2:
+        warnings.append(why_not)
+
+    estimation = None
+    if conv.task == "classification" and conv.outputs.probabilities and conv.outputs.classes:
+        _emit(progress, "calibration map for performance estimation")
+        calibration = _calibration(
+            estimator, schema, conv.outputs.classes, training, label_column, chosen.model_bytes,
+            valid_t, valid_feeds, conv.outputs.probabilities, seed, warnings,
+        )
+        estimation = build_estimation(
+            calibration, conv.outputs.classes, ref_out[conv.outputs.probabilities], ref_out[pred_name]
+        )
 
     _emit(progress, "golden set and runtime budget")
     idx = golden_indices(valid_t.n_rows, seed=seed)
@@ -324,6 +351,7 @@ def build_bundle(
         lineage=_lineage(estimator, sample_t, ref_t, valid_t, seed),
         profile=profile,
         budget=budget,
+        estimation=estimation,
     )
     _emit(progress, "packaging" + (" and signing" if sign_key is not None else " (unsigned)"))
     written = write_bundle(None, manifest, chosen.model_bytes, golden, sign_key)
@@ -350,6 +378,43 @@ def build_bundle(
         warnings=warnings,
         variants=variants,
     )
+
+
+def _calibration(
+    estimator: Any,
+    schema: EstimatorSchema,
+    classes: list[Any],
+    training: Any,
+    label_column: str | None,
+    model_bytes: bytes,
+    valid_t: Table,
+    valid_feeds: dict[str, np.ndarray],
+    proba_name: str,
+    seed: int,
+    warnings: list[str],
+) -> CalibrationMap:
+    """Out-of-fold probabilities of labelled training data, else the shipped model's on
+    labelled validation data, else no calibration (the manifest says why)."""
+    if training is not None:
+        train_t = read_table(training, schema, label_column)
+        if train_t.labels is None:
+            warnings.append("the training data has no labels: it cannot calibrate (add a label column)")
+        else:
+            try:
+                probs = out_of_fold_probabilities(
+                    estimator, _sklearn_input(train_t, schema), train_t.labels, classes, seed=seed
+                )
+            except ValueError as exc:
+                warnings.append(f"cross-validating the estimator failed ({exc}): calibrating on validation data")
+            else:
+                return fit_calibration(probs, class_index(list(train_t.labels), classes), "cross_validation", seed=seed)
+    if valid_t.labels is None:
+        return CalibrationMap(
+            reason="no labelled data: raw probabilities are used uncalibrated (pass --training or labelled "
+            "--validation data)"
+        )
+    probs = run_model(model_bytes, valid_feeds)[proba_name]
+    return fit_calibration(probs, class_index(list(valid_t.labels), classes), "validation", seed=seed)
 
 
 def measure_budget_for(model_bytes: bytes, feeds: dict[str, np.ndarray]) -> RuntimeBudget:
