@@ -1,25 +1,44 @@
-"""Mosquitto: generate its config, password file and ACL from the device registry; run it (managed).
+"""The broker: its configuration, the managed Mosquitto process (supervised), and keeping the
+broker's accounts and retained desired states in step with the database.
 
-Devices may publish only under `ef/{fleet}/d/{their id}/` and read only their own `desired` and
-`ack` (ACL `pattern` lines with %u, since the MQTT username is the device id). The server has its own
-account. Queues are sized: Mosquitto's default max_queued_messages (1000) silently drops QoS 1
-messages for a subscriber that lags (DESIGN sections 3 and 8).
+Accounts come in two modes (`broker_accounts` in server.toml; docs/deployment.md):
+- `dynsec` (default): Mosquitto's dynamic-security plugin (`fleet_server.broker_accounts`). Each
+  device is bound to its own client id, and changes apply at once over MQTT, on the managed or an
+  external broker.
+- `password_file`: a password file and ACL generated from the registry (`pattern` lines with %u,
+  since the MQTT username is the device id), re-read on SIGHUP; for brokers without the plugin.
+Queues are sized: Mosquitto's default max_queued_messages (1000) silently drops QoS 1 messages
+for a subscriber that lags (DESIGN sections 3 and 8).
 """
 
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from edge_agent.protocol import MAX_PAYLOAD_BYTES
 from fleet_server.auth import mosquitto_hash
+from fleet_server.broker_accounts import (
+    DynsecAccounts,
+    DynsecError,
+    dynsec_config,
+    find_plugin,
+    write_dynsec_config,
+)
 from fleet_server.config import SERVER_USERNAME, ServerConfig
 from fleet_server.storage import Storage
+
+if TYPE_CHECKING:
+    from fleet_server.context import Services
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +46,13 @@ MOSQUITTO = next(
     (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/usr/bin/mosquitto") if os.path.exists(p)),
     "mosquitto",
 )
+# The largest payload a broker takes: what ingest and the agent accept (protocol.MAX_PAYLOAD_BYTES;
+# the largest legitimate message, a telemetry window with its sample, stays far below it:
+# docs/fleet-server.md). A larger one is dropped by the broker (PUBACK 0x95) before it reaches anyone.
+MESSAGE_SIZE_LIMIT = MAX_PAYLOAD_BYTES
+DYNSEC_FILE = "dynamic-security.json"
+MAX_RESTART_BACKOFF_S = 60.0
+MISSING_GRACE_S = 5.0  # a registered device's account may lag its creator's push by this much
 
 
 class BrokerError(RuntimeError):
@@ -49,6 +75,7 @@ def acl_text(fleet: str) -> str:
         f"pattern write {root}/status\n"
         f"pattern read {root}/desired\n"
         f"pattern read {root}/ack\n"
+        f"pattern read {root}/credentials\n"
     )
 
 
@@ -82,6 +109,17 @@ def tls_listener_conf(config: ServerConfig) -> str:
     )
 
 
+def accounts_conf(config: ServerConfig, broker_dir: Path) -> str:
+    """The lines that tell Mosquitto where its accounts come from."""
+    if config.broker_accounts == "dynsec":
+        try:
+            plugin = find_plugin()
+        except DynsecError as exc:
+            raise BrokerError(str(exc)) from exc
+        return f"plugin {plugin}\nplugin_opt_config_file {broker_dir / DYNSEC_FILE}\n"
+    return f"password_file {broker_dir / 'passwd'}\nacl_file {broker_dir / 'acl'}\n"
+
+
 def mosquitto_conf(config: ServerConfig) -> str:
     d = config.broker_dir
     return (
@@ -93,8 +131,8 @@ def mosquitto_conf(config: ServerConfig) -> str:
         f"listener {config.broker_port} {config.broker_host}\n"
         "protocol mqtt\n"
         "allow_anonymous false\n"
-        f"password_file {d / 'passwd'}\n"
-        f"acl_file {d / 'acl'}\n"
+        + accounts_conf(config, d)
+        + f"message_size_limit {MESSAGE_SIZE_LIMIT}\n"
         "persistence true\n"
         f"persistence_location {d}/\n"
         "autosave_interval 30\n"
@@ -132,12 +170,24 @@ def _write_atomic(path: Path, text: str, mode: int = 0o600) -> bool:
 
 @dataclass
 class BrokerMaterial:
-    """What an external broker's operator needs: the password file and the ACL."""
+    """What an external broker's operator needs to give the broker edgefleet's accounts."""
 
-    password_file: str
-    acl: str
+    mode: str
+    password_file: str = ""
+    acl: str = ""
+    dynsec_file: str = ""
 
     def render(self) -> str:
+        if self.mode == "dynsec":
+            return (
+                "# ---- mosquitto.conf (Mosquitto 2.0+, dynamic-security plugin) ----\n"
+                f"# plugin {_plugin_hint()}\n"
+                f"# plugin_opt_config_file /etc/mosquitto/{DYNSEC_FILE}\n"
+                f"# message_size_limit {MESSAGE_SIZE_LIMIT}\n"
+                f"# ---- {DYNSEC_FILE} (install before the broker's first start, 0600, owned by mosquitto; "
+                "the server then manages it over $CONTROL/dynamic-security/v1) ----\n"
+                f"{self.dynsec_file}\n"
+            )
         return (
             "# ---- password file (mosquitto 2.0 $7$ format; add with password_file) ----\n"
             f"{self.password_file}\n"
@@ -146,57 +196,118 @@ class BrokerMaterial:
         )
 
 
+def _plugin_hint() -> str:
+    try:
+        return find_plugin()
+    except DynsecError:
+        return "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+
+
 def broker_material(config: ServerConfig, storage: Storage) -> BrokerMaterial:
     server_hash = mosquitto_hash(config.server_mqtt_password())
+    if config.broker_accounts == "dynsec":
+        document = dynsec_config(config.fleet, server_hash, storage.broker_accounts())
+        return BrokerMaterial(mode="dynsec", dynsec_file=json.dumps(document, indent=1))
     return BrokerMaterial(
+        mode="password_file",
         password_file=password_file_text(server_hash, storage.broker_accounts()).rstrip("\n"),
         acl=acl_text(config.fleet),
     )
 
 
+def _pid_alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 class ManagedBroker:
-    """A Mosquitto process the server owns, its files kept in step with the device registry.
+    """A Mosquitto process the server owns, its accounts kept in step with the device registry.
 
     The broker runs in its own session and survives a server crash (kill -9): the next server
     start adopts it via its pid file, so devices stay connected and the server's persistent
-    session keeps queueing. A clean server stop stops it.
+    session keeps queueing. A clean server stop stops it. When it dies, `supervise` starts it
+    again (with backoff) from the registry's accounts.
     """
 
-    def __init__(self, config: ServerConfig, storage: Storage) -> None:
+    def __init__(self, config: ServerConfig, storage: Storage, accounts: DynsecAccounts | None = None) -> None:
         self.config = config
         self.storage = storage
         self.dir = config.broker_dir
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None
+        self.restarts = 0  # times `supervise` found it dead and started it again
+        if accounts is None and config.broker_accounts == "dynsec":
+            accounts = DynsecAccounts(config)
+        self.accounts = accounts
         self._generation = -1
+        self._missing_since: dict[str, float] = {}
         self._server_hash: str | None = None
+        self._backoff = config.broker_restart_backoff_s
+        self._dead_since: float | None = None
+        self._last_start = 0.0
 
     @property
     def conf_path(self) -> Path:
         return self.dir / "mosquitto.conf"
 
-    def sync_files(self) -> bool:
-        """Rewrite passwd/ACL from the registry; returns whether anything changed."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        generation = self.storage.devices_generation()
+    def _server_password_hash(self) -> str:
         if self._server_hash is None:
             self._server_hash = mosquitto_hash(self.config.server_mqtt_password())
-        changed = _write_atomic(
-            self.dir / "passwd", password_file_text(self._server_hash, self.storage.broker_accounts())
-        )
+        return self._server_hash
+
+    def sync_files(self) -> bool:
+        """Rewrite the accounts' files from the registry; returns whether anything changed.
+
+        In dynsec mode the plugin's file seeds a broker being started (the plugin keeps it
+        afterwards); in password-file mode the files are what the broker re-reads on SIGHUP."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        generation = self.storage.devices_generation()
+        accounts = self.storage.broker_accounts()
+        if self.accounts is not None:
+            write_dynsec_config(self.dir / DYNSEC_FILE, dynsec_config(self.config.fleet, self._server_password_hash(),
+                                                                       accounts))
+            self._generation = generation
+            return True
+        changed = _write_atomic(self.dir / "passwd", password_file_text(self._server_password_hash(), accounts))
         changed |= _write_atomic(self.dir / "acl", acl_text(self.config.fleet))
         self._generation = generation
         return changed
 
     def reload_if_changed(self) -> bool:
-        """Called from the background loop: resync when the registry changed (CLI or API)."""
-        if self.storage.devices_generation() == self._generation:
+        """Called from the broker-sync loop: bring the broker's accounts in step when the registry
+        changed (CLI or API, any process). Returns whether the broker's accounts changed."""
+        generation = self.storage.devices_generation()
+        if generation == self._generation and not self._missing_since:
             return False
+        if self.accounts is not None:
+            return self._reconcile_dynsec(generation)
         if self.sync_files() and self.pid:
             os.kill(self.pid, signal.SIGHUP)  # mosquitto re-reads password file and ACL
             log.info("broker reloaded after a device registry change")
             return True
         return False
+
+    def _reconcile_dynsec(self, generation: int) -> bool:
+        assert self.accounts is not None
+        result = self.accounts.reconcile(self.storage.active_device_ids())
+        self._generation = generation
+        now = time.monotonic()
+        # A device registered a moment ago may be missing only until its creator's push arrives.
+        self._missing_since = {d: self._missing_since.get(d, now) for d in result.missing}
+        overdue = [d for d, since in self._missing_since.items() if now - since >= MISSING_GRACE_S]
+        if overdue:
+            # The process that made these accounts could not reach the broker, and the plugin takes
+            # only plaintext passwords: start the broker again from the registry's hashes.
+            log.warning("the managed broker lacks accounts for %s; restarting it from the registry",
+                        ", ".join(overdue[:10]))
+            self._missing_since = {}
+            self.restart()
+            return True
+        return bool(result.removed)
 
     def _adoptable_pid(self) -> int | None:
         pid_file = self.dir / "mosquitto.pid"
@@ -205,11 +316,11 @@ class ManagedBroker:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError):
             return None
-        return pid if str(self.conf_path).encode() in cmdline else None
+        return pid if str(self.conf_path).encode() in cmdline and _pid_alive(pid) else None
 
     def start(self) -> None:
-        self.sync_files()
-        conf_changed = _write_atomic(self.conf_path, mosquitto_conf(self.config), 0o644)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        conf_changed = _write_atomic(self.conf_path, mosquitto_conf(self.config), 0o600)
         pid = self._adoptable_pid()
         if pid is not None and conf_changed:
             # The listener or limits changed: a reload cannot apply that, restart it.
@@ -218,18 +329,73 @@ class ManagedBroker:
         if pid is not None:
             log.info("adopting the managed broker left running (pid %d)", pid)
             self.pid = pid
-            os.kill(pid, signal.SIGHUP)
+            if self.accounts is None:
+                self.sync_files()
+                os.kill(pid, signal.SIGHUP)
         else:
-            # stderr goes to a file, not a pipe: the broker may outlive this process.
-            with open(self.dir / "mosquitto.stderr", "wb") as err:
-                self.proc = subprocess.Popen(
-                    [MOSQUITTO, "-c", str(self.conf_path)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=err,
-                    start_new_session=True,  # Ctrl-C reaches the server, which stops the broker last
-                )
-            self.pid = self.proc.pid
+            self._spawn()
+        self._wait_listening()
+        if self.accounts is not None and pid is not None:
+            self._reconcile_dynsec(self.storage.devices_generation())  # it ran while the registry changed
+
+    def _spawn(self) -> None:
+        self.sync_files()
+        # stderr goes to a file, not a pipe: the broker may outlive this process.
+        with open(self.dir / "mosquitto.stderr", "wb") as err:
+            self.proc = subprocess.Popen(
+                [MOSQUITTO, "-c", str(self.conf_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,  # Ctrl-C reaches the server, which stops the broker last
+            )
+        self.pid = self.proc.pid
+        self._last_start = time.monotonic()
+
+    def alive(self) -> bool:
+        if self.pid is None:
+            return False
+        if self.proc is not None and self.proc.pid == self.pid:
+            return self.proc.poll() is None
+        return _pid_alive(self.pid)
+
+    def supervise(self) -> bool:
+        """Start the broker again if it died (kill -9, a crash), after a backoff that doubles while
+        it keeps dying (up to a minute) and resets once it has run for a minute. Returns whether
+        it started (or adopted) a broker."""
+        if self.pid is None or self.alive():
+            if self._dead_since is None and time.monotonic() - self._last_start > MAX_RESTART_BACKOFF_S:
+                self._backoff = self.config.broker_restart_backoff_s
+            return False
+        now = time.monotonic()
+        if self._dead_since is None:
+            self._dead_since = now
+            code = self.proc.returncode if self.proc is not None and self.proc.pid == self.pid else None
+            log.error("the managed broker (pid %d) died%s; starting it again in %.1fs",
+                      self.pid, f" with code {code}" if code is not None else "", self._backoff)
+        if now - self._dead_since < self._backoff:
+            return False
+        self._backoff = min(self._backoff * 2, MAX_RESTART_BACKOFF_S)
+        self._dead_since = None
+        self.restarts += 1
+        try:
+            adopted = self._adoptable_pid()  # someone else started it meanwhile
+            if adopted is not None:
+                self.pid, self.proc = adopted, None
+            else:
+                self._spawn()
+            self._wait_listening()
+        except BrokerError as exc:
+            log.error("the managed broker did not start again: %s", exc)
+            return False
+        log.warning("the managed broker runs again (pid %d, restart %d)", self.pid, self.restarts)
+        return True
+
+    def restart(self) -> None:
+        """Stop and start the broker (its accounts from the registry); devices reconnect."""
+        if self.pid is not None:
+            self._kill(self.pid)
+        self._spawn()
         self._wait_listening()
 
     def _wait_listening(self, timeout: float = 10.0) -> None:
@@ -242,8 +408,6 @@ class ManagedBroker:
             self._wait_port(host, port, deadline, timeout)
 
     def _wait_port(self, host: str, port: int, deadline: float, timeout: float) -> None:
-        import socket
-
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 err = (self.dir / "mosquitto.stderr").read_text(errors="replace")
@@ -271,12 +435,14 @@ class ManagedBroker:
             if self.proc is not None and self.proc.pid == pid:
                 if self.proc.poll() is not None:
                     return
-            elif not Path(f"/proc/{pid}").exists():
+            elif not _pid_alive(pid):
                 return
             time.sleep(0.02)
         os.kill(pid, signal.SIGKILL)
 
     def stop(self) -> None:
+        if self.accounts is not None:
+            self.accounts.close()
         if self.pid is not None:
             self._kill(self.pid)
         if self.proc is not None:
@@ -286,3 +452,85 @@ class ManagedBroker:
                 self.proc.kill()
         self.proc = None
         self.pid = None
+
+
+def republish_desired(svc: Services) -> int:
+    """Publish every active device's desired state again from the database.
+
+    A broker restores retained messages from its last autosave, so after a crash it may hand a
+    device an older desired than the one the database says it was told; this makes the broker's
+    retained copy equal `device_desired` again. Under the rollouts lock, so that no rollout decision
+    publishes in between. Returns how many were published."""
+    from fleet_server import registry
+
+    if svc.publisher is None:
+        return 0
+    published = 0
+    with svc.rollouts_lock:
+        active = svc.storage.active_device_ids()
+        for device_id, row in sorted(svc.storage.device_desired().items()):
+            if device_id not in active:
+                continue
+            try:
+                desired = registry.desired_state(
+                    svc, row["model"], row["version"], mode=row["mode"] or "live", rollout_id=row["rollout_id"],
+                    allow_downgrade=bool(row["allow_downgrade"]),
+                )
+            except Exception as exc:  # a model deleted since: nothing valid to restore
+                log.warning("desired state of %s not republished: %s", device_id, exc)
+                continue
+            if svc.publisher.publish_desired(device_id, desired):
+                published += 1
+    return published
+
+
+class BrokerSync:
+    """The broker-sync loop's pass: keep a managed broker running, its accounts in step with the
+    registry, and every retained desired state equal to the database after the broker restarts
+    (seen as the publisher connecting again, whatever restarted the broker)."""
+
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+        self._connects_seen: int | None = None
+        self.republished = 0  # passes that republished desired states
+        self._generation = -1
+        self._missing_reported: set[str] = set()
+
+    def _reconcile_external(self, accounts: DynsecAccounts) -> None:
+        """An external broker: remove accounts the registry no longer has; a registered device
+        without an account (its creator could not reach the broker) is reported: the plugin takes
+        only plaintext passwords, which the server does not keep."""
+        generation = self.svc.storage.devices_generation()
+        if generation == self._generation:
+            return
+        try:
+            result = accounts.reconcile(self.svc.storage.active_device_ids())
+        except DynsecError as exc:
+            log.warning("broker accounts not reconciled: %s", exc)
+            return
+        self._generation = generation
+        new = set(result.missing) - self._missing_reported
+        if new:
+            log.warning("the broker has no account for registered device(s) %s: revoke and provision them "
+                        "again, or start the broker from 'edgefleet server broker-config'", ", ".join(sorted(new)))
+        self._missing_reported = set(result.missing)
+
+    def __call__(self) -> None:
+        broker = self.svc.broker
+        if broker is not None:
+            broker.supervise()
+            if broker.alive():
+                broker.reload_if_changed()
+        elif self.svc.accounts is not None:
+            self._reconcile_external(self.svc.accounts)
+        publisher = self.svc.publisher
+        if publisher is None:
+            return
+        connects = publisher.connects
+        if self._connects_seen is None:
+            self._connects_seen = connects  # the first connection: the rollouts publish as usual
+        elif connects != self._connects_seen and publisher.connected:
+            count = republish_desired(self.svc)
+            log.info("broker connection %d: republished %d desired states from the database", connects, count)
+            self.republished += 1
+            self._connects_seen = connects

@@ -6,26 +6,21 @@ construct a `ServerConfig` directly with small buckets and fast loops.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import secrets
 import stat
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from edge_agent.config_file import ConfigError, field_names, read_toml, unknown_keys
 from edge_agent.protocol import valid_id
 
 log = logging.getLogger(__name__)
 
 SERVER_USERNAME = "_edgefleet_server"  # never a valid device id: those start with a letter or digit
 CONFIG_FILE = "server.toml"
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message says which and what to do."""
 
 
 @dataclass
@@ -57,6 +52,10 @@ class ServerConfig:
     alert_interval_s: float = 30.0
     rollout_interval_s: float = 2.0  # the rollout controller's reconcile pass
     broker_sync_interval_s: float = 2.0
+    # How the broker knows device accounts (docs/deployment.md): "dynsec" (Mosquitto's dynamic-security
+    # plugin: changes apply at once, each device bound to its own client id) or "password_file".
+    broker_accounts: str = "password_file"
+    broker_restart_backoff_s: float = 1.0  # a dead managed broker is restarted after this, doubling to 60 s
     ingest_batch_s: float = 0.1
     ingest_batch_max: int = 2000
     stats_interval_s: float = 2.0
@@ -92,6 +91,8 @@ class ServerConfig:
             raise ConfigError("telemetry_retention_days must be 0 (keep telemetry windows forever) or more days")
         if self.samples_per_device < 0:
             raise ConfigError("samples_per_device must be 0 (keep no sampled rows) or more")
+        if self.broker_accounts not in ("dynsec", "password_file"):
+            raise ConfigError(f"broker_accounts {self.broker_accounts!r} must be \"dynsec\" or \"password_file\"")
         if ":" not in self.listen:
             raise ConfigError(f"listen {self.listen!r} must be HOST:PORT, e.g. 127.0.0.1:8080")
         if ":" not in self.broker_tls_listen or not self.broker_tls_listen.rpartition(":")[2].isdigit():
@@ -228,16 +229,11 @@ def _url_host(host: str) -> str:
 def load_config(data_dir: str | Path, **overrides: Any) -> ServerConfig:
     """Read `DATA_DIR/server.toml` if present, then apply non-None overrides (CLI options)."""
     data_dir = Path(data_dir)
-    values: dict[str, Any] = {}
     path = data_dir / CONFIG_FILE
-    known = {f.name for f in dataclasses.fields(ServerConfig)} - {"data_dir"}
-    if path.exists():
-        try:
-            values = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown key(s) {unknown} in {path}; known keys: {', '.join(sorted(known))}")
+    values = read_toml(path, required=False)
+    known = field_names(ServerConfig, exclude={"data_dir"})
+    unknown = sorted(unknown_keys(values, known))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {path}; known keys: {', '.join(sorted(known))}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ServerConfig(data_dir=data_dir, **values)

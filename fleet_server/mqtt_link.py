@@ -157,6 +157,7 @@ class Publisher:
         self.config = config
         self.client, self._connect = make_client(config, client_id or f"ef-server-pub-{config.worker_id}")
         self._connected = threading.Event()
+        self.connects = 0  # successful connections: a new one after the first means the broker may have restarted
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a, **k: self._connected.clear()
 
@@ -164,7 +165,12 @@ class Publisher:
         if reason_code.is_failure:
             log.error("publisher MQTT connect refused: %s", reason_code)
         else:
+            self.connects += 1
             self._connected.set()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
 
     def start(self, timeout: float = 10.0) -> None:
         self.client.connect_async(**self._connect)
