@@ -8,19 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 from urllib.parse import urlsplit
 
+from edge_agent.config_file import ConfigError, field_names, read_toml, unknown_keys
 from edge_agent.protocol import valid_id
 
 MiB = 1024 * 1024
-
-
-class ConfigError(ValueError):
-    """The configuration file is missing, not TOML, or has a wrong key or value."""
 
 
 @dataclass
@@ -191,15 +187,11 @@ def _section(name: str, cls: type, table: Any) -> Any:
     if not isinstance(table, dict):
         raise ConfigError(f"[{name}] must be a table")
     hints = get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in table.items():
-        if key not in known:
-            raise ConfigError(
-                f"unknown key {key!r} in [{name}]; known keys: {', '.join(sorted(known))}"
-            )
-        kwargs[key] = _check_type(f"[{name}] {key}", value, _plain(hints[key]))
-    return cls(**kwargs)
+    known = field_names(cls)
+    unknown = unknown_keys(table, known)
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in [{name}]; known keys: {', '.join(sorted(known))}")
+    return cls(**{key: _check_type(f"[{name}] {key}", value, _plain(hints[key])) for key, value in table.items()})
 
 
 def _plain(hint: Any) -> Any:
@@ -208,12 +200,12 @@ def _plain(hint: Any) -> Any:
 
 def config_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> AgentConfig:
     """Build an AgentConfig from parsed TOML; relative paths resolve against `base_dir`."""
-    for key in data:
-        if key not in TOP_LEVEL and key not in SECTIONS:
-            raise ConfigError(
-                f"unknown key {key!r} at the top level; known: "
-                f"{', '.join(TOP_LEVEL)} and sections {', '.join(f'[{s}]' for s in SECTIONS)}"
-            )
+    unknown = unknown_keys(data, (*TOP_LEVEL, *SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {unknown[0]!r} at the top level; known: "
+            f"{', '.join(TOP_LEVEL)} and sections {', '.join(f'[{s}]' for s in SECTIONS)}"
+        )
     for key in ("device_id", "data_dir"):
         if key not in data:
             raise ConfigError(f"missing required key {key!r} at the top level")
@@ -243,13 +235,7 @@ def config_from_dict(data: dict[str, Any], base_dir: Path | None = None) -> Agen
 def load_config(path: str | os.PathLike[str]) -> AgentConfig:
     """Read and validate the agent's TOML configuration file."""
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"configuration file {path} does not exist") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    return config_from_dict(data, base_dir=path.resolve().parent)
+    return config_from_dict(read_toml(path), base_dir=path.resolve().parent)
 
 
 def all_keys() -> list[str]:
