@@ -103,6 +103,8 @@ class DataDir:
         self.downloads = self.root / "downloads"
         self.state_file = self.root / "state.json"  # committed active / previous versions
         self.update_file = self.root / "update.json"  # the update machine's saved state
+        # issued_at and digest of the last signed desired accepted (replays of older ones are refused)
+        self.desired_file = self.root / "desired.json"
         self.outbox_file = self.root / "outbox.sqlite3"
 
     def create(self) -> DataDir:
