@@ -1,0 +1,215 @@
+"""The request bodies of the REST API as msgspec Structs: every JSON body is decoded against its
+schema before a view uses it, so a wrong type, a number out of range, a control character or an
+unknown field is a 400 naming the field, never a 500 from deeper down.
+
+The OpenAPI document publishes the same schemas (`json_schemas()`), so clients and the hostile
+input tests see exactly what the server checks.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from flask import request
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from fleet_server.api.common import DEEP_JSON, ApiError
+
+# Names the protocol uses for devices, models and versions (edge_agent.protocol.ID_PATTERN).
+Id = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                         description="1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")]
+# Free text a person reads (reasons, comments, names): no NUL, newline or other control character.
+PLAIN = r"^[^\x00-\x1f\x7f]*$"
+Text = Annotated[str, Meta(pattern=PLAIN, max_length=1000)]
+ShortText = Annotated[str, Meta(pattern=PLAIN, min_length=1, max_length=200)]
+TagValue = Annotated[str, Meta(pattern=PLAIN, max_length=200)]
+HostPort = Annotated[str, Meta(pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}$", max_length=260,
+                               description="HOST:PORT, e.g. 127.0.0.1:8470")]
+PathText = Annotated[str, Meta(pattern=PLAIN, min_length=1, max_length=4096)]
+Url = Annotated[str, Meta(pattern=r"^https?://[^\x00-\x20\x7f]+$", max_length=2048)]
+Secret = Annotated[str, Meta(pattern=r"^[\x21-\x7e]+$", min_length=16, max_length=256)]
+Pem = Annotated[str, Meta(min_length=1, max_length=16384)]
+Seconds = Annotated[float, Meta(gt=0, le=366 * 86400.0)]
+Count = Annotated[int, Meta(ge=0, le=10**9)]
+Ratio = Annotated[float, Meta(ge=-1e6, le=1e6)]
+
+
+class Body(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A request body: unknown fields are refused (a typo would otherwise be ignored)."""
+
+
+# ------------------------------------------------------------------ devices
+
+
+class DeviceCreate(Body):
+    """POST /devices: provision a device; the options go into its printed agent config."""
+
+    id: Id
+    tags: Annotated[dict[Annotated[str, Meta(pattern=PLAIN, min_length=1, max_length=64)], TagValue],
+                    Meta(max_length=64)] = {}
+    data_dir: PathText | UnsetType = UNSET  # the agent's data_dir
+    listen: HostPort | UnsetType = UNSET  # the agent's local HTTP API
+    window_s: Annotated[float, Meta(ge=1, le=86400)] | UnsetType = UNSET  # telemetry window
+
+
+# ------------------------------------------------------------------ models
+
+
+class DriftPolicyOverrides(Body):
+    """The keys of a model version's drift policy that differ from the server's default."""
+
+    warn_psi: Annotated[float, Meta(gt=0, le=100)] | UnsetType = UNSET
+    alert_psi: Annotated[float, Meta(gt=0, le=100)] | UnsetType = UNSET
+    min_predictions: Count | UnsetType = UNSET
+    consecutive: Annotated[int, Meta(ge=1, le=10**6)] | UnsetType = UNSET
+
+
+class PolicyUpdate(Body):
+    """PUT /models/{name}/{version}/policy: `null` restores the server's default policy."""
+
+    policy: DriftPolicyOverrides | None
+
+
+class KeyCreate(Body):
+    """POST /keys: trust an Ed25519 public key."""
+
+    pem: Pem
+    comment: Text = ""
+
+
+# ------------------------------------------------------------------ alerts
+
+
+class WebhookCreate(Body):
+    """POST /webhooks: where alerts go; the secret signs each delivery (random when absent)."""
+
+    url: Url
+    secret: Secret | None = None
+
+
+# ------------------------------------------------------------------ rollouts
+
+
+class TargetBody(Body):
+    all: bool = False
+    tags: Annotated[dict[Annotated[str, Meta(pattern=PLAIN, min_length=1, max_length=64)], TagValue],
+                    Meta(max_length=64)] | UnsetType = UNSET
+    group: TagValue | None = None
+    devices: Annotated[list[Id], Meta(max_length=1_000_000)] | UnsetType = UNSET
+
+
+class StageBody(Body):
+    percent: Annotated[float, Meta(gt=0, le=100)] | None = None
+    count: Annotated[int, Meta(ge=1, le=10**9)] | None = None
+    mode: Literal["live", "shadow"] = "live"
+    min_soak_s: Annotated[float, Meta(ge=0, le=366 * 86400.0)] | UnsetType = UNSET
+    min_reporting: Count | UnsetType = UNSET
+    approval: bool = False
+
+
+class GateSettings(Body):
+    max: Ratio | UnsetType = UNSET
+    min: Ratio | UnsetType = UNSET
+    min_sample: Count | UnsetType = UNSET
+    enabled: bool | UnsetType = UNSET
+    floor_ms: Annotated[float, Meta(ge=0, le=1e6)] | UnsetType = UNSET
+    wait_s: Annotated[float, Meta(ge=0, le=366 * 86400.0)] | UnsetType = UNSET
+
+
+class RolloutCreate(Body):
+    """POST /rollouts (docs/rollouts.md); the controller checks the meaning (gate names, ...)."""
+
+    model: Id
+    version: Id
+    target: TargetBody | UnsetType = UNSET
+    stages: Annotated[list[StageBody], Meta(max_length=100)] | UnsetType = UNSET
+    gates: Annotated[dict[Annotated[str, Meta(max_length=64)], GateSettings], Meta(max_length=64)] | UnsetType = UNSET
+    on_failure: Literal["pause", "rollback"] = "pause"
+    device_timeout_s: Seconds | UnsetType = UNSET
+    name: Text = ""
+    blue_green: bool = False
+
+
+class RolloutAction(Body):
+    """POST /rollouts/{id}/pause and /abort (optional: the body may be empty)."""
+
+    reason: Text = ""
+
+
+class NoBody(Body):
+    """An action without options: an empty body or `{}`."""
+
+
+# ------------------------------------------------------------------ decoding
+
+S = TypeVar("S", bound=Body)
+
+# The schema of each JSON body the API takes, by (method, OpenAPI path): used by the views and
+# published in the OpenAPI document.
+REQUEST_BODIES: dict[tuple[str, str], type[Body]] = {
+    ("post", "/api/v1/devices"): DeviceCreate,
+    ("put", "/api/v1/models/{name}/{version}/policy"): PolicyUpdate,
+    ("post", "/api/v1/keys"): KeyCreate,
+    ("post", "/api/v1/webhooks"): WebhookCreate,
+    ("post", "/api/v1/rollouts"): RolloutCreate,
+    ("post", "/api/v1/rollouts/{rollout_id}/pause"): RolloutAction,
+    ("post", "/api/v1/rollouts/{rollout_id}/abort"): RolloutAction,
+    ("post", "/api/v1/rollouts/{rollout_id}/resume"): NoBody,
+    ("post", "/api/v1/rollouts/{rollout_id}/advance"): NoBody,
+}
+OPTIONAL_BODY = (RolloutAction, NoBody)
+
+_PATTERNS = {PLAIN: "text without control characters (NUL, newline, tab, ...)"}
+_TYPES = {"`float`": "a number", "`int`": "a whole number", "`str`": "a string", "`bool`": "true or false",
+          "`array`": "an array", "`object`": "an object", "`null`": "null"}
+
+
+def explain(exc: msgspec.ValidationError | msgspec.DecodeError) -> str:
+    """msgspec's message turned around so it starts with the field: `window_s: expected ...`."""
+    text = str(exc)
+    message, sep, where = text.rpartition(" - at `")
+    if not sep:
+        message, where = text, "$"
+    field = where.rstrip("`").removeprefix("$").lstrip(".") or "the body"
+    for pattern, readable in _PATTERNS.items():
+        message = message.replace(f"`str` matching regex {pattern!r}", readable)
+    for name, readable in _TYPES.items():
+        message = message.replace(name, readable)
+    message = message.replace("`", "'")
+    return f"{field}: {message[:1].lower()}{message[1:]}"
+
+
+def decode(schema: type[S], data: bytes) -> S:
+    """Decode JSON bytes against `schema`; ApiError (400) naming the field otherwise."""
+    try:
+        return msgspec.json.decode(data, type=schema)
+    except RecursionError:
+        raise ApiError(DEEP_JSON) from None
+    except msgspec.ValidationError as exc:
+        raise ApiError(f"invalid request body: {explain(exc)}") from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(f"the request body is not valid JSON ({exc}): send a JSON object") from None
+
+
+def body(schema: type[S]) -> S:
+    """The request's JSON body as `schema`. Actions whose body is optional accept an empty one."""
+    data = request.get_data(cache=True)
+    if not data.strip() and schema in OPTIONAL_BODY:
+        return schema()
+    if not request.is_json:
+        raise ApiError("the request body must be a JSON object (Content-Type: application/json)")
+    return decode(schema, data)
+
+
+def to_dict(value: Body) -> dict[str, Any]:
+    """A decoded body as plain JSON types, without the fields the client left out."""
+    return msgspec.to_builtins(value)
+
+
+def json_schemas() -> dict[str, Any]:
+    """JSON Schema of every request body, for the OpenAPI document's components."""
+    _, components = msgspec.json.schema_components(
+        sorted(set(REQUEST_BODIES.values()), key=lambda s: s.__name__), ref_template="#/components/schemas/{name}"
+    )
+    return components
