@@ -99,6 +99,11 @@ def keygen(output: str, force: bool, as_json: bool) -> None:
     type=click.Path(path_type=Path),
     help="Data for the reference profile (default: the sample).",
 )
+@click.option(
+    "--training",
+    type=click.Path(path_type=Path),
+    help="Labelled training data: calibrates the performance estimate by 5-fold cross-validation.",
+)
 @click.option("--name", required=True, help="Model name.")
 @click.option("--version", "version", required=True, help="Model version.")
 @click.option(
@@ -163,6 +168,7 @@ def convert(
     sample: Path,
     validation: Path | None,
     reference: Path | None,
+    training: Path | None,
     name: str,
     version: str,
     quantize: str,
@@ -203,6 +209,7 @@ def convert(
             progress=_progress,
             out_path=output,
             label_column=label_column,
+            training=training,
         )
     except ParityGateError as exc:
         if as_json:
