@@ -20,6 +20,7 @@ BENCHMARKS = [
     ("inference.md", "bench/inference.py", "Model inference: sklearn vs onnxruntime"),
     ("agent.md", "bench/agent.py", "Agent serving"),
     ("drift.md", "bench/drift.py", "Drift computation"),
+    ("monitoring.md", "bench/monitoring.py", "Monitoring cost on the agent"),
     ("ingest.md", "bench/ingest.py", "Telemetry ingest"),
     ("sim.md", "bench/sim.py", "Simulated fleet"),
     ("rollout.md", "bench/rollout.py", "Rollout controller"),
