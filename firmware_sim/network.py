@@ -49,7 +49,14 @@ class LinkPoller:
             del self._sockets[link]
         if sock is not None:
             try:
-                self.selector.register(sock, selectors.EVENT_READ, link)
+                try:
+                    self.selector.register(sock, selectors.EVENT_READ, link)
+                except KeyError:
+                    # The fd number was another link's, whose socket closed (a power cut, a cut-off)
+                    # before that link was synced: drop the stale registration and take the number.
+                    stale = self.selector.unregister(sock)
+                    self._sockets.pop(stale.data, None)
+                    self.selector.register(sock, selectors.EVENT_READ, link)
                 self._sockets[link] = sock
             except (ValueError, OSError):
                 return None

@@ -82,3 +82,44 @@ def test_progress_line_has_rates():
     p.line(s)
     line = p.line(FleetStats(0, 120, 10, 10, 9, 700, 20, 0, 0, {"Idle": 10}, {"1.0.0": 10}))
     assert "online 9/10" in line and "predictions/s" in line and "Idle=10" in line
+
+
+def test_link_poller_takes_over_an_fd_number_a_closed_link_socket_left_registered():
+    """A device's socket closes (power cut) and, before its link is synced again, another link's
+    new socket gets the same fd number: the poller must register it, not fail the whole fleet."""
+    import socket
+
+    from firmware_sim.network import LinkPoller
+
+    class Client:  # what the poller asks of an MqttLink's paho client
+        def __init__(self, sock):
+            self.sock = sock
+
+        def socket(self):
+            return self.sock
+
+    class Link:
+        def __init__(self, sock):
+            self.client = Client(sock)
+
+    link = Link
+
+    poller = LinkPoller()
+    first, peer = socket.socketpair()
+    cut = link(first)
+    poller._sync(cut)
+    number = first.fileno()
+    first.close()
+    peer.close()
+    a, b = socket.socketpair()
+    reused = a if a.fileno() == number else b
+    assert reused.fileno() == number
+    other = link(reused)
+    try:
+        assert poller._sync(other) is reused
+        assert poller._sockets == {other: reused}
+        assert poller.selector.get_key(reused).data is other
+    finally:
+        poller.close()
+        a.close()
+        b.close()
