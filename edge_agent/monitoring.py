@@ -9,6 +9,7 @@ windows and devices.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from typing import Any
@@ -105,10 +106,14 @@ class Monitor:
     """A manifest's estimation and multivariate profile, compiled for per-batch sums."""
 
     def __init__(self, manifest: Manifest) -> None:
-        est = manifest.estimation
         classes = manifest.outputs.classes or []
         self.classes = classes
-        self.estimating = est is not None and len(classes) >= 2
+        self.problems: list[str] = []  # parts left out because the manifest's numbers do not fit
+        est = manifest.estimation
+        if est is not None and (why := _estimation_problem(manifest)) is not None:
+            self.problems.append(f"performance estimate off: {why}")
+            est = None
+        self.estimating = est is not None
         self.calibration = est.calibration if est is not None else None
         self.positive = est.positive if est is not None else None
         edges = est.score_edges if est is not None and est.score_edges is not None and len(classes) == 2 else None
@@ -122,6 +127,9 @@ class Monitor:
             self.index[c] = i
             self.index[str(c)] = i
         mv = manifest.profile.multivariate
+        if mv is not None and (why := _multivariate_problem(manifest)) is not None:
+            self.problems.append(f"multivariate drift off: {why}")
+            mv = None
         self.reconstruction = Reconstruction(mv) if mv is not None else None
         self.validator = RowValidator(manifest.inputs)
 
@@ -240,3 +248,46 @@ class Monitor:
         acc.rows += n
         acc.malformed += malformed
         acc.counts += np.asarray(counts, dtype=np.int64).reshape(acc.counts.shape)
+
+
+def _sorted(values: Sequence[float]) -> bool:
+    return all(math.isfinite(v) for v in values) and all(a <= b for a, b in zip(values, values[1:], strict=False))
+
+
+def _estimation_problem(manifest: Manifest) -> str | None:
+    """Why the manifest's estimation cannot be applied to its outputs, or None. (A bundle is
+    signed, so this guards against a builder's bug, never silently against an attacker.)"""
+    est = manifest.estimation
+    assert est is not None
+    n = len(manifest.outputs.classes or [])
+    if n < 2 or not manifest.outputs.probabilities:
+        return "the model has no class probabilities"
+    cal = est.calibration
+    if cal.applied:
+        if not (len(cal.columns) == len(cal.knots) == len(cal.values)) or not cal.columns:
+            return "calibration columns, knots and values do not line up"
+        if any(not 0 <= c < n for c in cal.columns) or (n == 2 and cal.columns != [1]):
+            return "calibration columns are not the model's"
+        for xs, ys in zip(cal.knots, cal.values, strict=True):
+            if len(xs) != len(ys) or len(xs) < 2 or not _sorted(xs) or not all(0.0 <= y <= 1.0 for y in ys):
+                return "a calibration table is not a monotone map into [0, 1]"
+    if est.score_edges is not None and not _sorted(est.score_edges):
+        return "score edges are not sorted"
+    return None
+
+
+def _multivariate_problem(manifest: Manifest) -> str | None:
+    mv = manifest.profile.multivariate
+    assert mv is not None
+    d = len(mv.features)
+    inputs = manifest.inputs
+    if d < 1 or any(not 0 <= j < len(inputs) or inputs[j].kind != "numeric" for j in mv.features):
+        return "its features are not numeric inputs of the model"
+    if not (len(mv.fill) == len(mv.mean) == len(mv.scale) == d) or any(len(r) != d for r in mv.components):
+        return "its vectors do not line up with its features"
+    numbers = [*mv.fill, *mv.mean, *(v for r in mv.components for v in r)]
+    if not all(math.isfinite(v) for v in numbers) or not all(math.isfinite(v) and v > 0 for v in mv.scale):
+        return "it holds a non-finite number or a scale that is not positive"
+    if not _sorted(mv.edges):
+        return "its edges are not sorted"
+    return None

@@ -256,3 +256,27 @@ def test_old_and_new_telemetry_read_each_other():
                                   if k not in ("estimate", "multivariate", "refused")})
     back = decode("telemetry", legacy)
     assert back.estimate is None and back.multivariate is None and back.refused is None
+
+
+def test_a_manifest_whose_monitoring_numbers_do_not_fit_turns_those_parts_off():
+    from edge_agent.monitoring import Monitor
+
+    manifest = read_bundle(bundle_bytes("lr"), require_signature=False).manifest
+    mv = manifest.profile.multivariate
+    bad_mv = msgspec.structs.replace(mv, components=[row[:-1] for row in mv.components])
+    est = manifest.estimation
+    bad_cal = msgspec.structs.replace(est.calibration, applied=True, columns=[1], knots=[[0.0, 1.0]], values=[[0.0]])
+    broken = msgspec.structs.replace(
+        manifest,
+        profile=msgspec.structs.replace(manifest.profile, multivariate=bad_mv),
+        estimation=msgspec.structs.replace(est, calibration=bad_cal),
+    )
+    monitor = Monitor(broken)
+    assert monitor.reconstruction is None and not monitor.estimating
+    assert len(monitor.problems) == 2
+    t = Telemetry("d", clock=lambda: 0.0, sample_rows=0)
+    t.set_model(broken)
+    t.record([[0.0] * 6], [1], 1e-5, [[0.4, 0.6]])
+    w = t.flush(1.0, 1, Resources(), 0, "demo")
+    assert w.predictions == 1 and w.estimate is None and w.multivariate is None
+    assert Monitor(manifest).problems == []
