@@ -8,6 +8,7 @@ performance sums, reconstruction errors and refused-row counts are `edge_agent.m
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from bisect import bisect_left
@@ -30,6 +31,7 @@ from edge_agent.protocol import (
 )
 from model_tools.manifest import BinnedDistribution, Manifest
 
+log = logging.getLogger(__name__)
 _LAT_EDGES = list(LATENCY_EDGES_MS)
 _LAT_EDGES_NP = np.asarray(LATENCY_EDGES_MS)
 
@@ -206,6 +208,8 @@ class Telemetry:
                 self._prediction = Binner(manifest.profile.prediction)
                 self._keep = [spec.name not in self.sample_exclude for spec in manifest.inputs]
                 self._monitor = Monitor(manifest)
+                for problem in self._monitor.problems:
+                    log.warning("model %s %s: %s", manifest.name, manifest.version, problem)
             feedback = self._w.fb
             self._w = _Window(
                 self._w.start, self._features, self._prediction, manifest.version if manifest else None, self._monitor
