@@ -9,14 +9,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgefleet-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := mosquitto chromium python3-venv qemu-user-static binfmt-support mmdebstrap
+APT_PACKAGES := mosquitto chromium python3-venv qemu-user-static binfmt-support mmdebstrap postgresql
 
 .PHONY: setup system-deps binfmt demo test test-fast bench chaos lint clean vendor dist
 
 setup: system-deps binfmt $(STAMP)
 
 # Debian packages: Mosquitto (the broker), Chromium (browser tests), venv support; qemu-user-static,
-# binfmt-support and mmdebstrap for the emulated arm64 device tests (tests/test_arm64_device.py).
+# binfmt-support and mmdebstrap for the emulated arm64 device tests (tests/test_arm64_device.py);
+# PostgreSQL (the tests start their own cluster with initdb/pg_ctl; no system service is used).
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
@@ -24,6 +25,7 @@ system-deps:
 	[ -x /usr/bin/qemu-aarch64-static ] || missing="$$missing qemu-user-static"; \
 	command -v update-binfmts >/dev/null 2>&1 || missing="$$missing binfmt-support"; \
 	command -v mmdebstrap >/dev/null 2>&1 || missing="$$missing mmdebstrap"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	$(PYTHON) -c "import ensurepip, venv" >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 		echo "Installing Debian packages:$$missing"; \

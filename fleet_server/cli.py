@@ -15,8 +15,9 @@ from typing import Any
 import click
 
 from fleet_server.config import ConfigError, ServerConfig, load_config
+from fleet_server.storage import StorageError
 
-ERRORS: tuple[type[Exception], ...] = (ConfigError, ValueError, OSError)
+ERRORS: tuple[type[Exception], ...] = (ConfigError, ValueError, OSError, StorageError)
 
 
 def data_dir_option(fn: Callable) -> Callable:
@@ -92,13 +93,16 @@ def _serve(config: ServerConfig, **kwargs: Any) -> None:
 @click.option("--managed-broker", is_flag=True, help="Start and manage Mosquitto (the default without --mqtt-url).")
 @click.option("--broker-port", type=int, help="Loopback port of the managed broker (default 1883).")
 @click.option("--public-url", help="Base URL devices download bundles from (default http://LISTEN).")
+@click.option("--storage-url", help="sqlite:///PATH or postgresql://USER@HOST:PORT/DB (default: DATA_DIR/fleet.db; "
+              "also EDGEFLEET_STORAGE_URL).")
 @user_errors
 def run(data_dir: Path, listen: str | None, mqtt_url: str | None, managed_broker: bool,
-        broker_port: int | None, public_url: str | None) -> None:
+        broker_port: int | None, public_url: str | None, storage_url: str | None) -> None:
     """Run the API, MQTT ingest, drift alerts and (managed) broker until SIGTERM or Ctrl-C."""
     if managed_broker and mqtt_url:
         raise click.UsageError("--managed-broker and --mqtt-url exclude each other: pick one")
-    config = load_config(data_dir, listen=listen, mqtt_url=mqtt_url, broker_port=broker_port, public_url=public_url)
+    config = load_config(data_dir, listen=listen, mqtt_url=mqtt_url, broker_port=broker_port, public_url=public_url,
+                         storage_url=storage_url)
     if managed_broker:
         config.mqtt_url = ""
     _serve(config)

@@ -7,6 +7,7 @@ construct a `ServerConfig` directly with small buckets and fast loops.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import stat
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 SERVER_USERNAME = "_edgefleet_server"  # never a valid device id: those start with a letter or digit
 CONFIG_FILE = "server.toml"
+STORAGE_URL_ENV = "EDGEFLEET_STORAGE_URL"
 
 
 @dataclass
@@ -32,6 +34,7 @@ class ServerConfig:
     listen: str = "127.0.0.1:8080"
     public_url: str = ""  # base URL devices download from; default http://{listen}
     mqtt_url: str = ""  # external broker; empty: managed broker
+    storage_url: str = ""  # sqlite:///PATH or postgresql://USER@HOST:PORT/DB; empty: DATA_DIR/fleet.db
     broker_port: int = 1883  # managed broker's loopback port
     broker_host: str = "127.0.0.1"
     device_mqtt_url: str = ""  # URL written into agent configs; default the broker's URL
@@ -83,6 +86,8 @@ class ServerConfig:
             raise ConfigError(f"fleet {self.fleet!r} is not valid: use letters, digits, '.', '_' or '-'")
         if self.mqtt_url and urlsplit(self.mqtt_url).scheme not in ("mqtt", "mqtts"):
             raise ConfigError(f"mqtt_url {self.mqtt_url!r} must start with mqtt:// or mqtts://")
+        if self.storage_url and self.storage_url.split("://", 1)[0] not in ("sqlite", "postgresql", "postgres"):
+            raise ConfigError("storage_url must start with sqlite:/// or postgresql://")
         if self.bucket_s <= 0:
             raise ConfigError("bucket_s must be positive (seconds per drift bucket)")
         if self.ack_interval_s < 0:
@@ -148,6 +153,11 @@ class ServerConfig:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "fleet.db"
+
+    @property
+    def storage_location(self) -> str:
+        """The storage URL: `storage_url`, or the data dir's SQLite file."""
+        return self.storage_url or f"sqlite:///{self.db_path.resolve().as_posix().lstrip('/')}"
 
     @property
     def bundles_dir(self) -> Path:
@@ -235,5 +245,7 @@ def load_config(data_dir: str | Path, **overrides: Any) -> ServerConfig:
     unknown = sorted(unknown_keys(values, known))
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in {path}; known keys: {', '.join(sorted(known))}")
+    if os.environ.get(STORAGE_URL_ENV):  # beats the file, not a command-line option
+        values["storage_url"] = os.environ[STORAGE_URL_ENV]
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ServerConfig(data_dir=data_dir, **values)

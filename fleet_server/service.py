@@ -20,7 +20,7 @@ from fleet_server.auth import PasswordChecker
 from fleet_server.broker import ManagedBroker
 from fleet_server.config import ServerConfig
 from fleet_server.mqtt_link import Publisher
-from fleet_server.storage.sqlite import SqliteStorage
+from fleet_server.storage.open import open_storage
 from fleet_server.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class Services:
 def bootstrap(config: ServerConfig, *, clock: Callable[[], float] = time.time) -> Services:
     """Open (and migrate) storage and build the services; starts no threads or processes."""
     config.ensure_dirs()
-    return Services(config=config, storage=SqliteStorage(config.db_path), clock=clock)
+    return Services(config=config, storage=open_storage(config.storage_location), clock=clock)
 
 
 def publish_desired(svc: Services, device_id: str, desired: DesiredState) -> bool:

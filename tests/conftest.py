@@ -8,10 +8,11 @@ import pytest
 # too (registered before anything imports them).
 pytest.register_assert_rewrite(
     "tests.agent_fixtures", "tests.brokers", "tests.console_fixtures", "tests.model_fixtures", "tests.server_fixtures",
-    "tests.sim_fixtures",
+    "tests.sim_fixtures", "tests.postgres", "tests.postgres_fixtures",
 )
 
 from tests.brokers import Broker  # noqa: E402 - after the registration above
+from tests.postgres_fixtures import pg_cluster, pg_url  # noqa: E402, F401 - fixtures for every module
 
 
 @pytest.fixture

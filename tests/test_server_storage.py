@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import threading
 import tomllib
 
 import numpy as np
+import psycopg
 import pytest
 
 from edge_agent.config import config_from_dict
@@ -20,9 +22,12 @@ from edge_agent.protocol import (
 from fleet_server.auth import PasswordChecker, hash_password, mosquitto_hash
 from fleet_server.config import ServerConfig
 from fleet_server.devices import DeviceError, agent_config_toml, loss_summary, parse_tags
-from fleet_server.storage import IngestBatch
+from fleet_server.storage import Conflict, IngestBatch, StorageError
+from fleet_server.storage.open import open_storage
 from fleet_server.storage.sqlite import SqliteStorage
 from fleet_server.telemetry import BucketSums, sum_rows
+from tests.brokers import free_port
+from tests.postgres_fixtures import BACKENDS, backend_url
 
 
 def window(device: str, seq: int, start: float = 100.0, bins=(1, 2, 3), dropped: int = 0) -> TelemetryWindow:
@@ -35,9 +40,10 @@ def window(device: str, seq: int, start: float = 100.0, bins=(1, 2, 3), dropped:
     )
 
 
-@pytest.fixture
-def storage(tmp_path):
-    s = SqliteStorage(tmp_path / "fleet.db")
+@pytest.fixture(params=BACKENDS)
+def storage(request, tmp_path):
+    """The same contract on every backend: a fresh store with three devices."""
+    s = open_storage(backend_url(request, request.param, tmp_path))
     for d, tags in (("a", {"site": "x"}), ("b", {"site": "y"}), ("c", {"site": "x", "line": "2"})):
         s.insert_device(d, "default", tags, "h", "b", 1.0)
     yield s
@@ -161,3 +167,180 @@ def test_bucket_sums_refuse_misaligned_counts():
         s.add_window(window("a", 2, bins=(1, 2)))
     assert s.to_row() == before
     assert np.array_equal(s.latency[:1], [1])
+
+
+# ---------------------------------------------------------------- the contract on every backend
+
+
+def test_concurrent_writers_store_each_key_once(storage):
+    """Several ingest writers with overlapping batches (QoS 1 redelivery to another member):
+    every (device, seq) is stored once and counted once in the message accounting."""
+    batches = [
+        IngestBatch(windows=[(window(d, s), 1.0, 100) for d in "abc" for s in range(start, start + 20)])
+        for start in (1, 11, 1, 6)
+    ]
+    results = []
+
+    def write(batch):
+        results.append(storage.store_batch(batch, 60.0, 5.0))
+
+    threads = [threading.Thread(target=write, args=(b,)) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(r.stored_windows for r in results) == 3 * 30
+    assert sum(r.duplicates for r in results) == 4 * 60 - 90
+    assert sum_rows(storage.bucket_rows("m", "1")).windows == 90
+    for st in storage.seq_stats():
+        assert (st["first_seq"], st["max_seq"], st["received"]) == (1, 30, 30)
+
+
+def test_retention_purges_windows_and_a_replay_stays_a_duplicate(storage):
+    storage.store_batch(IngestBatch(windows=[(window("a", s), 1.0, 100) for s in (1, 2, 3)]), 60.0, 10.0)
+    storage.store_batch(IngestBatch(windows=[(window("a", 4), 1.0, 100)]), 60.0, 20.0)
+    assert storage.purge_telemetry(before=15.0, limit=2) == 2
+    assert storage.purge_telemetry(before=15.0, limit=2) == 1
+    assert storage.purge_telemetry(before=15.0) == 0
+    assert storage.seq_stats("a")[0]["purged_upto"] == 3
+    replay = storage.store_batch(IngestBatch(windows=[(window("a", 2), 1.0, 100)]), 60.0, 30.0)
+    assert (replay.stored_windows, replay.duplicates) == (0, 1)
+    assert storage.seq_stats("a")[0]["received"] == 4
+    assert len(storage.window_lags(0.0)) == 1
+
+
+def test_rollout_updates_are_compare_and_set(storage):
+    row = {"id": "r1", "name": "", "model": "m", "version": "2", "spec": {"stages": [1]}, "state": "running",
+           "stage": 0, "stage_started_at": 1.0, "created_at": 1.0, "created_by": "op", "updated_at": 1.0,
+           "stages": []}
+    storage.insert_rollout(row, ("op", "create", {"n": 1}))
+    with pytest.raises(Conflict):
+        storage.insert_rollout(row, ("op", "create", {}))
+    assert storage.update_rollout("r1", {"stage": 1, "gates": {"ok": True}}, 2.0, expect={"stage": 0},
+                                  audit=[("controller", "advance", {"to": 1})])
+    # A second writer that read stage 0 loses, and its audit entry is not written.
+    assert not storage.update_rollout("r1", {"stage": 1}, 3.0, expect={"stage": 0},
+                                      audit=[("controller", "advance", {"to": 1})])
+    got = storage.get_rollout("r1")
+    assert (got["stage"], got["gates"], got["spec"], got["updated_at"]) == (1, {"ok": True}, {"stages": [1]}, 2.0)
+    assert [a["action"] for a in storage.rollout_audit("r1")] == ["create", "advance"]
+    assert [r["id"] for r in storage.list_rollouts(states=["running"])] == ["r1"]
+    assert storage.list_rollouts(states=[]) == []
+    dev = {"rollout_id": "r1", "device": "a", "stage": 0, "mode": "shadow", "assigned_at": 1.0}
+    storage.put_rollout_devices([dev])
+    storage.put_rollout_devices([{**dev, "mode": "live", "status": "updated"}])
+    assert [(d["mode"], d["status"]) for d in storage.rollout_devices("r1", active=True)] == [("live", "updated")]
+    storage.put_device_desired("a", {"model": "m", "version": "2", "mode": "live", "published_at": 4.0,
+                                     "allow_downgrade": True})
+    storage.put_device_desired("a", {"model": "m", "version": "3", "mode": "live", "published_at": 5.0})
+    assert storage.device_desired()["a"]["version"] == "3"
+    storage.set_fleet_target("m", {"tags": {}}, "2", "r1", 6.0)
+    storage.set_fleet_target("m", {"tags": {}}, "3", "r1", 7.0)
+    assert [(t["version"], t["target"]) for t in storage.fleet_targets()] == [("3", {"tags": {}})]
+    storage.set_fleet_target("m", {"tags": {}}, None, None, 8.0)
+    assert storage.fleet_targets() == []
+
+
+def test_console_alerts_models_and_tokens_round_trip(storage):
+    storage.insert_operator("ann", "operator", "hash", 1.0)
+    with pytest.raises(Conflict):
+        storage.insert_operator("ann", "viewer", "hash", 1.0)
+    storage.insert_session("sid", "ann", "csrf", 1.0, 100.0)
+    assert storage.find_session("sid", 2.0)["role"] == "operator"
+    assert storage.set_operator("ann", role="viewer")
+    assert storage.find_session("sid", 2.0) is None  # a changed account starts over
+    assert storage.insert_audit({"at": 1.0, "actor": "ann", "action": "login", "target": "rollout:r1",
+                                 "outcome": "ok", "detail": {"x": 1}}) > 0
+    assert [a["detail"] for a in storage.list_audit(target_prefix="rollout:")] == [{"x": 1}]
+    assert storage.list_audit(target_prefix="device:") == []
+    rows, total = storage.search_devices(query="a", sort="last_seen")
+    assert total == 1 and rows[0]["id"] == "a" and rows[0]["tags"] == {"site": "x"}
+    assert storage.fleet_counts()["total"] == 3
+    token_id = storage.insert_token("ci", "viewer", "th", 1.0)
+    assert storage.find_token("th")["id"] == token_id
+    alert_id = storage.insert_alert({"model": "m", "model_version": "1", "scope": "fleet", "target": "f0",
+                                     "severity": "warn", "state": "open", "opened_at": 1.0, "bucket_start": 0.0,
+                                     "details": {"psi": 0.2}})
+    storage.update_alert(alert_id, state="resolved", details={"psi": 0.01})
+    assert storage.get_alert(alert_id)["details"] == {"psi": 0.01}
+    assert storage.open_alerts("m", "1", "fleet") == []
+    storage.put_series_states("m", "1", "fleet", {"0": {"last_seen": 1.0}})
+    storage.put_series_states("m", "1", "fleet", {"0": {"last_seen": 2.0}})
+    assert storage.series_states("m", "1", "fleet") == {"0": {"last_seen": 2.0}}
+    hook = storage.add_webhook("http://127.0.0.1:9/h", "s", 1.0)
+    storage.record_delivery({"webhook_id": hook, "alert_id": alert_id, "transition": "opened", "ok": True,
+                             "attempts": 1, "status_code": 200, "at": 2.0})
+    assert storage.deliveries()[0]["ok"] == 1
+    model = {"name": "m", "version": "1", "sha256": "0" * 64, "size": 1, "key_id": None, "manifest": {"a": 1},
+             "file": "bundles/m-1.tar", "uploaded_at": 1.0}
+    storage.insert_model(model)
+    with pytest.raises(Conflict):
+        storage.insert_model(model)
+    assert storage.set_model_policy("m", "1", {"warn_psi": 0.2})
+    assert storage.get_model("m", "1")["policy"] == {"warn_psi": 0.2}
+    storage.add_trusted_key("k", "pem", "", 1.0)
+    storage.add_trusted_key("k", "pem", "", 2.0)
+    assert storage.revoke_key("k", 3.0, "leaked") and not storage.revoke_key("k", 4.0, "again")
+    assert [k["key_id"] for k in storage.trusted_keys()] == ["k"]
+
+
+def test_samples_bandwidth_and_events(storage):
+    w = window("a", 1)
+    w.sample = [[[1.0, 2.0], 1.0], [[3.0, None], 0.0]]
+    storage.store_batch(IngestBatch(windows=[(w, 1.0, 300), (window("a", 2, start=125.0), 1.0, 200)]), 60.0, 5.0)
+    assert [s["x"] for s in storage.recent_samples("a")] == [[1.0, 2.0], [3.0, None]]
+    assert [(b["start"], b["messages"], b["bytes"]) for b in storage.device_bandwidth("a", None, 60.0)] == [
+        (60.0, 1, 300), (120.0, 1, 200)]
+    event = UpdateEvent(device="b", seq=7, ts=1.0, kind="transition", from_state="idle", to_state="download",
+                        rollout_id="r9")
+    storage.store_batch(IngestBatch(events=[(event, 1.0)]), 60.0, 6.0)
+    assert [e["seq"] for e in storage.events("b")] == [7]
+    assert [e["device"] for e in storage.rollout_events("r9")] == ["b"]
+
+
+# ---------------------------------------------------------------- PostgreSQL only
+
+
+def test_postgres_nodes_starting_together_migrate_once(pg_url):
+    opened, errors = [], []
+
+    def start():
+        try:
+            opened.append(open_storage(pg_url))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(opened) == 4
+    with psycopg.connect(pg_url) as conn:
+        versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
+    assert versions == [1]
+    for s in opened:
+        s.close()
+
+
+def test_postgres_refuses_a_newer_schema(pg_url):
+    open_storage(pg_url).close()
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("INSERT INTO schema_migrations(version, name, applied_at) VALUES (999, '0999_future', 0)")
+    with pytest.raises(StorageError, match="newer than this edgefleet knows"):
+        open_storage(pg_url)
+
+
+def test_postgres_open_errors_say_what_to_check(pg_cluster):
+    cases = [
+        (pg_cluster.url("postgres", password="wrong"), "password"),
+        (pg_cluster.url("no_such_db"), "create the database"),
+        (f"postgresql://edgefleet:x@127.0.0.1:{free_port()}/x", "PostgreSQL runs there"),
+    ]
+    for url, hint in cases:
+        with pytest.raises(StorageError) as info:
+            open_storage(url)
+        message = str(info.value)
+        assert hint in message and "\n" not in message and "wrong" not in message.split("(")[0]
+    with pytest.raises(StorageError, match="sqlite:///"):
+        open_storage("mysql://x")

@@ -15,48 +15,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import msgspec
 from sqlite_utils import Database
 
+from fleet_server.storage.query import decode, dumps, loads, where
 from fleet_server.storage.sqlite.migrations import apply as apply_migrations
 
-_json = msgspec.json.Encoder()
-
-IntegrityError = sqlite3.IntegrityError
-Connection = sqlite3.Connection
-
-
-def dumps(value: Any) -> str:
-    return _json.encode(value).decode()
-
-
-def loads(text: str | None) -> Any:
-    return None if text is None else msgspec.json.decode(text)
-
-
-def decode(rows: list[dict[str, Any]], *columns: str) -> list[dict[str, Any]]:
-    """Decode the JSON `columns` of each row in place; returns the rows."""
-    for r in rows:
-        for k in columns:
-            r[k] = loads(r[k])
-    return rows
-
-
-def where(*terms: tuple[str, Any]) -> tuple[str, list[Any]]:
-    """The WHERE clause of a query's optional filters and its parameters: (" WHERE a AND b", [...]),
-    ("", []) when none applies. A term is (condition, value): None or False leaves it out, True
-    keeps a condition without `?`, a list or tuple fills one `?` per item, any other value one `?`."""
-    conditions: list[str] = []
-    params: list[Any] = []
-    for condition, value in terms:
-        if value is None or value is False:
-            continue
-        conditions.append(condition)
-        if isinstance(value, (list, tuple)):
-            params += value
-        elif value is not True:
-            params.append(value)
-    return (" WHERE " + " AND ".join(conditions) if conditions else ""), params
+__all__ = ["Connection", "IntegrityError", "SqliteConnection", "decode", "dumps", "insert_row", "loads",
+           "update_row", "where", "within"]
 
 
 def within(column: str, values: Sequence[Any] | None) -> tuple[str, Any]:
@@ -64,6 +29,10 @@ def within(column: str, values: Sequence[Any] | None) -> tuple[str, Any]:
     if values is None:
         return "", None
     return f"{column} IN ({','.join('?' * len(values))})", list(values)
+
+
+IntegrityError = sqlite3.IntegrityError
+Connection = sqlite3.Connection
 
 
 def insert_row(conn: sqlite3.Connection, table: str, row: dict[str, Any], *, or_replace: bool = False) -> int:
