@@ -26,18 +26,26 @@ class FleetCollector:
         yield devices
 
         received = CounterMetricFamily("edgefleet_ingest_messages", "Messages handled", labels=["worker", "outcome"])
-        lag = GaugeMetricFamily("edgefleet_ingest_lag_seconds", "Publish-to-stored lag", labels=["worker", "quantile"])
+        lag = GaugeMetricFamily("edgefleet_ingest_lag_seconds", "Received-from-broker to stored (ingest's own delay)",
+                                labels=["worker", "quantile"])
+        delivery = GaugeMetricFamily("edgefleet_delivery_delay_seconds",
+                                     "Window sent_at (device clock) to stored, first deliveries; includes offline "
+                                     "buffering", labels=["worker", "quantile"])
         queue = GaugeMetricFamily("edgefleet_ingest_queue_depth", "Messages waiting to be stored", labels=["worker"])
         for w in self.storage.worker_stats():
             s = w["stats"]
-            for outcome in ("received", "stored_windows", "stored_events", "duplicates", "rejected", "snapshots"):
+            for outcome in ("received", "stored_windows", "stored_events", "duplicates", "rejected", "snapshots",
+                            "late_windows"):
                 received.add_metric([w["worker_id"], outcome], s.get(outcome, 0))
             for q in ("p50", "p99", "max"):
                 if s.get("lag_s", {}).get(q) is not None:
                     lag.add_metric([w["worker_id"], q], s["lag_s"][q])
+                if s.get("delivery_s", {}).get(q) is not None:
+                    delivery.add_metric([w["worker_id"], q], s["delivery_s"][q])
             queue.add_metric([w["worker_id"]], s.get("queue_depth", 0))
         yield received
         yield lag
+        yield delivery
         yield queue
 
         rejects = CounterMetricFamily("edgefleet_ingest_rejects", "Rejected messages by reason", labels=["reason"])
