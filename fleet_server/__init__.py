@@ -14,9 +14,9 @@ _EXPORTS = {
     "ServerConfig": "fleet_server.config",
     "load_config": "fleet_server.config",
     "FleetServer": "fleet_server.service",
-    "Services": "fleet_server.service",
+    "Services": "fleet_server.context",
     "bootstrap": "fleet_server.service",
-    "publish_desired": "fleet_server.service",
+    "publish_desired": "fleet_server.desired",
     "Storage": "fleet_server.storage",
     "SqliteStorage": "fleet_server.storage.sqlite",
 }

@@ -21,6 +21,7 @@ __all__ = [
     "Evaluation",
     "Level",
     "LevelState",
+    "Notification",
     "PolicyError",
     "SeriesState",
     "evaluate",
@@ -327,3 +328,12 @@ def evaluate(
             warn=new_states[Level.WARN], alert=new_states[Level.ALERT], last_seen=b.bucket
         )
     return Evaluation(transitions=transitions, state=state, levels=levels)
+
+
+@dataclass
+class Notification:
+    """A stored alert transition to announce (MQTT and webhooks): the alert's id and its payload."""
+
+    alert_id: int
+    payload: dict[str, Any]
+    event: str

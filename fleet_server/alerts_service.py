@@ -12,17 +12,17 @@ import logging
 import queue
 import threading
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fleet_server.alerts import AlertTransition, BucketDrift, SeriesState, evaluate
-from fleet_server.drift_service import profile_of, report_for, scope_devices
+from fleet_server import performance_service
+from fleet_server.alerts import AlertTransition, BucketDrift, Notification, SeriesState, evaluate
+from fleet_server.drift_service import profile_of, report_for, scope_devices, scopes_for
 from fleet_server.registry import effective_policy
 from fleet_server.telemetry import sum_rows
 from fleet_server.webhooks import alert_payload, deliver
 
 if TYPE_CHECKING:
-    from fleet_server.service import Services
+    from fleet_server.context import Services
 
 log = logging.getLogger(__name__)
 
@@ -31,25 +31,6 @@ class AlertError(ValueError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
-
-
-@dataclass
-class Notification:
-    alert_id: int
-    payload: dict[str, Any]
-    event: str
-
-
-def scopes_for(svc: Services, model: str, version: str, rows: list[dict[str, Any]]) -> list[str]:
-    """The fleet, every device with data for this version, and every tag value among them."""
-    device_ids = sorted({r["device"] for r in rows})
-    scopes = ["fleet"] + [f"device:{d}" for d in device_ids]
-    tag_scopes: set[str] = set()
-    wanted = set(device_ids)
-    for d in svc.storage.list_devices(include_revoked=True, limit=1_000_000):
-        if d["id"] in wanted:
-            tag_scopes.update(f"tag:{k}={v}" for k, v in d["tags"].items())
-    return scopes + sorted(tag_scopes)
 
 
 def evaluate_scope(svc: Services, model_row: dict[str, Any], scope: str, closed_end: float) -> list[Notification]:
@@ -133,8 +114,6 @@ def _apply(svc: Services, model: str, version: str, target: str, t: AlertTransit
 def evaluate_closed(svc: Services) -> list[Notification]:
     """One pass of the background loop over every model version with drift buckets, then the
     performance alerts of every version with feedback (fleet_server.performance_service)."""
-    from fleet_server import performance_service
-
     return evaluate_drift_closed(svc) + performance_service.evaluate_closed(svc)
 
 

@@ -10,28 +10,28 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from fleet_server.api import BLUEPRINTS
 from fleet_server.api.common import register_error_handlers
 from fleet_server.config import ServerConfig
+from fleet_server.context import Services
 from fleet_server.metrics import make_registry
-from fleet_server.service import Services, bootstrap
 
 
 def create_app(
     config: ServerConfig,
     *,
-    services: Services | None = None,
+    services: Services,
     blueprints: Iterable[Blueprint] | None = None,
     console: bool = True,
 ) -> Flask:
-    """Build the WSGI app. `services` default to `bootstrap(config)` (storage only, no MQTT).
+    """Build the WSGI app over `services`, which the composition root (`fleet_server.service`) built.
     `console` adds the web console (its pages, static files and security headers)."""
     app = Flask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = 300 * 1024 * 1024  # bundles; anything larger is a 413
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    svc = services or bootstrap(config)
+    svc = services
     app.extensions["edgefleet"] = svc
     for bp in blueprints if blueprints is not None else BLUEPRINTS:
         app.register_blueprint(bp)
     if console:
-        from fleet_server.console import init_console
+        from fleet_server.console.site import init_console
 
         init_console(app)
     register_error_handlers(app)

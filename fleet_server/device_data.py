@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from fleet_server.devices import DeviceError, get_device
 
 if TYPE_CHECKING:
-    from fleet_server.service import Services
+    from fleet_server.context import Services
 
 MAX_SAMPLES = 1000
 MAX_BANDWIDTH_POINTS = 10_000

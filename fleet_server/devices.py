@@ -12,7 +12,7 @@ from fleet_server.config import ServerConfig
 from fleet_server.storage import Conflict
 
 if TYPE_CHECKING:
-    from fleet_server.service import Services
+    from fleet_server.context import Services
 
 DEFAULT_AGENT_DATA_DIR = "/var/lib/edgefleet"
 DEFAULT_AGENT_LISTEN = "127.0.0.1:8470"

@@ -20,7 +20,7 @@ from fleet_server.telemetry import EXTRA_SLOTS, BucketSums, sum_rows, summary
 from model_tools.manifest import ReferenceProfile
 
 if TYPE_CHECKING:
-    from fleet_server.service import Services
+    from fleet_server.context import Services
 
 
 class DriftQueryError(ValueError):
@@ -51,6 +51,18 @@ def scope_devices(svc: Services, scope: str) -> list[str] | None:
         return [key or ""]
     devices = svc.storage.list_devices(tags={key or "": value or ""}, include_revoked=True, limit=1_000_000)
     return [d["id"] for d in devices]
+
+
+def scopes_for(svc: Services, model: str, version: str, rows: list[dict[str, Any]]) -> list[str]:
+    """The fleet, every device with data for this version, and every tag value among them."""
+    device_ids = sorted({r["device"] for r in rows})
+    scopes = ["fleet"] + [f"device:{d}" for d in device_ids]
+    tag_scopes: set[str] = set()
+    wanted = set(device_ids)
+    for d in svc.storage.list_devices(include_revoked=True, limit=1_000_000):
+        if d["id"] in wanted:
+            tag_scopes.update(f"tag:{k}={v}" for k, v in d["tags"].items())
+    return scopes + sorted(tag_scopes)
 
 
 def profile_of(row: dict[str, Any]) -> ReferenceProfile:
@@ -121,6 +133,24 @@ def _described_groups(
         yield k, sums, describe(profile, sums, policy)
 
 
+def _view_inputs(
+    svc: Services, model: str, version: str, scope: str | None, start: float | None, end: float | None
+) -> tuple[ReferenceProfile, DriftPolicy, list[dict[str, Any]]]:
+    """What every drift view reads: the version's reference profile and effective policy, and its
+    bucket rows in [start, end) within `scope` (None: every device, for the per-cohort view)."""
+    row = get_model(svc, model, version)
+    devices = scope_devices(svc, scope) if scope is not None else None
+    rows = svc.storage.bucket_rows(model, version, start, end, devices)
+    return profile_of(row), effective_policy(svc, row), rows
+
+
+_POINT = ("psi", "js", "noise_psi", "level")  # a timeline point's numbers per feature
+
+
+def _pick(entry: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: entry[k] for k in keys}
+
+
 def drift(
     svc: Services,
     model: str,
@@ -130,11 +160,8 @@ def drift(
     end: float | None = None,
 ) -> dict[str, Any]:
     """Drift per feature and for the prediction of one model version in one scope and time range."""
-    row = get_model(svc, model, version)
-    devices = scope_devices(svc, scope)
-    rows = svc.storage.bucket_rows(model, version, start, end, devices)
+    profile, policy, rows = _view_inputs(svc, model, version, scope, start, end)
     sums = sum_rows(rows)
-    policy = effective_policy(svc, row)
     return {
         "model": model,
         "version": version,
@@ -145,7 +172,7 @@ def drift(
         "devices": len({r["device"] for r in rows}),
         "policy": policy.to_dict(),
         **summary(sums),
-        **describe(profile_of(row), sums, policy),
+        **describe(profile, sums, policy),
     }
 
 
@@ -158,26 +185,17 @@ def timeline(
     end: float | None = None,
 ) -> dict[str, Any]:
     """Per-bucket PSI of every feature and the prediction (for charts and alert evaluation)."""
-    row = get_model(svc, model, version)
-    profile = profile_of(row)
-    policy = effective_policy(svc, row)
-    rows = svc.storage.bucket_rows(model, version, start, end, scope_devices(svc, scope))
-    points = []
-    for bucket, sums, d in _described_groups(rows, lambda r: r["bucket_start"], profile, policy):
-        points.append(
-            {
-                "bucket_start": bucket,
-                "bucket_end": bucket + svc.config.bucket_s,
-                "predictions": sums.predictions,
-                "features": [
-                    {"index": f["index"], "psi": f["psi"], "js": f["js"], "noise_psi": f["noise_psi"], "level": f["level"]}
-                    for f in d["features"]
-                ],
-                "prediction": (
-                    {k: d["prediction"][k] for k in ("psi", "js", "noise_psi", "level")} if d["prediction"] else None
-                ),
-            }
-        )
+    profile, policy, rows = _view_inputs(svc, model, version, scope, start, end)
+    points = [
+        {
+            "bucket_start": bucket,
+            "bucket_end": bucket + svc.config.bucket_s,
+            "predictions": sums.predictions,
+            "features": [_pick(f, "index", *_POINT) for f in d["features"]],
+            "prediction": _pick(d["prediction"], *_POINT) if d["prediction"] else None,
+        }
+        for bucket, sums, d in _described_groups(rows, lambda r: r["bucket_start"], profile, policy)
+    ]
     return {
         "model": model,
         "version": version,
@@ -197,10 +215,7 @@ def cohorts(
     end: float | None = None,
 ) -> dict[str, Any]:
     """Drift per device, or per value of a tag (`by=tag:KEY`), side by side."""
-    row = get_model(svc, model, version)
-    profile = profile_of(row)
-    policy = effective_policy(svc, row)
-    rows = svc.storage.bucket_rows(model, version, start, end)
+    profile, policy, rows = _view_inputs(svc, model, version, None, start, end)
     if by == "device":
         cohort_of = {r["device"]: f"device:{r['device']}" for r in rows}
     elif by.startswith("tag:") and len(by) > 4:
@@ -222,7 +237,7 @@ def cohorts(
                 "max_feature_psi": worst["psi"] if worst else None,
                 "max_feature_index": worst["index"] if worst else None,
                 "prediction_psi": d["prediction"]["psi"] if d["prediction"] else None,
-                "features": [{"index": f["index"], "psi": f["psi"], "level": f["level"]} for f in d["features"]],
+                "features": [_pick(f, "index", "psi", "level") for f in d["features"]],
             }
         )
     return {"model": model, "version": version, "by": by, "cohorts": out}

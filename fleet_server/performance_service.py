@@ -14,8 +14,14 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fleet_server.alerts import AlertTransition, SeriesState, evaluate
-from fleet_server.drift_service import DriftQueryError, describe, profile_of, scope_devices
+from fleet_server.alerts import AlertTransition, Notification, SeriesState, evaluate
+from fleet_server.drift_service import (
+    DriftQueryError,
+    describe,
+    profile_of,
+    scope_devices,
+    scopes_for,
+)
 from fleet_server.performance import (
     Baseline,
     FeedbackMismatch,
@@ -31,8 +37,7 @@ from fleet_server.registry import effective_policy, get_model
 from fleet_server.telemetry import sum_rows
 
 if TYPE_CHECKING:
-    from fleet_server.alerts_service import Notification
-    from fleet_server.service import Services
+    from fleet_server.context import Services
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +264,6 @@ def _details(t: AlertTransition, base: Baseline) -> dict[str, Any]:
 
 
 def _apply(svc: Services, model: str, version: str, base: Baseline, t: AlertTransition) -> Notification:
-    from fleet_server.alerts_service import Notification
-
     now = svc.clock()
     details = _details(t, base)
     if t.action == "open":
@@ -313,8 +316,6 @@ def evaluate_scope(svc: Services, model_row: dict[str, Any], scope: str, closed_
 
 def evaluate_closed(svc: Services) -> list[Notification]:
     """One pass over every registered model version with feedback (fleet, devices, tags)."""
-    from fleet_server.alerts_service import scopes_for
-
     closed_end = svc.clock() - svc.config.bucket_grace_s - svc.config.bucket_s + 1e-9
     notes: list[Notification] = []
     for v in svc.storage.feedback_versions():

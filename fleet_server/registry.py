@@ -23,7 +23,7 @@ from model_tools.bundle import BundleError, read_bundle
 from model_tools.signing import key_id
 
 if TYPE_CHECKING:
-    from fleet_server.service import Services
+    from fleet_server.context import Services
 
 
 class RegistryError(ValueError):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from fleet_server.gates import CohortStats
 
 if TYPE_CHECKING:
-    from fleet_server.service import Services
+    from fleet_server.context import Services
 
 
 def _add(total: list[int], more: list[int] | None) -> list[int]:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import tomllib
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fleet_server.desired import publish_desired
 from fleet_server.gates import CohortStats, GateResult, evaluate_gates, verdict
 from fleet_server.rollout_model import (
     ACTIVE_STATES,
@@ -33,7 +33,7 @@ from fleet_server.rollout_model import (
 from fleet_server.rollout_stats import canary_feature_psi, sum_feedback, sum_windows
 
 if TYPE_CHECKING:
-    from fleet_server.service import Services
+    from fleet_server.context import Services
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,6 @@ class RolloutNotFound(RolloutError):
 
 class RolloutConflict(RolloutError):
     status = 409
-
-
-def _lock(svc: Services) -> threading.RLock:
-    """One lock per server: operator actions and the reconcile pass never interleave."""
-    return svc.extras.setdefault("rollouts_lock", threading.RLock())
 
 
 # ------------------------------------------------------------------ reading
@@ -90,7 +85,7 @@ def create_rollout(svc: Services, data: dict[str, Any], actor: str = "") -> dict
             f"model {spec.model!r} version {spec.version!r} is not registered: upload the bundle first "
             "(edgefleet server add-model or POST /api/v1/models)"
         )
-    with _lock(svc):
+    with svc.rollouts_lock:  # operator actions and the reconcile pass never interleave
         devices = _all_devices(svc)
         wanted = set(_matching(spec.target, devices))
         if not wanted:
@@ -145,7 +140,7 @@ def _transition(svc: Services, row: dict[str, Any], action: str, actor: str, det
 
 def pause(svc: Services, rollout_id: str, actor: str = "", reason: str = "") -> dict[str, Any]:
     """Hold the rollout at its stage: devices keep what they run, nothing advances."""
-    with _lock(svc):
+    with svc.rollouts_lock:
         row = get_row(svc, rollout_id)
         why = reason or f"paused by {actor or 'an operator'}"
         _must(_transition(svc, row, "pause", actor, {"reason": why}, reason=why), rollout_id)
@@ -154,7 +149,7 @@ def pause(svc: Services, rollout_id: str, actor: str = "", reason: str = "") -> 
 
 def resume(svc: Services, rollout_id: str, actor: str = "") -> dict[str, Any]:
     """Continue a paused rollout; the stage measures its gates over a fresh window from now."""
-    with _lock(svc):
+    with svc.rollouts_lock:
         row = get_row(svc, rollout_id)
         now = svc.clock()
         stages = list(row["stages"] or [])
@@ -168,7 +163,7 @@ def resume(svc: Services, rollout_id: str, actor: str = "") -> dict[str, Any]:
 def advance(svc: Services, rollout_id: str, actor: str = "") -> dict[str, Any]:
     """Operator approval: end the current stage now (whatever its gates say) and start the next,
     or complete the rollout after its last stage."""
-    with _lock(svc):
+    with svc.rollouts_lock:
         row = get_row(svc, rollout_id)
         spec = spec_of(row)
         if row["state"] not in (RolloutState.RUNNING.value, RolloutState.PAUSED.value):
@@ -180,7 +175,7 @@ def advance(svc: Services, rollout_id: str, actor: str = "") -> dict[str, Any]:
 def abort(svc: Services, rollout_id: str, actor: str = "", reason: str = "") -> dict[str, Any]:
     """Send every device of the rollout back to its previous version (also right after a
     completed blue-green switch: the instant way back)."""
-    with _lock(svc):
+    with svc.rollouts_lock:
         row = get_row(svc, rollout_id)
         why = reason or f"aborted by {actor or 'an operator'}"
         _must(_transition(svc, row, "abort", actor, {"reason": why}, reason=why), rollout_id)
@@ -358,7 +353,7 @@ class _Pass:
 
 def reconcile(svc: Services) -> dict[str, int]:
     """One idempotent pass over every active rollout and the fleet targets; returns counters."""
-    with _lock(svc):
+    with svc.rollouts_lock:
         p = _Pass(now=svc.clock(), devices={d["id"]: d for d in _all_devices(svc)},
                   desired=svc.storage.device_desired())
         active = sorted(svc.storage.list_rollouts(states=_ACTIVE, limit=10_000), key=lambda r: r["created_at"])
@@ -375,7 +370,6 @@ def _publish(svc: Services, p: _Pass, device: str, model: str, version: str, mod
              rollout_id: str | None, allow_downgrade: bool = False) -> bool:
     """Publish a device's desired only when it differs from what it was last told."""
     from fleet_server.registry import desired_state
-    from fleet_server.service import publish_desired
 
     last = p.desired.get(device)
     if (last is not None and last["model"] == model and last["version"] == version and last["mode"] == mode

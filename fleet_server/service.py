@@ -12,59 +12,30 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from edge_agent.protocol import DesiredState
 from fleet_server.auth import PasswordChecker
 from fleet_server.broker import ManagedBroker
 from fleet_server.config import ServerConfig
+from fleet_server.context import Services
+from fleet_server.login_limiter import LoginLimiter
 from fleet_server.mqtt_link import Publisher
 from fleet_server.storage.open import open_storage
-from fleet_server.storage import Storage
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Services:
-    """Everything views, MQTT callbacks and loops need, built in one place and passed in."""
-
-    config: ServerConfig
-    storage: Storage
-    clock: Callable[[], float] = time.time
-    publisher: Publisher | None = None
-    broker: ManagedBroker | None = None
-    passwords: PasswordChecker = field(default_factory=PasswordChecker)
-    extras: dict[str, Any] = field(default_factory=dict)  # room for later services (rollouts)
-
-    def devices_changed(self) -> None:
-        """The registry changed: a managed broker reloads its password file at once."""
-        if self.broker is not None:
-            try:
-                self.broker.reload_if_changed()
-            except OSError:
-                log.exception("could not reload the managed broker")
 
 
 def bootstrap(config: ServerConfig, *, clock: Callable[[], float] = time.time) -> Services:
     """Open (and migrate) storage and build the services; starts no threads or processes."""
     config.ensure_dirs()
-    return Services(config=config, storage=open_storage(config.storage_location), clock=clock)
-
-
-def publish_desired(svc: Services, device_id: str, desired: DesiredState) -> bool:
-    """Publish a device's desired state (retained). The seam rollouts use to move devices."""
-    if svc.publisher is None:
-        raise RuntimeError("no MQTT publisher: publish_desired needs a running server")
-    ok = svc.publisher.publish_desired(device_id, desired)
-    if ok:  # what each device was last told: rollouts publish only what differs from it
-        svc.storage.put_device_desired(device_id, {
-            "model": desired.model, "version": desired.version, "mode": desired.mode,
-            "rollout_id": desired.rollout_id, "allow_downgrade": desired.allow_downgrade,
-            "published_at": svc.clock(),
-        })
-    return ok
+    return Services(
+        config=config,
+        storage=open_storage(config.storage_location),
+        clock=clock,
+        passwords=PasswordChecker(),
+        rollouts_lock=threading.RLock(),
+        login_limiter=LoginLimiter(),
+    )
 
 
 class Loop:

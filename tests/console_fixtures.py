@@ -24,9 +24,10 @@ from edge_agent import Agent
 from edge_agent.config import config_from_dict
 from edge_agent.protocol import Hardware
 from fleet_server.console.accounts import create_operator
+from fleet_server.desired import publish_desired
 from fleet_server.devices import provision_device
 from fleet_server.registry import desired_state, trust_key, upload_bundle
-from fleet_server.service import FleetServer, publish_desired
+from fleet_server.service import FleetServer
 from tests.agent_fixtures import bundle_bytes, dataset, install_active, public_pem
 from tests.server_fixtures import make_config, wait_until
 

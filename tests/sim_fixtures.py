@@ -20,8 +20,9 @@ from firmware_sim.models import TrainedBundle, build_model
 from firmware_sim.provision import ServicesProvisioner
 from firmware_sim.scenario import Scenario, parse_scenario
 from fleet_server.alerts_service import evaluate_closed
+from fleet_server.desired import publish_desired
 from fleet_server.registry import desired_state, trust_key, upload_bundle
-from fleet_server.service import FleetServer, publish_desired
+from fleet_server.service import FleetServer
 from model_tools.signing import generate_keypair
 from tests.server_fixtures import make_config
 

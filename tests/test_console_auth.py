@@ -14,7 +14,8 @@ from fleet_server.app import create_app
 from fleet_server.auth import SESSION_COOKIE, new_token, token_hash
 from fleet_server.cli import server
 from fleet_server.console import CSP
-from fleet_server.console.accounts import MAX_FAILURES_PER_NAME, AccountError, create_operator
+from fleet_server.console.accounts import AccountError, create_operator
+from fleet_server.login_limiter import MAX_FAILURES_PER_NAME
 from fleet_server.service import bootstrap
 from tests.server_fixtures import make_config
 

@@ -12,9 +12,9 @@ import pytest
 
 from edge_agent import Agent
 from edge_agent.config import config_from_dict
+from fleet_server.desired import publish_desired
 from fleet_server.devices import provision_device
 from fleet_server.registry import desired_state, trust_key, upload_bundle
-from fleet_server.service import publish_desired
 from tests.agent_fixtures import bundle_bytes, dataset, public_pem
 from tests.server_fixtures import wait_until
 

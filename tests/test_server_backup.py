@@ -14,8 +14,9 @@ from click.testing import CliRunner
 from edge_agent.protocol import decode
 from fleet_server.backup import BackupError, create_backup, read_backup_info, restore_backup
 from fleet_server.cli import server as server_cli
+from fleet_server.desired import publish_desired
 from fleet_server.registry import desired_state, trust_key, upload_bundle
-from fleet_server.service import FleetServer, publish_desired
+from fleet_server.service import FleetServer
 from tests.server_fixtures import *  # noqa: F403
 from tests.server_fixtures import (
     DeviceClient,

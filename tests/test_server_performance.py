@@ -16,6 +16,7 @@ from edge_agent.config import config_from_dict
 from edge_agent.protocol import Feedback
 from edge_agent.validation import RequestError
 from fleet_server.alerts import PolicyError
+from fleet_server.desired import publish_desired
 from fleet_server.devices import provision_device
 from fleet_server.performance import (
     FeedbackMismatch,
@@ -27,7 +28,6 @@ from fleet_server.performance import (
     realized,
 )
 from fleet_server.registry import desired_state, trust_key, upload_bundle
-from fleet_server.service import publish_desired
 from tests.agent_fixtures import bundle_bytes, dataset, public_pem
 from tests.server_fixtures import wait_until
 

@@ -24,9 +24,10 @@ from edge_agent.config import load_config
 from edge_agent.download import DownloadError, DownloadRequest, download
 from edge_agent.link import MqttLink
 from fleet_server.console.accounts import create_operator
+from fleet_server.desired import publish_desired
 from fleet_server.devices import provision_device
 from fleet_server.registry import desired_state, trust_key, upload_bundle
-from fleet_server.service import FleetServer, publish_desired
+from fleet_server.service import FleetServer
 from fleet_server.tls import cert_pem, generate_ca, init_tls, issue_server_certificate
 from tests.agent_fixtures import bundle_bytes, dataset, public_pem
 from tests.brokers import free_port, wait_until

@@ -26,7 +26,7 @@ from fleet_server.auth import (
     token_hash,
     token_identity,
 )
-from fleet_server.service import Services
+from fleet_server.context import Services
 
 log = logging.getLogger(__name__)
 

@@ -1,36 +1,11 @@
 """The web console: one blueprint per area, server-rendered pages whose small JS modules poll
 JSON endpoints, every asset served by the fleet server itself (factory LANs have no internet).
 
-`init_console(app)` registers the blueprints, the gzip static route and the security headers.
+`fleet_server.console.site.init_console(app)` registers the blueprints, the gzip static route and
+the security headers; this package module holds only the headers, so page modules can import it.
 """
 
 from __future__ import annotations
-
-from flask import Blueprint, Flask
-
-from fleet_server.console import (
-    assets,
-    audit,
-    devices,
-    drift,
-    login,
-    models,
-    overview,
-    performance,
-    rollouts,
-)
-
-BLUEPRINTS: list[Blueprint] = [
-    login.bp,
-    overview.bp,
-    devices.bp,
-    models.bp,
-    drift.bp,
-    performance.bp,
-    rollouts.bp,
-    audit.bp,
-    assets.bp,
-]
 
 # script-src 'self' only: no inline scripts or handlers anywhere; Chart.js styles the canvas from
 # JS (CSSOM), which CSP allows without 'unsafe-inline' styles.
@@ -46,17 +21,4 @@ SECURITY_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 
-
-def init_console(app: Flask) -> None:
-    """Register the console on an app built by `create_app`."""
-    for bp in BLUEPRINTS:
-        app.register_blueprint(bp)
-
-    @app.after_request
-    def security_headers(response):
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        return response
-
-
-__all__ = ["BLUEPRINTS", "CSP", "SECURITY_HEADERS", "init_console"]
+__all__ = ["CSP", "SECURITY_HEADERS"]

@@ -1,4 +1,4 @@
-"""Operator accounts, console sessions, login rate limiting and the audit log (no Flask here).
+"""Operator accounts, console sessions, rate-limited login and the audit log (no Flask here).
 
 Operators choose their passwords, so they are hashed with argon2id. A session is a random id in
 an HttpOnly cookie; the server keeps only its SHA-256 with the operator, the session's CSRF token
@@ -7,9 +7,6 @@ and its expiry, so logging out, disabling an operator or changing their role end
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,14 +22,10 @@ from fleet_server.auth import (
 from fleet_server.storage import Conflict
 
 if TYPE_CHECKING:
-    from fleet_server.service import Services
+    from fleet_server.context import Services
 
 SESSION_LIFETIME_S = 12 * 3600  # one shift; the operator logs in again after
 MIN_PASSWORD_LENGTH = 10
-# Failed logins allowed per window, per operator name and per client address.
-MAX_FAILURES_PER_NAME = 5
-MAX_FAILURES_PER_ADDRESS = 20
-FAILURE_WINDOW_S = 300.0
 
 
 class AccountError(ValueError):
@@ -94,56 +87,9 @@ def create_operator(svc: Services, name: str, role: str, password: str, *, updat
     return {k: row.get(k) for k in ("name", "role", "created_at", "disabled_at")}
 
 
-class LoginLimiter:
-    """Counts failed logins in a sliding window per operator name and per client address.
-
-    In memory, per server process: enough to stop password guessing against one console (a
-    guesser gets 5 tries per name per 5 minutes); successes do not reset the address counter.
-    """
-
-    def __init__(self, clock: Any = time.monotonic) -> None:
-        self._failures: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
-        self._clock = clock
-
-    def _recent(self, key: str, now: float) -> deque[float]:
-        q = self._failures.setdefault(key, deque())
-        while q and q[0] <= now - FAILURE_WINDOW_S:
-            q.popleft()
-        return q
-
-    def retry_after(self, name: str, address: str) -> int | None:
-        """Seconds until another attempt is allowed, or None when it is allowed now."""
-        now = self._clock()
-        with self._lock:
-            waits = []
-            for key, limit in ((f"n:{name.lower()}", MAX_FAILURES_PER_NAME), (f"a:{address}", MAX_FAILURES_PER_ADDRESS)):
-                q = self._recent(key, now)
-                if len(q) >= limit:
-                    waits.append(int(q[0] + FAILURE_WINDOW_S - now) + 1)
-            return max(waits) if waits else None
-
-    def failed(self, name: str, address: str) -> None:
-        now = self._clock()
-        with self._lock:
-            for key in (f"n:{name.lower()}", f"a:{address}"):
-                self._recent(key, now).append(now)
-            if len(self._failures) > 10_000:  # forget quiet keys so memory stays bounded
-                for key in [k for k, q in self._failures.items() if not q]:
-                    del self._failures[key]
-
-    def succeeded(self, name: str) -> None:
-        with self._lock:
-            self._failures.pop(f"n:{name.lower()}", None)
-
-
-def limiter(svc: Services) -> LoginLimiter:
-    return svc.extras.setdefault("login_limiter", LoginLimiter())
-
-
 def login(svc: Services, name: str, password: str, remote_addr: str) -> Session:
     """Check the credentials (rate limited) and open a session; every attempt is audited."""
-    lim = limiter(svc)
+    lim = svc.login_limiter
     wait = lim.retry_after(name, remote_addr)
     if wait is not None:
         record_audit(svc, action="login", outcome="denied", actor=name, role=None, target=f"operator:{name}",

@@ -17,7 +17,7 @@ from fleet_server.telemetry import EXTRA_SLOTS, BucketSums, sum_rows
 from model_tools.manifest import BinnedDistribution
 
 if TYPE_CHECKING:
-    from fleet_server.service import Services
+    from fleet_server.context import Services
 
 PAGE_SIZES = (25, 50, 100, 200)
 DEVICE_PAGE_SAMPLES = 50  # sampled rows the device page shows

@@ -1,19 +1,11 @@
 // Drift: PSI heatmap (feature x time), reference vs current distributions, devices, alerts.
-import { act, api, canAct, chartDefaults, colors, el, fmtClock, fmtNum, fmtTime, levelPill, poll, rows, scopeFilters, scopeLink, upsertChart } from "./lib.js";
+import { act, api, canAct, colors, el, fmtClock, fmtNum, fmtTime, levelPill, poll, rows, scopeLink, upsertChart, windowPage } from "./lib.js";
 
-chartDefaults();
-const charts = {};
-const form = document.getElementById("filters");
+const { charts, form, base, recent, params, selection, query: q } = windowPage("/api/v1/models");
 const featureSelect = document.getElementById("feature");
-const MAX_BUCKETS = 120;
 let featuresKey = "";
 
-const { params, selection, query: q } = scopeFilters(form);
 if (params.get("feature")) featureSelect.dataset.want = params.get("feature");
-
-function base(sel) {
-  return `/api/v1/models/${encodeURIComponent(sel.model)}/${encodeURIComponent(sel.version)}`;
-}
 
 function psiColor(v, policy) {
   if (v === null || v === undefined) return "#f3f4f6";
@@ -23,7 +15,7 @@ function psiColor(v, policy) {
 }
 
 function renderHeatmap(tl, policy) {
-  const points = tl.points.slice(-MAX_BUCKETS);
+  const points = recent(tl.points);
   const xs = points.map((p) => fmtClock(p.bucket_start));
   const ys = [...tl.features.map((f) => f.name), "prediction"];
   const data = [];

@@ -252,6 +252,21 @@ export function scopeFilters(form) {
   return { params, selection, query };
 }
 
+// A page over one model version in a time window (drift, performance): chart defaults, the
+// page's chart holder, the filter form read by scopeFilters, the selected version's API base
+// under `apiRoot`, and the most recent buckets a chart shows.
+export function windowPage(apiRoot, maxBuckets = 120) {
+  chartDefaults();
+  const form = document.getElementById("filters");
+  return {
+    ...scopeFilters(form),
+    form,
+    charts: {},
+    base: (sel) => `${apiRoot}/${encodeURIComponent(sel.model)}/${encodeURIComponent(sel.version)}`,
+    recent: (points) => points.slice(-maxBuckets),
+  };
+}
+
 // ------------------------------------------------------------------ charts
 
 export const colors = {

@@ -1,11 +1,8 @@
 // Performance: input drift beside realized performance on one time axis (concept drift), the
 // summary with label counts, per-class figures, the reliability diagram, devices and alerts.
-import { api, chartDefaults, colors, el, fmtClock, fmtNum, fmtPct, fmtTime, kv, levelPill, poll, rows, scopeFilters, scopeLink, upsertChart } from "./lib.js";
+import { api, colors, el, fmtClock, fmtNum, fmtPct, fmtTime, kv, levelPill, poll, rows, scopeLink, upsertChart, windowPage } from "./lib.js";
 
-chartDefaults();
-const charts = {};
-const form = document.getElementById("filters");
-const MAX_BUCKETS = 120;
+const { charts, form, base, recent, selection, query: q } = windowPage("/api/v1/performance");
 const READINGS = {
   stable: "stable",
   concept_drift: "inputs the same, model wrong (concept drift)",
@@ -16,18 +13,12 @@ const READINGS = {
   unknown: "too few rows and labels",
 };
 
-const { selection, query: q } = scopeFilters(form);
-
-function base(sel) {
-  return `/api/v1/performance/${encodeURIComponent(sel.model)}/${encodeURIComponent(sel.version)}`;
-}
-
 function metricName(view) {
   return view.baseline && view.baseline.metric === "r2" ? "R²" : "accuracy";
 }
 
 function renderConcept(view) {
-  const points = view.points.slice(-MAX_BUCKETS);
+  const points = recent(view.points);
   const labels = points.map((p) => fmtClock(p.bucket_start));
   const realized = points.map((p) => (p.performance.labels ? p.performance.realized ?? p.performance.accuracy : null));
   const datasets = [

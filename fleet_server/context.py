@@ -1,0 +1,48 @@
+"""What views, MQTT callbacks and loops share: built once by `fleet_server.service.bootstrap`.
+
+A leaf module: it names the collaborators (storage interface, clock, publisher, locks) with their
+types and imports no service, so every module can take a `Services` without importing the root.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from fleet_server.auth import PasswordChecker
+from fleet_server.config import ServerConfig
+from fleet_server.login_limiter import LoginLimiter
+from fleet_server.storage import Storage
+
+if TYPE_CHECKING:
+    from fleet_server.broker import ManagedBroker
+    from fleet_server.mqtt_link import Publisher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """The server's shared collaborators, each named and typed; the root builds and passes it in."""
+
+    config: ServerConfig
+    storage: Storage
+    clock: Callable[[], float] = time.time
+    publisher: Publisher | None = None
+    broker: ManagedBroker | None = None
+    passwords: PasswordChecker = field(default_factory=PasswordChecker)
+    # One rollout decision at a time: operator actions and the reconcile loop share this lock.
+    rollouts_lock: threading.RLock = field(default_factory=threading.RLock)
+    login_limiter: LoginLimiter = field(default_factory=LoginLimiter)
+
+    def devices_changed(self) -> None:
+        """The registry changed: a managed broker reloads its password file at once."""
+        if self.broker is not None:
+            try:
+                self.broker.reload_if_changed()
+            except OSError:
+                log.exception("could not reload the managed broker")
