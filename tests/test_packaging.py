@@ -1,13 +1,29 @@
-"""A device installs `edgefleet[agent]`: that must not pull scikit-learn, skl2onnx or Flask."""
+"""A device installs `edgefleet[agent]`: that must not pull scikit-learn, skl2onnx or Flask. The
+release it installs from: the wheel, the wheelhouse checksums, the installer."""
 
 from __future__ import annotations
 
+import hashlib
 import re
+import subprocess
+import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
+from zipfile import ZipFile
 
+import pytest
 from packaging.requirements import Requirement
+
+from edge_release import install as installer
+from edge_release.platforms import SUPPORTED, UNSUPPORTED_MESSAGE, device_platform, wheelhouse_name
+from edge_release.wheelhouse import (
+    build_wheel,
+    read_checksums,
+    verify_checksums,
+    wheel_requirements,
+    write_checksums,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN_ON_DEVICE = {"scikit-learn", "skl2onnx", "flask", "onnx", "scipy", "werkzeug"}
@@ -51,3 +67,113 @@ def test_agent_extra_stays_light():
 def test_every_extra_is_declared():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert {"agent", "server", "tools", "sim", "dev"} <= set(extras)
+
+
+# ---------------------------------------------------------------- release: wheel, wheelhouse, installer
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    return build_wheel(ROOT, tmp_path_factory.mktemp("dist"))
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_unit_the_installer_and_light_agent_requirements(wheel):
+    names = ZipFile(wheel).namelist()
+    # docs/device.md copies the unit from the installed package.
+    assert "edge_agent/edgefleet-agent.service" in names
+    assert "edge_release/install.py" in names
+    requirements = {canonical(Requirement(r).name) for r in wheel_requirements(wheel)}
+    assert {"onnxruntime", "paho-mqtt", "numpy", "msgspec"} <= requirements
+    assert not requirements & FORBIDDEN_ON_DEVICE
+
+
+def test_installer_states_the_platform_facts_of_edge_release():
+    # install.py runs on a device with nothing installed, so it carries its own copy.
+    assert tuple(SUPPORTED) == installer.SUPPORTED_MACHINES
+    assert installer.UNSUPPORTED_MESSAGE == UNSUPPORTED_MESSAGE
+    assert installer.wheelhouse_name("aarch64", (3, 11)) == wheelhouse_name("aarch64", "3.11") == "cp311-aarch64"
+    assert installer.CHECKSUMS == "SHA256SUMS"
+
+
+@pytest.mark.parametrize("machine", ["armv7l", "armv6l", "i686"])
+def test_32_bit_machines_are_refused_with_the_reason(machine):
+    with pytest.raises(installer.InstallError, match="64-bit Linux only") as info:
+        installer.machine_name(machine)
+    assert machine in str(info.value) and "64-bit Raspberry Pi OS" in str(info.value)
+    with pytest.raises(ValueError, match="no 32-bit ARM"):
+        device_platform(machine)
+    assert installer.machine_name("arm64") == "aarch64"
+    assert device_platform("aarch64").platform_tags()[0] == "manylinux_2_36_aarch64"
+    assert "manylinux2014_aarch64" in device_platform("aarch64").platform_tags()
+
+
+def _fake_wheelhouse(path: Path) -> Path:
+    path.mkdir()
+    (path / "edgefleet-0.1.0-py3-none-any.whl").write_bytes(b"wheel")
+    (path / "numpy-2.4.6-cp311-cp311-manylinux_2_28_aarch64.whl").write_bytes(b"numpy")
+    write_checksums(path)
+    return path
+
+
+def test_checksums_catch_changed_missing_and_unlisted_wheels(tmp_path):
+    house = _fake_wheelhouse(tmp_path / "house")
+    listed = read_checksums(house)
+    assert listed["numpy-2.4.6-cp311-cp311-manylinux_2_28_aarch64.whl"] == hashlib.sha256(b"numpy").hexdigest()
+    assert verify_checksums(house) == []
+    (house / "numpy-2.4.6-cp311-cp311-manylinux_2_28_aarch64.whl").write_bytes(b"numpy, changed")
+    (house / "extra-1.0-py3-none-any.whl").write_bytes(b"x")
+    (house / "edgefleet-0.1.0-py3-none-any.whl").unlink()
+    assert verify_checksums(house) == [
+        "edgefleet-0.1.0-py3-none-any.whl: missing",
+        "numpy-2.4.6-cp311-cp311-manylinux_2_28_aarch64.whl: sha256 differs",
+        "extra-1.0-py3-none-any.whl: not in SHA256SUMS",
+    ]
+
+
+def test_installer_refuses_a_wheel_that_does_not_match_its_checksum(tmp_path):
+    house = _fake_wheelhouse(tmp_path / "house")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    sums, version = installer.fetch_wheelhouse(installer.Source(directory=str(house)), str(dest))
+    assert version == "0.1.0" and len(sums) == 2
+    (house / "numpy-2.4.6-cp311-cp311-manylinux_2_28_aarch64.whl").write_bytes(b"tampered")
+    with pytest.raises(installer.InstallError, match="does not match SHA256SUMS.*nothing was installed"):
+        installer.fetch_wheelhouse(installer.Source(directory=str(house)), str(dest))
+    (house / "SHA256SUMS").write_text("not-a-digest  ../../etc/passwd\n")
+    with pytest.raises(installer.InstallError, match="malformed line"):
+        installer.fetch_wheelhouse(installer.Source(directory=str(house)), str(dest))
+
+
+def test_installer_reads_server_and_credentials_from_the_agent_config(tmp_path):
+    (tmp_path / "agent.toml").write_text(
+        'device_id = "pi-1"\ndata_dir = "/var/lib/edgefleet"\n[mqtt]\nurl = "mqtts://h:8883"\nusername = "pi-1"\n'
+        'password = "pw"\nca_file = "edgefleet-ca.pem"\n[server]\nurl = "https://h:8443"\n')
+    cfg = installer.read_config(str(tmp_path / "agent.toml"))
+    assert cfg == {"url": "https://h:8443", "user": "pi-1", "password": "pw",
+                   "ca_file": str(tmp_path / "edgefleet-ca.pem")}
+    (tmp_path / "bare.toml").write_text('device_id = "pi-1"\n')
+    with pytest.raises(installer.InstallError, match=r"has no \[server\] url"):
+        installer.read_config(str(tmp_path / "bare.toml"))
+    with pytest.raises(installer.InstallError, match="cannot read the agent config"):
+        installer.read_config(str(tmp_path / "missing.toml"))
+
+
+@pytest.mark.slow
+def test_install_offline_from_the_x86_64_wheelhouse(tmp_path):
+    """The installer as a device runs it (`--from` a copied wheelhouse): venv, pip --no-index, a
+    working `edgefleet agent` without scikit-learn, Flask or the tools."""
+    from tests.arm64_fixtures import agent_wheelhouse
+
+    house = agent_wheelhouse(tmp_path / "dist", machine="x86_64")
+    venv = tmp_path / "venv"
+    proc = subprocess.run([sys.executable, str(ROOT / "edge_release" / "install.py"), "--from", str(house),
+                           "--venv", str(venv)], capture_output=True, text=True, timeout=600,
+                          env={"PATH": "/usr/bin:/bin", "PIP_NO_INDEX": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert "sha256 checked" in proc.stdout and f"installed: {venv}/bin/edgefleet" in proc.stdout
+    keys = subprocess.run([str(venv / "bin" / "edgefleet"), "agent", "config-keys"], capture_output=True, text=True)
+    assert keys.returncode == 0 and "mqtt.url" in keys.stdout, keys.stderr
+    listed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"],
+                            capture_output=True, text=True).stdout.lower()
+    assert "onnxruntime==" in listed and "scikit-learn" not in listed and "flask" not in listed
