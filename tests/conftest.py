@@ -12,7 +12,7 @@ pytest.register_assert_rewrite(
 )
 
 from tests.brokers import Broker  # noqa: E402 - after the registration above
-from tests.postgres_fixtures import pg_cluster, pg_url  # noqa: E402, F401 - fixtures for every module
+from tests.postgres_fixtures import backend, pg_cluster, pg_url  # noqa: E402, F401 - fixtures for every module
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from tests.postgres import PostgresCluster, PostgresMissing, find_bindir
 
 BACKENDS = ("sqlite", "postgres")
 
-__all__ = ["BACKENDS", "backend_url", "pg_cluster", "pg_url"]
+__all__ = ["BACKENDS", "backend", "backend_url", "every_backend", "pg_cluster", "pg_url", "server_storage_url", "db_rows"]
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +43,29 @@ def backend_url(request: pytest.FixtureRequest, backend: str, data_dir: Path) ->
     if backend == "sqlite":
         return sqlite_url(data_dir / "fleet.db")
     return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def backend(request) -> str:
+    """The storage backend of the server fixtures: SQLite unless a module asks for every backend
+    (`from tests.postgres_fixtures import every_backend`)."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture(name="backend", params=BACKENDS)
+def every_backend(request) -> str:
+    """Import into a test module to run its server tests on every backend."""
+    return request.param
+
+
+def server_storage_url(request: pytest.FixtureRequest, backend: str) -> str:
+    """A server config's storage_url for `backend`: "" (the data dir's SQLite file) or a new database."""
+    return "" if backend == "sqlite" else request.getfixturevalue("pg_url")
+
+
+def db_rows(storage, sql: str, *params) -> list[tuple]:
+    """The rows of a test's check query, read straight from either backend's database (`?` marks)."""
+    if hasattr(storage, "db"):
+        return [tuple(r) for r in storage.db.conn.execute(sql, params).fetchall()]
+    with storage.pool.connection() as conn:
+        return [tuple(r.values()) for r in conn.execute(sql.replace("?", "%s"), params).fetchall()]

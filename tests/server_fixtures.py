@@ -43,6 +43,7 @@ from model_tools.manifest import (
 )
 from model_tools.signing import generate_keypair, save_public_key
 from tests.brokers import free_port, wait_until
+from tests.postgres_fixtures import server_storage_url
 
 __all__ = [
     "DeviceClient",
@@ -114,9 +115,11 @@ class ServerHandle:
 
 
 @pytest.fixture
-def fleet(tmp_path):
-    """The whole server (managed Mosquitto, API, ingest, loops) on free ports, for one test."""
-    server = FleetServer(make_config(tmp_path / "server")).start()
+def fleet(request, tmp_path, backend):
+    """The whole server (managed Mosquitto, API, ingest, loops) on free ports, for one test, on the
+    `backend` fixture's storage."""
+    config = make_config(tmp_path / "server", storage_url=server_storage_url(request, backend))
+    server = FleetServer(config).start()
     handle = ServerHandle(server)
     wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
     yield handle

@@ -14,15 +14,17 @@ from fleet_server.devices import provision_device
 from fleet_server.registry import trust_key
 from fleet_server.service import bootstrap
 from model_tools.signing import generate_keypair
+from tests.postgres_fixtures import db_rows, every_backend, server_storage_url  # noqa: F401 - every backend
 from tests.server_fixtures import make_bundle, make_config
 
 pytest_plugins = ["tests.server_fixtures"]
 
 
 @pytest.fixture
-def client(tmp_path):
-    """The Flask app over real SQLite storage, without MQTT (API tests need no broker)."""
-    svc = bootstrap(make_config(tmp_path / "server", public_url="http://fleet.example:8080"))
+def client(request, tmp_path, backend):
+    """The Flask app over real storage (each backend), without MQTT (API tests need no broker)."""
+    svc = bootstrap(make_config(tmp_path / "server", public_url="http://fleet.example:8080",
+                                storage_url=server_storage_url(request, backend)))
     app = create_app(svc.config, services=svc)
     c = app.test_client()
     c.svc = svc
@@ -168,7 +170,7 @@ def test_webhooks_and_tokens_are_stored_hashed(client):
     assert "secret" not in hooks[0]
     assert client.delete(f"/api/v1/webhooks/{hooks[0]['id']}", headers=op).status_code == 200
     raw = client.tokens["viewer"]["Authorization"][7:]
-    stored = [r["token_hash"] for r in client.svc.storage.db.query("SELECT token_hash FROM tokens")]
+    stored = [r[0] for r in db_rows(client.svc.storage, "SELECT token_hash FROM tokens")]
     assert raw not in stored and token_hash(raw) in stored
 
 

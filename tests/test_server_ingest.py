@@ -8,6 +8,7 @@ import pytest
 
 from edge_agent.protocol import MAX_PAYLOAD_BYTES, Hardware, ReportedState, Status, UpdateEvent
 from fleet_server.devices import revoke_device
+from tests.postgres_fixtures import db_rows, every_backend  # noqa: F401 - every test on SQLite and PostgreSQL
 from tests.server_fixtures import (
     DeviceClient,
     shifted_window,
@@ -22,7 +23,7 @@ EDGES = [[-1.0, 0.0, 1.0]] * 3
 
 
 def stored_seqs(fleet, device):
-    return {r["seq"] for r in fleet.svc.storage.db.query("SELECT seq FROM windows WHERE device = ?", [device])}
+    return {r[0] for r in db_rows(fleet.svc.storage, "SELECT seq FROM windows WHERE device = ?", device)}
 
 
 def rejects(fleet):

@@ -14,7 +14,8 @@ from fleet_server.devices import provision_device
 from fleet_server.service import FleetServer
 from fleet_server.storage import IngestBatch
 from fleet_server.storage.accounting import NEW_INSTALL_JUMP
-from fleet_server.storage.sqlite import SqliteStorage
+from fleet_server.storage.open import open_storage
+from tests.postgres_fixtures import backend_url, db_rows, every_backend, server_storage_url  # noqa: F401
 from tests.server_fixtures import DeviceClient, make_config, shifted_window, wait_until
 
 pytest_plugins = ["tests.server_fixtures"]
@@ -44,7 +45,7 @@ def event(device: str, seq: int) -> UpdateEvent:
 
 
 def column(storage, sql: str, *params) -> list:
-    return [r[0] for r in storage.db.conn.execute(sql, params).fetchall()]
+    return [r[0] for r in db_rows(storage, sql, *params)]
 
 
 def windows(storage, device: str) -> set[int]:
@@ -65,8 +66,9 @@ def acked(dev: DeviceClient) -> list[int]:
     return out
 
 
-def started(tmp_path, clock: Clock, **overrides) -> FleetServer:
-    server = FleetServer(make_config(tmp_path / "server", **overrides), clock=clock).start()
+def started(request, tmp_path, backend: str, clock: Clock, **overrides) -> FleetServer:
+    storage_url = server_storage_url(request, backend)
+    server = FleetServer(make_config(tmp_path / "server", storage_url=storage_url, **overrides), clock=clock).start()
     wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
     return server
 
@@ -107,8 +109,8 @@ def test_a_reinstalled_device_is_stored_and_its_accounting_starts_over(fleet):
 
 
 @pytest.fixture
-def storage(tmp_path):
-    s = SqliteStorage(tmp_path / "fleet.db")
+def storage(request, tmp_path, backend):
+    s = open_storage(backend_url(request, backend, tmp_path))
     s.insert_device("a", "default", {}, "h", "b", 1.0)
     yield s
     s.close()
@@ -161,9 +163,9 @@ def test_purge_deletes_old_windows_and_their_seqs_in_batches_and_keeps_events(st
 
 
 @pytest.mark.broker
-def test_retention_purges_old_telemetry_and_a_replay_is_acknowledged_not_stored(tmp_path):
+def test_retention_purges_old_telemetry_and_a_replay_is_acknowledged_not_stored(request, tmp_path, backend):
     clock = Clock()
-    server = started(tmp_path, clock, telemetry_retention_days=1)
+    server = started(request, tmp_path, backend, clock, telemetry_retention_days=1)
     storage = server.svc.storage
     pw = provision_device(server.svc, "dev-p").password
     dev = DeviceClient(server.config, "dev-p", pw).wait_connected()
@@ -195,9 +197,9 @@ def test_retention_purges_old_telemetry_and_a_replay_is_acknowledged_not_stored(
 
 
 @pytest.mark.broker
-def test_retention_zero_keeps_everything(tmp_path):
+def test_retention_zero_keeps_everything(request, tmp_path, backend):
     clock = Clock()
-    server = started(tmp_path, clock, telemetry_retention_days=0)
+    server = started(request, tmp_path, backend, clock, telemetry_retention_days=0)
     storage = server.svc.storage
     pw = provision_device(server.svc, "dev-k").password
     dev = DeviceClient(server.config, "dev-k", pw).wait_connected()
