@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import threading
 import time
 from collections import Counter
@@ -28,18 +27,13 @@ import requests
 
 from firmware_sim.clock import SimClock
 from firmware_sim.fleet import SimFleet
+from firmware_sim.local import free_port
 from firmware_sim.models import build_model
 from firmware_sim.provision import ServicesProvisioner
 from firmware_sim.scenario import load_scenario
 
 READY_FILE = "demo.json"  # written once everything is up: URLs, login, pid (the smoke test reads it)
 OPERATOR = "demo"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

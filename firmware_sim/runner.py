@@ -131,7 +131,7 @@ def run_simulation(o: RunOptions, echo: Callable[[str], None] = print, stop: thr
         if o.data_dir is None:
             raise SimRunError("pass --server URL to attach to a running fleet server, or --data-dir DIR to "
                               "start one in this process")
-        from firmware_sim.demo import free_port
+        from firmware_sim.local import free_port
         from fleet_server.config import load_config
         from fleet_server.service import FleetServer
 
