@@ -17,9 +17,12 @@ from model_tools.binning import quantile_edges
 from model_tools.calibration import FOLDS, apply_calibration, class_index
 from model_tools.manifest import CalibrationMap, PerformanceEstimation
 
-__all__ = ["SCORE_BINS", "build_estimation", "out_of_fold_probabilities"]
+__all__ = ["MAX_ESTIMATED_CLASSES", "SCORE_BINS", "build_estimation", "out_of_fold_probabilities"]
 
 SCORE_BINS = 20  # raw-score histogram of binary models: the estimated ROC curve's resolution
+# The expected confusion matrix has classes² sums in every telemetry window (about 20 bytes
+# each): past this many classes it would crowd the window's 256 KiB.
+MAX_ESTIMATED_CLASSES = 32
 
 
 def out_of_fold_probabilities(

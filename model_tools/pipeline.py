@@ -22,7 +22,11 @@ from model_tools.bundle import write_bundle
 from model_tools.calibration import class_index, fit_calibration
 from model_tools.convert import Conversion, check_fitted, convert, final_estimator, has_linear_op
 from model_tools.errors import InputDataError, ModelToolsError
-from model_tools.estimation import build_estimation, out_of_fold_probabilities
+from model_tools.estimation import (
+    MAX_ESTIMATED_CLASSES,
+    build_estimation,
+    out_of_fold_probabilities,
+)
 from model_tools.feeds import feeds_from_columns
 from model_tools.golden import build_golden, golden_indices
 from model_tools.manifest import (
@@ -300,7 +304,13 @@ def build_bundle(
         warnings.append(why_not)
 
     estimation = None
-    if conv.task == "classification" and conv.outputs.probabilities and conv.outputs.classes:
+    n_classes = len(conv.outputs.classes or [])
+    if n_classes > MAX_ESTIMATED_CLASSES:
+        warnings.append(
+            f"{n_classes} classes: no label-free performance estimate (its expected confusion matrix "
+            f"would fill every telemetry window; at most {MAX_ESTIMATED_CLASSES} classes)"
+        )
+    elif conv.task == "classification" and conv.outputs.probabilities and conv.outputs.classes:
         _emit(progress, "calibration map for performance estimation")
         calibration = _calibration(
             estimator, schema, conv.outputs.classes, training, label_column, chosen.model_bytes,
