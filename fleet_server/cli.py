@@ -16,6 +16,7 @@ import click
 
 from fleet_server.config import ConfigError, ServerConfig, load_config
 from fleet_server.storage import StorageError
+from fleet_server.storage.open import check_storage
 
 ERRORS: tuple[type[Exception], ...] = (ConfigError, ValueError, OSError, StorageError)
 
@@ -105,6 +106,7 @@ def run(data_dir: Path, listen: str | None, mqtt_url: str | None, managed_broker
                          storage_url=storage_url)
     if managed_broker:
         config.mqtt_url = ""
+    check_storage(config.storage_location)
     _serve(config)
 
 

@@ -13,7 +13,7 @@ from tests.postgres import PostgresCluster, PostgresMissing, find_bindir
 
 BACKENDS = ("sqlite", "postgres")
 
-__all__ = ["BACKENDS", "backend", "backend_url", "every_backend", "pg_cluster", "pg_url", "server_storage_url", "db_rows"]
+__all__ = ["BACKENDS", "backend", "backend_url", "every_backend", "pg_cluster", "pg_url", "server_storage_url", "db_rows", "db_execute_many"]
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +69,13 @@ def db_rows(storage, sql: str, *params) -> list[tuple]:
         return [tuple(r) for r in storage.db.conn.execute(sql, params).fetchall()]
     with storage.pool.connection() as conn:
         return [tuple(r.values()) for r in conn.execute(sql.replace("?", "%s"), params).fetchall()]
+
+
+def db_execute_many(storage, sql: str, rows: list[tuple]) -> None:
+    """Write a test's fixture rows straight into either backend's database (`?` marks), committed."""
+    if hasattr(storage, "db"):
+        with storage.db.conn:
+            storage.db.conn.executemany(sql, rows)
+        return
+    with storage.pool.connection() as conn:
+        conn.cursor().executemany(sql.replace("?", "%s"), rows)

@@ -17,14 +17,15 @@ from fleet_server.console import CSP
 from fleet_server.console.accounts import AccountError, create_operator
 from fleet_server.login_limiter import MAX_FAILURES_PER_NAME
 from fleet_server.service import bootstrap
+from tests.postgres_fixtures import db_execute_many, every_backend, server_storage_url  # noqa: F401 - every backend
 from tests.server_fixtures import make_config
 
 PASSWORD = "a-long-enough-password"
 
 
 @pytest.fixture
-def svc(tmp_path):
-    services = bootstrap(make_config(tmp_path / "server"))
+def svc(request, tmp_path, backend):
+    services = bootstrap(make_config(tmp_path / "server", storage_url=server_storage_url(request, backend)))
     create_operator(services, "olga", "operator", PASSWORD)
     create_operator(services, "vera", "viewer", PASSWORD)
     yield services
@@ -147,16 +148,15 @@ def test_security_headers_and_gzip_static_files(app):
 
 
 def test_device_list_pages_10000_devices_on_the_server(app, svc):
-    conn = svc.storage.db.conn
-    conn.executemany(
+    db_execute_many(
+        svc.storage,
         "INSERT INTO devices(id, fleet, created_at, password_hash, broker_hash, status, active_version, last_seen) "
         "VALUES (?,?,?,?,?,?,?,?)",
         [(f"dev-{i:05d}", "default", 0.0, "x", "x", "online" if i % 3 else "offline", f"1.{i % 4}.0", time.time())
          for i in range(10_000)],
     )
-    conn.executemany("INSERT INTO device_tags(device, key, value) VALUES (?,?,?)",
-                     [(f"dev-{i:05d}", "site", "berlin" if i % 2 else "paris") for i in range(10_000)])
-    conn.commit()
+    db_execute_many(svc.storage, "INSERT INTO device_tags(device, key, value) VALUES (?,?,?)",
+                    [(f"dev-{i:05d}", "site", "berlin" if i % 2 else "paris") for i in range(10_000)])
     client = app.test_client()
     login(client, "olga")
     started = time.perf_counter()

@@ -12,6 +12,7 @@ import pytest
 
 from fleet_server.mqtt_link import alerts_topic, make_client
 from fleet_server.webhooks import SIGNATURE_HEADER, verify_signature
+from tests.postgres_fixtures import every_backend  # noqa: E402, F401 - alerts and webhooks on every backend
 from tests.server_fixtures import (
     DeviceClient,
     make_bundle,

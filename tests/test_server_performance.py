@@ -29,6 +29,7 @@ from fleet_server.performance import (
 )
 from fleet_server.registry import desired_state, trust_key, upload_bundle
 from tests.agent_fixtures import bundle_bytes, dataset, public_pem
+from tests.postgres_fixtures import every_backend  # noqa: F401 - feedback on every backend
 from tests.server_fixtures import wait_until
 
 pytest_plugins = ["tests.server_fixtures"]

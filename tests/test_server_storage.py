@@ -10,6 +10,7 @@ import tomllib
 import numpy as np
 import psycopg
 import pytest
+from click.testing import CliRunner
 
 from edge_agent.config import config_from_dict
 from edge_agent.protocol import (
@@ -20,6 +21,7 @@ from edge_agent.protocol import (
     UpdateEvent,
 )
 from fleet_server.auth import PasswordChecker, hash_password, mosquitto_hash
+from fleet_server.cli import server as server_cli
 from fleet_server.config import ServerConfig
 from fleet_server.devices import DeviceError, agent_config_toml, loss_summary, parse_tags
 from fleet_server.storage import Conflict, IngestBatch, StorageError
@@ -344,3 +346,17 @@ def test_postgres_open_errors_say_what_to_check(pg_cluster):
         assert hint in message and "\n" not in message and "wrong" not in message.split("(")[0]
     with pytest.raises(StorageError, match="sqlite:///"):
         open_storage("mysql://x")
+
+
+def test_server_run_with_an_unusable_storage_url_says_what_to_check_and_writes_nothing(pg_cluster, tmp_path):
+    data_dir = tmp_path / "server"
+    for url, hint in ((pg_cluster.url("postgres", password="wrong"), "password"),
+                      (pg_cluster.url("no_such_db"), "CREATE DATABASE")):
+        result = CliRunner().invoke(server_cli, ["run", "--data-dir", str(data_dir), "--storage-url", url])
+        assert result.exit_code != 0
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and hint in lines[0] and "wrong" not in lines[0], result.output
+        assert not data_dir.exists()
+    result = CliRunner().invoke(server_cli, ["run", "--data-dir", str(data_dir)],
+                                env={"EDGEFLEET_STORAGE_URL": "mysql://somewhere"})
+    assert result.exit_code != 0 and "storage_url" in result.output and not data_dir.exists()

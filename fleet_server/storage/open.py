@@ -51,3 +51,10 @@ def open_storage(url: str, *, migrate: bool = True) -> Storage:
     from fleet_server.storage.postgres import PostgresStorage
 
     return PostgresStorage(url, migrate=migrate)
+
+
+def check_storage(url: str) -> None:
+    """Fail fast, before a server creates anything, when a database server's storage cannot be
+    opened or holds a newer schema (reads only). An SQLite file is created on first start."""
+    if backend(url) != "sqlite":
+        open_storage(url, migrate=False).close()
