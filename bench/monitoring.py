@@ -12,16 +12,21 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import msgspec
 import numpy as np
 
-from edge_agent.protocol import Resources, encode
-from edge_agent.runtime import ModelRuntime
-from edge_agent.telemetry import Telemetry
-from model_tools.bundle import read_bundle
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edge_agent.protocol import Resources, encode  # noqa: E402
+from edge_agent.runtime import ModelRuntime  # noqa: E402
+from edge_agent.telemetry import Telemetry  # noqa: E402
+from model_tools.bundle import read_bundle  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -93,6 +98,36 @@ def refused_bytes(manifest) -> int:
     return len(encode(t.flush(120.0, 2, Resources(), 0, "b"))) - before
 
 
+def agent_predict(repeats: int, n: int) -> tuple[float, float]:
+    """Median µs of Agent.predict for one row: the fixtures' binary bundle as built, and the same
+    model re-signed without its monitoring inputs (interleaved runs)."""
+    from edge_agent import Agent
+    from model_tools.bundle import write_bundle
+    from tests.agent_fixtures import bundle_bytes, dataset, install_active, keypair, make_config
+
+    data = bundle_bytes("lr")
+    bundle = read_bundle(data, require_signature=False)
+    stripped = write_bundle(None, plain(bundle.manifest), bundle.model_bytes, bundle.golden, keypair()[0])
+    X, _ = dataset()
+    rows = [[float(v) for v in r] for r in X[:1000]]
+    with tempfile.TemporaryDirectory() as tmp:
+        agents = []
+        for name, payload in (("with", data), ("without", stripped)):
+            config = make_config(Path(tmp) / name, telemetry={"window_s": 3600})
+            install_active(config.path, payload)
+            agents.append(Agent(config, link_mode="none").start())
+        times: list[list[float]] = [[], []]
+        for _ in range(repeats):
+            for k, agent in enumerate(agents):
+                started = time.perf_counter()
+                for i in range(n):
+                    agent.predict([rows[i % 1000]])
+                times[k].append((time.perf_counter() - started) / n * 1e6)
+        for agent in agents:
+            agent.close()
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rows and repeats")
@@ -130,7 +165,12 @@ def main() -> None:
                 f"| {label} | {batch} | {m:.1f} | {a:.1f} | {b:.1f} | {b - a:.1f} | "
                 + (f"{sizes[0]:,} | {sizes[1]:,} | {sizes[1] - sizes[0]:,} | {sizes[2]:,} |" if batch == 1 else "| | | |")
             )
+    with_, without = agent_predict(repeats, 500 if args.quick else 2000)
     lines += [
+        "",
+        f"`Agent.predict` of one row (validation, model, telemetry, prediction record), binary 6-feature LR: "
+        f"{with_:.1f} µs with the monitoring inputs, {without:.1f} µs with the same model re-signed without "
+        f"them: {with_ - without:+.1f} µs per prediction.",
         "",
         "Single rows take the plain-Python path (a bisect per calibrated column, the reconstruction "
         "error as |z|² − |Wz|² when the PCA is small); batches take numpy's. Load average during "

@@ -168,13 +168,13 @@ class Monitor:
         acc.rows += n
         acc.sq_sum += float(conf @ conf)
         n_classes = len(self.classes)
-        by_predicted = np.zeros((n_classes, n_classes))
-        np.add.at(by_predicted, k, p)
-        for j, c in enumerate(np.bincount(k, minlength=n_classes).tolist()):
-            acc.predicted[j] += c
+        # by_true[c][j]: Σ p[c] over rows predicted j (one weighted bincount per class).
+        by_true = [np.bincount(k, weights=p[:, c], minlength=n_classes).tolist() for c in range(n_classes)]
+        for j, count in enumerate(np.bincount(k, minlength=n_classes).tolist()):
+            acc.predicted[j] += count
             row = acc.by_predicted[j]
-            for i, v in enumerate(by_predicted[j].tolist()):
-                row[i] += v
+            for c in range(n_classes):
+                row[c] += by_true[c][j]
         if acc.score_counts is not None and acc.score_positive is not None:
             b = np.searchsorted(self.score_edges, raw[:, 1], side="left")
             counts = np.bincount(b, minlength=self.score_bins).tolist()
