@@ -27,6 +27,13 @@ from fleet_server.storage.postgres.connection import PostgresConnection, dumps, 
 from fleet_server.telemetry import BucketSums, bucket_start, sum_windows
 
 _msgpack = msgspec.msgpack.Encoder()
+_json_encoder = msgspec.json.Encoder()
+
+
+def _json(value: object) -> str:
+    # One JSON parameter per set of rows: one statement, and much cheaper to adapt than arrays.
+    return _json_encoder.encode(value).decode()
+
 
 INSERT_BUCKET = (
     "INSERT INTO buckets(model, model_version, device, bucket_start, windows, predictions, requests, errors, "
@@ -56,7 +63,7 @@ _INSERT_EVENT = (
 # ON CONFLICT DO NOTHING ... RETURNING returns only the rows it inserted: the fresh (device, seq)
 # keys of the whole batch in one statement, instead of one round trip per message.
 _CLAIM_SEQS = (
-    "INSERT INTO seqs(device, seq, kind) SELECT * FROM unnest(%s::text[], %s::bigint[], %s::text[]) "
+    "INSERT INTO seqs(device, seq, kind) SELECT e->>0, (e->>1)::bigint, e->>2 FROM json_array_elements(%s::json) AS e "
     "ON CONFLICT DO NOTHING RETURNING device, seq"
 )
 _SEQ_STATS_OF = (
@@ -67,7 +74,9 @@ _SEQ_STATS_OF = (
 # `purged_upto` belongs to the retention pass and is left as it is.
 _UPSERT_SEQ_STATS = (
     "INSERT INTO seq_stats(device, first_seq, max_seq, received, dropped_total, reinstalls, reinstalled_at) "
-    "VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT(device) DO UPDATE SET first_seq = excluded.first_seq, "
+    "SELECT e->>0, (e->>1)::bigint, (e->>2)::bigint, (e->>3)::bigint, (e->>4)::bigint, (e->>5)::bigint, "
+    "(e->>6)::float8 FROM json_array_elements(%s::json) AS e "
+    "ON CONFLICT(device) DO UPDATE SET first_seq = excluded.first_seq, "
     "max_seq = excluded.max_seq, received = excluded.received, dropped_total = excluded.dropped_total, "
     "reinstalls = excluded.reinstalls, reinstalled_at = excluded.reinstalled_at"
 )
@@ -76,6 +85,16 @@ def _many(conn: psycopg.Connection, sql: str, params: list) -> None:
     """executemany in pipeline mode (psycopg batches the statements in one round trip)."""
     if params:
         conn.cursor().executemany(sql, params)
+
+
+def _copy(conn: psycopg.Connection, insert: str, rows: list) -> None:
+    """The rows of an `INSERT INTO table(columns) VALUES ...` statement, sent with COPY: one
+    stream instead of a statement per row."""
+    if rows:
+        target = insert.split("INSERT INTO ", 1)[1].split(" VALUES", 1)[0]
+        with conn.cursor().copy(f"COPY {target} FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
 
 
 def bucket_params(
@@ -103,8 +122,7 @@ def claim_seqs(
         ]
     if not keys:
         return set()
-    devices, seqs, kinds = (list(c) for c in zip(*keys, strict=True))
-    return set(tuples(conn, _CLAIM_SEQS, (devices, seqs, kinds)))
+    return set(tuples(conn, _CLAIM_SEQS, (_json(keys),)))
 
 
 def store_samples(conn: psycopg.Connection, windows: list, keep: int) -> None:
@@ -129,7 +147,7 @@ def store_samples(conn: psycopg.Connection, windows: list, keep: int) -> None:
              upto[w.device] - newer[w.device], _msgpack.encode(w.sample))
         )
         newer[w.device] += len(w.sample)
-    _many(conn, _INSERT_SAMPLES, params)
+    _copy(conn, _INSERT_SAMPLES, params)
     _many(conn, _TRIM_SAMPLES, [(d, n - keep) for d, n in upto.items() if n > keep])
 
 
@@ -224,8 +242,9 @@ def store_batch(
         if kept:
             parts.append(bucket_params(model, version, device, start, sums, now, 0))
             stored += kept
-    _many(conn, INSERT_BUCKET, parts)
-    _many(conn,
+    _copy(conn, INSERT_BUCKET, parts)
+    _copy(
+        conn,
         _INSERT_WINDOW,
         [
             (
@@ -241,7 +260,8 @@ def store_batch(
     result.rejects += store_feedback(conn, stored, bucket_s, now)
     result.stored_windows = len(stored)
     result.lags = [now - w.sent_at for w in stored if w.sent_at > 0]
-    _many(conn,
+    _many(
+        conn,
         _INSERT_EVENT,
         [
             (e.device, e.seq, e.ts, e.kind, e.from_state, e.to_state, e.event, e.version, e.rollout_id,
@@ -251,7 +271,9 @@ def store_batch(
     )
     result.stored_events = len(events)
     updated = [(d, account(accounts.get(d), seqs, now)) for d, seqs in fresh_seqs.items()]
-    _many(conn, _UPSERT_SEQ_STATS, [(d, *acc.row()) for d, acc in updated if acc is not None])
+    rows = [(d, *acc.row()) for d, acc in updated if acc is not None]
+    if rows:
+        conn.execute(_UPSERT_SEQ_STATS, (_json(rows),))
 
     for st, received, retained in batch.statuses:
         seen[st.device] = max(seen.get(st.device, 0.0), received)
@@ -268,10 +290,12 @@ def store_batch(
             (dumps(rep), rep.ts, rep.model, rep.active_version, rep.agent_version, rep.update_state,
              rep.device, rep.ts),
         ).rowcount
-    _many(conn,
-        "UPDATE devices SET last_seen = GREATEST(coalesce(last_seen, 0), %s) WHERE id = %s",
-        [(t, d) for d, t in seen.items()],
-    )
+    if seen:
+        conn.execute(
+            "UPDATE devices SET last_seen = GREATEST(coalesce(devices.last_seen, 0), (e->>1)::float8) "
+            "FROM json_array_elements(%s::json) AS e WHERE devices.id = e->>0",
+            (_json(list(seen.items())),),
+        )
     count_rejects(conn, batch.rejects + result.rejects, now)
     return result
 
