@@ -118,7 +118,10 @@ class ServerHandle:
 def fleet(request, tmp_path, backend):
     """The whole server (managed Mosquitto, API, ingest, loops) on free ports, for one test, on the
     `backend` fixture's storage."""
-    config = make_config(tmp_path / "server", storage_url=server_storage_url(request, backend))
+    storage_url = server_storage_url(request, backend)
+    if storage_url:  # CLI commands a test runs on the data dir open the same database
+        request.getfixturevalue("monkeypatch").setenv("EDGEFLEET_STORAGE_URL", storage_url)
+    config = make_config(tmp_path / "server", storage_url=storage_url)
     server = FleetServer(config).start()
     handle = ServerHandle(server)
     wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")

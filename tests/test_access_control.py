@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from edge_agent.protocol import DesiredState
 from fleet_server.auth import issue_token
 from fleet_server.devices import revoke_device
+from tests.postgres_fixtures import db_rows, every_backend  # noqa: F401 - every backend
 from tests.server_fixtures import DeviceClient, make_bundle, shifted_window, wait_until
 
 pytest_plugins = ["tests.server_fixtures"]
@@ -25,7 +26,7 @@ EDGES = [[-1.0, 0.0, 1.0]] * 3
 
 
 def stored_seqs(fleet, device):
-    return {r["seq"] for r in fleet.svc.storage.db.query("SELECT seq FROM windows WHERE device = ?", [device])}
+    return {r[0] for r in db_rows(fleet.svc.storage, "SELECT seq FROM windows WHERE device = ?", device)}
 
 
 def test_devices_cannot_use_each_others_topics_or_wildcards(fleet):
@@ -110,7 +111,8 @@ def test_create_token_cli_expires_in(fleet):
     out = runner.invoke(server, ["create-token", "--data-dir", str(fleet.config.data_dir), "--expires-in", "1h"])
     assert out.exit_code == 0, out.output
     token = out.output.strip()
-    row = next(iter(fleet.svc.storage.db.query("SELECT expires_at, created_at FROM tokens WHERE name = 'cli'")))
+    expires_at, created_at = db_rows(fleet.svc.storage, "SELECT expires_at, created_at FROM tokens WHERE name = 'cli'")[0]
+    row = {"expires_at": expires_at, "created_at": created_at}
     assert row["expires_at"] - row["created_at"] == pytest.approx(3600)
     assert requests.get(fleet.url + "/api/v1/devices", headers={"Authorization": f"Bearer {token}"},
                         timeout=10).status_code == 200

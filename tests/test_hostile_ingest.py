@@ -10,6 +10,7 @@ import random
 import pytest
 
 from edge_agent.protocol import MAX_PAYLOAD_BYTES, encode
+from tests.postgres_fixtures import db_rows, every_backend  # noqa: F401 - every backend
 from tests.server_fixtures import DeviceClient, shifted_window, wait_until
 
 pytest_plugins = ["tests.server_fixtures"]
@@ -63,7 +64,7 @@ def test_ingest_survives_hostile_payloads_on_every_topic_and_counts_rejects(flee
         dev.publish("telemetry", shifted_window("dev-h", 100, EDGES))
 
         def stored():
-            return {r["seq"] for r in fleet.svc.storage.db.query("SELECT seq FROM windows WHERE device = 'dev-h'")}
+            return {r[0] for r in db_rows(fleet.svc.storage, "SELECT seq FROM windows WHERE device = 'dev-h'")}
 
         wait_until(lambda: 100 in stored(), 20, message="valid window after the hostile ones")
         assert fleet.server.ingest.connected.is_set()

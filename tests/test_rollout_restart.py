@@ -17,6 +17,7 @@ from fleet_server.registry import trust_key, upload_bundle
 from fleet_server.service import bootstrap
 from tests.agent_fixtures import bundle_bytes, public_pem
 from tests.brokers import free_port, wait_until
+from tests.postgres_fixtures import every_backend, server_storage_url  # noqa: F401 - every backend
 from tests.test_rollout_agents import AgentFleet, plan, stage
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -40,13 +41,14 @@ def up(proc: subprocess.Popen, port: int) -> bool:
         return False
 
 
-def test_kill_9_mid_stage_then_restart_continues_with_the_same_cohorts(tmp_path):
+def test_kill_9_mid_stage_then_restart_continues_with_the_same_cohorts(request, tmp_path, backend):
     data_dir = tmp_path / "server"
     data_dir.mkdir()
     http_port, broker_port = free_port(), free_port()
     (data_dir / "server.toml").write_text(
         f'listen = "127.0.0.1:{http_port}"\nbroker_port = {broker_port}\nbucket_s = 1.0\n'
         "rollout_interval_s = 0.1\nbroker_sync_interval_s = 0.2\n"
+        + (f'storage_url = "{url}"\n' if (url := server_storage_url(request, backend)) else "")
     )
     svc = bootstrap(load_config(data_dir))
     trust_key(svc, public_pem("trusted"))
