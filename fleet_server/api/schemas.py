@@ -17,15 +17,15 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 from fleet_server.api.common import DEEP_JSON, ApiError
 
 # Names the protocol uses for devices, models and versions (edge_agent.protocol.ID_PATTERN).
-Id = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-                         description="1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")]
+ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+Id = Annotated[str, Meta(pattern=ID, description="1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")]
 # Free text a person reads (reasons, comments, names): no NUL, newline or other control character.
 PLAIN = r"^[^\x00-\x1f\x7f]*$"
 Text = Annotated[str, Meta(pattern=PLAIN, max_length=1000)]
 ShortText = Annotated[str, Meta(pattern=PLAIN, min_length=1, max_length=200)]
 TagValue = Annotated[str, Meta(pattern=PLAIN, max_length=200)]
-HostPort = Annotated[str, Meta(pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}$", max_length=260,
-                               description="HOST:PORT, e.g. 127.0.0.1:8470")]
+HOST_PORT = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}$"
+HostPort = Annotated[str, Meta(pattern=HOST_PORT, max_length=260, description="HOST:PORT, e.g. 127.0.0.1:8470")]
 PathText = Annotated[str, Meta(pattern=PLAIN, min_length=1, max_length=4096)]
 Url = Annotated[str, Meta(pattern=r"^https?://[^\x00-\x20\x7f]+$", max_length=2048)]
 Secret = Annotated[str, Meta(pattern=r"^[\x21-\x7e]+$", min_length=16, max_length=256)]
@@ -50,7 +50,7 @@ class DeviceCreate(Body):
                     Meta(max_length=64)] = {}
     data_dir: PathText | UnsetType = UNSET  # the agent's data_dir
     listen: HostPort | UnsetType = UNSET  # the agent's local HTTP API
-    window_s: Annotated[float, Meta(ge=1, le=86400)] | UnsetType = UNSET  # telemetry window
+    window_s: Annotated[float, Meta(gt=0, le=86400)] | UnsetType = UNSET  # telemetry window
 
 
 # ------------------------------------------------------------------ models
@@ -132,13 +132,10 @@ class RolloutCreate(Body):
 
 
 class RolloutAction(Body):
-    """POST /rollouts/{id}/pause and /abort (optional: the body may be empty)."""
+    """POST /rollouts/{id}/pause, /resume, /advance and /abort; the body may be empty. The
+    reason is kept in the audit log of pause and abort."""
 
     reason: Text = ""
-
-
-class NoBody(Body):
-    """An action without options: an empty body or `{}`."""
 
 
 # ------------------------------------------------------------------ decoding
@@ -155,12 +152,17 @@ REQUEST_BODIES: dict[tuple[str, str], type[Body]] = {
     ("post", "/api/v1/rollouts"): RolloutCreate,
     ("post", "/api/v1/rollouts/{rollout_id}/pause"): RolloutAction,
     ("post", "/api/v1/rollouts/{rollout_id}/abort"): RolloutAction,
-    ("post", "/api/v1/rollouts/{rollout_id}/resume"): NoBody,
-    ("post", "/api/v1/rollouts/{rollout_id}/advance"): NoBody,
+    ("post", "/api/v1/rollouts/{rollout_id}/resume"): RolloutAction,
+    ("post", "/api/v1/rollouts/{rollout_id}/advance"): RolloutAction,
 }
-OPTIONAL_BODY = (RolloutAction, NoBody)
+OPTIONAL_BODY = (RolloutAction,)
+DEEP_NESTING = b"[" * 1000  # no body of this API nests arrays a thousand deep
 
-_PATTERNS = {PLAIN: "text without control characters (NUL, newline, tab, ...)"}
+_PATTERNS = {
+    ID: "not valid: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+    PLAIN: "must be text without control characters (NUL, newline, tab, ...)",
+    HOST_PORT: "must be HOST:PORT, e.g. 127.0.0.1:8470",
+}
 _TYPES = {"`float`": "a number", "`int`": "a whole number", "`str`": "a string", "`bool`": "true or false",
           "`array`": "an array", "`object`": "an object", "`null`": "null"}
 
@@ -173,7 +175,8 @@ def explain(exc: msgspec.ValidationError | msgspec.DecodeError) -> str:
         message, where = text, "$"
     field = where.rstrip("`").removeprefix("$").lstrip(".") or "the body"
     for pattern, readable in _PATTERNS.items():
-        message = message.replace(f"`str` matching regex {pattern!r}", readable)
+        if message == f"Expected `str` matching regex {pattern!r}":
+            message = readable
     for name, readable in _TYPES.items():
         message = message.replace(name, readable)
     message = message.replace("`", "'")
@@ -182,6 +185,8 @@ def explain(exc: msgspec.ValidationError | msgspec.DecodeError) -> str:
 
 def decode(schema: type[S], data: bytes) -> S:
     """Decode JSON bytes against `schema`; ApiError (400) naming the field otherwise."""
+    if DEEP_NESTING in data:  # msgspec stops at the first wrong type; say what the body really is
+        raise ApiError(DEEP_JSON)
     try:
         return msgspec.json.decode(data, type=schema)
     except RecursionError:
