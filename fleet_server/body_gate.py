@@ -143,8 +143,8 @@ def _gated_channel(gate: BodyGate) -> type:
             consumed = super().received(data)
             if isinstance(self.error, RequestEntityTooLarge):  # waitress's own ceiling: same answer
                 limit = body_limit(self.command or "", self.path or "")
-                size = "over that" if self.chunked else f"{self.content_length} bytes"
-                self.error = Refused(413, f"the request body is {size}; {self.command} "
+                size = f"over {self.adj.max_request_body_size}" if self.chunked else str(self.content_length)
+                self.error = Refused(413, f"the request body is {size} bytes; {self.command} "
                                           f"{(self.path or '')[:200]} takes at most {limit} bytes")
                 return consumed
             if self.error is not None or self.empty:
