@@ -24,8 +24,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from fleet_server.config import CONFIG_FILE
+from fleet_server.config import CONFIG_FILE, ConfigError, load_config
 from fleet_server.storage import StorageError
+from fleet_server.storage.open import backend
 from fleet_server.storage.sqlite import SqliteStorage
 
 FORMAT = 1
@@ -101,6 +102,14 @@ def _walk(root: Path, name: str) -> Iterator[tuple[str, Path]]:
         yield path.relative_to(root).as_posix(), path
 
 
+def _storage_url(data_dir: Path) -> str:
+    """The data dir's configured storage (its server.toml, or EDGEFLEET_STORAGE_URL)."""
+    try:
+        return load_config(data_dir).storage_location
+    except (ConfigError, OSError):
+        return "sqlite://"  # a data dir without a readable config: its fleet.db, if any, decides
+
+
 def create_backup(data_dir: str | Path, output: str | Path, *, overwrite: bool = False) -> BackupInfo:
     """Write a tar.gz of the data dir's database, bundles, secrets, TLS files and server.toml.
 
@@ -108,6 +117,11 @@ def create_backup(data_dir: str | Path, output: str | Path, *, overwrite: bool =
     server's MQTT password, the TLS CA key): it is written with mode 0600.
     """
     data_dir, output = Path(data_dir), Path(output)
+    if backend(_storage_url(data_dir)) != "sqlite":
+        raise BackupError(
+            f"{data_dir}'s storage_url names a PostgreSQL database: back it up with pg_dump or your PostgreSQL "
+            "backup tooling (server backup copies an SQLite data dir)"
+        )
     db_path = data_dir / DATABASE
     if not db_path.is_file():
         raise BackupError(f"{data_dir} has no {DATABASE}: it is not a fleet server data dir")

@@ -21,6 +21,7 @@ from edge_agent.protocol import (
     UpdateEvent,
 )
 from fleet_server.auth import PasswordChecker, hash_password, mosquitto_hash
+from fleet_server.backup import BackupError, create_backup
 from fleet_server.cli import server as server_cli
 from fleet_server.config import ServerConfig
 from fleet_server.devices import DeviceError, agent_config_toml, loss_summary, parse_tags
@@ -360,3 +361,12 @@ def test_server_run_with_an_unusable_storage_url_says_what_to_check_and_writes_n
     result = CliRunner().invoke(server_cli, ["run", "--data-dir", str(data_dir)],
                                 env={"EDGEFLEET_STORAGE_URL": "mysql://somewhere"})
     assert result.exit_code != 0 and "storage_url" in result.output and not data_dir.exists()
+
+
+def test_backup_of_a_postgresql_deployment_points_to_postgresql_tooling(tmp_path):
+    data_dir = tmp_path / "server"
+    data_dir.mkdir()
+    (data_dir / "server.toml").write_text('storage_url = "postgresql://fleet@db.example:5432/fleet"\n')
+    with pytest.raises(BackupError, match="pg_dump"):
+        create_backup(data_dir, tmp_path / "backup.tar.gz")
+    assert not (tmp_path / "backup.tar.gz").exists()
