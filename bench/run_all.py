@@ -19,6 +19,7 @@ RESULTS = ROOT / "bench" / "results"
 BENCHMARKS = [
     ("inference.md", "bench/inference.py", "Model inference: sklearn vs onnxruntime"),
     ("agent.md", "bench/agent.py", "Agent serving"),
+    ("arm64.md", "bench/arm64.py", "Agent on emulated arm64 (qemu-user) beside native"),
     ("drift.md", "bench/drift.py", "Drift computation"),
     ("monitoring.md", "bench/monitoring.py", "Monitoring cost on the agent"),
     ("ingest.md", "bench/ingest.py", "Telemetry ingest"),

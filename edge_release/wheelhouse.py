@@ -22,6 +22,8 @@ from edge_release.platforms import DEFAULT_PYTHON, SUPPORTED, device_platform, w
 
 CHECKSUMS = "SHA256SUMS"
 EXTRA = "agent"
+SOURCE_IGNORE = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".demo",
+                 "test-artifacts", ".hypothesis")
 
 
 class ReleaseError(Exception):
@@ -55,7 +57,11 @@ def build_wheel(source: Path, out_dir: Path) -> Path:
     """`pip wheel --no-deps` of the project at `source` into `out_dir`; returns the wheel."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edgefleet-wheel-") as tmp:
-        _pip("wheel", "--no-deps", "--quiet", "--wheel-dir", tmp, str(source), what=f"building the wheel of {source}")
+        # setuptools builds in the source tree (build/, *.egg-info): a copy keeps the checkout
+        # clean and keeps files deleted since an earlier build out of this wheel.
+        tree = Path(tmp) / "src"
+        shutil.copytree(source, tree, ignore=shutil.ignore_patterns(*SOURCE_IGNORE))
+        _pip("wheel", "--no-deps", "--quiet", "--wheel-dir", tmp, str(tree), what=f"building the wheel of {source}")
         built = sorted(Path(tmp).glob("edgefleet-*.whl"))
         if len(built) != 1:
             raise ReleaseError(f"expected one edgefleet wheel from {source}, got {[p.name for p in built]}")

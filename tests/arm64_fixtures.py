@@ -322,15 +322,34 @@ class MemoryCgroup:
 # ---------------------------------------------------------------- running programs on the device
 
 # Mount what programs expect (/proc for RSS and CPU figures, /dev, /sys for the CPU layout) in a
-# private mount namespace, so nothing stays mounted on the host, then chroot.
+# private mount namespace, so nothing stays mounted on the host, then chroot. qemu-user 7 passes
+# the host's x86 /proc/cpuinfo through, and onnxruntime's cpuinfo library crashes (SIGSEGV at
+# import) parsing it as ARM's: the device sees a Raspberry Pi 4's instead, as on the real board.
 _ENTER = """
 set -e
-root=$1; shift
+root=$1; cpuinfo=$2; shift 2
 mount -t proc proc "$root/proc"
+mount --bind "$cpuinfo" "$root/proc/cpuinfo"
 mount --rbind /dev "$root/dev"
 mount --rbind /sys "$root/sys"
 exec chroot "$root" "$@"
 """
+
+PI4_PROCESSOR = """processor\t: {n}
+BogoMIPS\t: 108.00
+Features\t: fp asimd evtstrm crc32 cpuid
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x0
+CPU part\t: 0xd08
+CPU revision\t: 3
+"""
+PI4_BOARD = "Hardware\t: BCM2835\nRevision\t: c03111\nModel\t\t: Raspberry Pi 4 Model B Rev 1.1\n"
+QEMU_CPU = "cortex-a72"  # the Raspberry Pi 4's core: onnxruntime picks the kernels it would there
+
+
+def pi4_cpuinfo(cpus: int) -> str:
+    return "\n".join(PI4_PROCESSOR.format(n=n) for n in range(cpus)) + "\n" + PI4_BOARD
 
 DEVICE_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
@@ -338,6 +357,7 @@ DEVICE_ENV = {
     "LANG": "C.UTF-8",
     "PYTHONUNBUFFERED": "1",
     "MALLOC_ARENA_MAX": "2",  # as edgefleet-agent.service runs the agent
+    "QEMU_CPU": QEMU_CPU,
 }
 
 
@@ -354,6 +374,7 @@ class Device:
         layers = Path(tempfile.mkdtemp(prefix="arm64-device-", dir=scratch))
         for name in ("upper", "work", "merged"):
             (layers / name).mkdir()
+        (layers / "cpuinfo").write_text(pi4_cpuinfo(os.cpu_count() or 1))
         options = f"lowerdir={base},upperdir={layers / 'upper'},workdir={layers / 'work'}"
         proc = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(layers / "merged")],
                               capture_output=True, text=True)
@@ -371,7 +392,7 @@ class Device:
         """Start `argv` inside the root under emulation (in `cgroup` when given)."""
         env_args = [f"{k}={v}" for k, v in {**DEVICE_ENV, **(env or {})}.items()]
         cmd = ["unshare", "--mount", "--fork", "--kill-child=SIGTERM", "--", "sh", "-c", _ENTER, "sh",
-               str(self.root), "/usr/bin/env", "-i", *env_args, *argv]
+               str(self.root), str(self.layers / "cpuinfo"), "/usr/bin/env", "-i", *env_args, *argv]
         return subprocess.Popen(cmd, preexec_fn=cgroup.enter if cgroup else None, start_new_session=True, **kwargs)
 
     def run(self, argv: list[str], env: dict[str, str] | None = None, cgroup: MemoryCgroup | None = None,
