@@ -159,14 +159,8 @@ def upload_bundle(svc: Services, data: bytes) -> dict[str, Any]:
             409,
         )
     rel = Path("bundles") / f"{sha}.efb"
-    path = svc.config.data_dir / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    _write_bundle(svc.config.data_dir / rel, data)
+    svc.storage.put_bundle(sha, data)  # before the row: a registered model always has its bytes
     row = {
         "name": name,
         "version": version,
@@ -200,9 +194,26 @@ def model_detail(svc: Services, name: str, version: str) -> dict[str, Any]:
     return {**model_summary(svc, row), "manifest": row["manifest"]}
 
 
+def _write_bundle(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def bundle_file(svc: Services, name: str, version: str) -> tuple[Path, dict[str, Any]]:
+    """The bundle's file in this node's data dir; a bundle uploaded through another node sharing
+    the database is fetched from storage once and cached here (content-addressed, immutable)."""
     row = get_model(svc, name, version)
-    return svc.config.data_dir / row["file"], row
+    path = svc.config.data_dir / row["file"]
+    if not path.is_file():
+        data = svc.storage.bundle_bytes(row["sha256"])
+        if data is not None and hashlib.sha256(data).hexdigest() == row["sha256"]:
+            _write_bundle(path, data)
+    return path, row
 
 
 def effective_policy(svc: Services, row: dict[str, Any] | None) -> DriftPolicy:

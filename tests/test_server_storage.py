@@ -321,7 +321,7 @@ def test_postgres_nodes_starting_together_migrate_once(pg_url):
     assert not errors and len(opened) == 4
     with psycopg.connect(pg_url) as conn:
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
-    assert versions == [1]
+    assert versions == [1, 2]
     for s in opened:
         s.close()
 
@@ -370,3 +370,13 @@ def test_backup_of_a_postgresql_deployment_points_to_postgresql_tooling(tmp_path
     with pytest.raises(BackupError, match="pg_dump"):
         create_backup(data_dir, tmp_path / "backup.tar.gz")
     assert not (tmp_path / "backup.tar.gz").exists()
+
+
+def test_bundle_bytes_are_kept_by_a_shared_database_only(storage):
+    data = bytes(range(256)) * 10
+    sha = hashlib.sha256(data).hexdigest()
+    storage.put_bundle(sha, data)
+    storage.put_bundle(sha, data)  # idempotent (two nodes, one upload retried)
+    shared = not isinstance(storage, SqliteStorage)
+    assert storage.bundle_bytes(sha) == (data if shared else None)
+    assert storage.bundle_bytes("0" * 64) is None

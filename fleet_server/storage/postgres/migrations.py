@@ -325,6 +325,16 @@ CREATE INDEX feedback_stored ON feedback(model, stored_at);
 INSERT INTO meta(key, value) VALUES ('devices_generation', '0');
 """))
 
+# Model bundles in the database, so that every node serves downloads (each caches the file in
+# its data dir's bundles/ on first use, content-addressed). SQLite deployments keep the file only.
+SCRIPTS.append(("0002_bundle_blobs", """
+CREATE TABLE bundle_blobs (
+    sha256 TEXT PRIMARY KEY,
+    size BIGINT NOT NULL,
+    data BYTEA NOT NULL
+);
+"""))
+
 
 def _number(name: str) -> int:
     return int(name.split("_", 1)[0])

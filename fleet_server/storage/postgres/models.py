@@ -23,6 +23,17 @@ class ModelsMixin(PostgresConnection):
             except IntegrityError as exc:
                 raise Conflict(f"model {row['name']} {row['version']} already exists") from exc
 
+    def put_bundle(self, sha256: str, data: bytes) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO bundle_blobs(sha256, size, data) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                (sha256, len(data), data),
+            )
+
+    def bundle_bytes(self, sha256: str) -> bytes | None:
+        row = self._one("SELECT data FROM bundle_blobs WHERE sha256 = %s", [sha256])
+        return bytes(row["data"]) if row else None
+
     def get_model(self, name: str, version: str) -> dict[str, Any] | None:
         rows = self._rows("SELECT * FROM models WHERE name = %s AND version = %s", [name, version])
         return decode(rows, "manifest", "policy")[0] if rows else None

@@ -23,6 +23,12 @@ class ModelsMixin(SqliteConnection):
             except IntegrityError as exc:
                 raise Conflict(f"model {row['name']} {row['version']} already exists") from exc
 
+    def put_bundle(self, sha256: str, data: bytes) -> None:
+        pass  # one machine: the data dir's bundles/ directory is the copy every process reads
+
+    def bundle_bytes(self, sha256: str) -> bytes | None:
+        return None
+
     def get_model(self, name: str, version: str) -> dict[str, Any] | None:
         rows = self._rows("SELECT * FROM models WHERE name = ? AND version = ?", [name, version])
         return decode(rows, "manifest", "policy")[0] if rows else None
