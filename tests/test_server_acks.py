@@ -21,6 +21,7 @@ from fleet_server.broker import MOSQUITTO
 from fleet_server.devices import provision_device
 from fleet_server.service import FleetServer
 from tests.brokers import wait_for_port
+from tests.postgres_fixtures import db_rows, every_backend, server_storage_url  # noqa: F401 - every backend
 from tests.server_fixtures import DeviceClient, make_config, shifted_window, wait_until
 
 EDGES = [[-1.0, 0.0, 1.0]] * 3
@@ -54,15 +55,16 @@ def test_ack_buffer_is_bounded_while_nothing_can_be_sent():
 
 
 @pytest.fixture
-def acking_fleet(tmp_path):
-    server = FleetServer(make_config(tmp_path / "server", ack_interval_s=0.2)).start()
+def acking_fleet(request, tmp_path, backend):
+    storage_url = server_storage_url(request, backend)
+    server = FleetServer(make_config(tmp_path / "server", ack_interval_s=0.2, storage_url=storage_url)).start()
     wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
     yield server
     server.stop()
 
 
 def count(svc, sql: str) -> int:
-    return next(iter(svc.storage.db.query(sql)))["n"]
+    return db_rows(svc.storage, sql)[0][0]
 
 
 def acked(dev: DeviceClient) -> list[int]:
@@ -164,7 +166,7 @@ def test_windows_a_restarted_broker_took_before_ingest_resubscribed_are_resent_a
         wait_until(lambda: ingest.connected.is_set(), 20, message="ingest back")
 
         def stored() -> list[int]:
-            return [r["seq"] for r in svc.storage.db.query("SELECT seq FROM seqs WHERE device = 'dev-k'")]
+            return [r[0] for r in db_rows(svc.storage, "SELECT seq FROM seqs WHERE device = 'dev-k'")]
 
         # Not acknowledged by the server within resend_after_s: sent again, and stored.
         wait_until(lambda: lost_at_broker <= set(stored()), 30, message="the windows the broker dropped stored")
@@ -173,7 +175,7 @@ def test_windows_a_restarted_broker_took_before_ingest_resubscribed_are_resent_a
         stop.set()
         ticker.join(5)
         next_seq, dropped = agent.outbox.next_seq, agent.outbox.dropped_total
-        windows = [r["seq"] for r in svc.storage.db.query("SELECT seq FROM windows WHERE device = 'dev-k'")]
+        windows = [r[0] for r in db_rows(svc.storage, "SELECT seq FROM windows WHERE device = 'dev-k'")]
         assert dropped == 0
         # Every window or event the device made is stored exactly once: no gap, no double.
         assert sorted(stored()) == list(range(first, next_seq)), sorted(set(range(first, next_seq)) - set(stored()))

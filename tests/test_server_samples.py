@@ -10,8 +10,9 @@ import pytest
 from edge_agent.protocol import SampleRow, TelemetryWindow, encode
 from fleet_server.registry import trust_key, upload_bundle
 from fleet_server.service import FleetServer
-from fleet_server.storage.sqlite import SqliteStorage
 from fleet_server.storage import IngestBatch
+from fleet_server.storage.open import open_storage
+from tests.postgres_fixtures import backend_url, db_rows, every_backend, server_storage_url  # noqa: F401 - every backend
 from tests.server_fixtures import (
     FEATURES,
     DeviceClient,
@@ -30,9 +31,10 @@ KEEP = 20  # samples_per_device of the small fleet
 
 
 @pytest.fixture
-def small_fleet(tmp_path):
+def small_fleet(request, tmp_path, backend):
     """The whole server keeping only KEEP sampled rows per device."""
-    server = FleetServer(make_config(tmp_path / "server", samples_per_device=KEEP)).start()
+    storage_url = server_storage_url(request, backend)
+    server = FleetServer(make_config(tmp_path / "server", samples_per_device=KEEP, storage_url=storage_url)).start()
     wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
     yield ServerHandle(server)
     server.stop()
@@ -110,7 +112,7 @@ def test_only_the_newest_rows_are_kept_per_device(small_fleet):
         assert [r["seq"] for r in rows] == [10] * 6 + [9] * 6 + [8] * 6 + [7] * 2
         assert [r["x"][0] for r in rows] == [r["seq"] for r in rows]
         # Storage itself is bounded: what is left beyond K is at most one window's rows.
-        kept = fleet.svc.storage.db.execute("SELECT seq FROM samples WHERE device = 'dev-a' ORDER BY seq").fetchall()
+        kept = db_rows(fleet.svc.storage, "SELECT seq FROM samples WHERE device = 'dev-a' ORDER BY seq")
         assert [s for (s,) in kept] == [7, 8, 9, 10]
         assert stored_rows(fleet, "dev-b") == 3  # another device's bound is its own
         r = fleet.api("get", "/api/v1/devices/dev-a/samples?limit=1000", "viewer").json()
@@ -149,8 +151,8 @@ def test_bandwidth_counts_the_payload_bytes_sent(fleet):
         dev.close()
 
 
-def test_no_rows_are_kept_when_samples_per_device_is_zero(tmp_path):
-    storage = SqliteStorage(tmp_path / "fleet.db")
+def test_no_rows_are_kept_when_samples_per_device_is_zero(request, tmp_path, backend):
+    storage = open_storage(backend_url(request, backend, tmp_path))
     try:
         storage.store_batch(IngestBatch(windows=[(sampled_window("a", 1, 4), 1.0, 900)]), 60.0, 2.0,
                             samples_per_device=0)
