@@ -18,10 +18,10 @@ import zlib
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import msgspec
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from model_tools.errors import (
     BundleError,
@@ -33,6 +33,12 @@ from model_tools.feeds import feeds_from_columns
 from model_tools.manifest import Manifest, ManifestError, decode_manifest, encode_manifest
 from model_tools.signing import key_id as _key_id
 from model_tools.signing import sign, verify_signature
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 __all__ = [
     "GOLDEN",

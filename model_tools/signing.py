@@ -4,6 +4,9 @@ Devices only read public keys and verify. Reading a public key parses its PEM he
 SubjectPublicKeyInfo is a fixed 12-byte DER prefix and the 32-byte key), so a device never imports
 `cryptography.hazmat.primitives.serialization`, which pulls in the SSH key formats, bcrypt and the
 ciphers (~1 MiB of RSS). Key generation and private keys (a laptop's work) import it when called.
+`cryptography` itself is imported only where a key object is made or used: the agent holds raw
+public keys (`raw_public_key_from_pem`) whose `verifies` runs in a short-lived child process
+(edge_agent.signatures), so its long-lived process never maps the library (~7 MiB of RSS).
 """
 
 from __future__ import annotations
@@ -14,14 +17,15 @@ import hashlib
 import os
 from collections.abc import Collection, Iterable
 from pathlib import Path
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+from typing import TYPE_CHECKING
 
 from model_tools.errors import SignatureError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 __all__ = [
     "SignatureError",
@@ -31,6 +35,7 @@ __all__ = [
     "load_public_key",
     "load_public_keys",
     "public_key_from_pem",
+    "raw_public_key_from_pem",
     "save_private_key",
     "save_public_key",
     "sign",
@@ -40,6 +45,8 @@ __all__ = [
 
 def generate_keypair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
     """A fresh Ed25519 key pair."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     private = Ed25519PrivateKey.generate()
     return private, private.public_key()
 
@@ -84,6 +91,7 @@ def save_public_key(key: Ed25519PublicKey, path: str | os.PathLike[str]) -> Path
 def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     """Read a PEM private key written by `save_private_key` (or `openssl genpkey -algorithm ed25519`)."""
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
@@ -99,7 +107,14 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
 
 
 def public_key_from_pem(pem: bytes | str) -> Ed25519PublicKey:
-    """An Ed25519 public key from its SubjectPublicKeyInfo PEM ("-----BEGIN PUBLIC KEY-----").
+    """An Ed25519 public key from its SubjectPublicKeyInfo PEM ("-----BEGIN PUBLIC KEY-----")."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    return Ed25519PublicKey.from_public_bytes(raw_public_key_from_pem(pem))
+
+
+def raw_public_key_from_pem(pem: bytes | str) -> bytes:
+    """The 32 raw bytes of an Ed25519 public key from its SubjectPublicKeyInfo PEM (stdlib only).
 
     The first PUBLIC KEY block is read (text around it is ignored, as cryptography's loader
     does); its DER must be exactly the 12-byte Ed25519 prefix and the 32 key bytes. Raises
@@ -121,11 +136,18 @@ def public_key_from_pem(pem: bytes | str) -> Ed25519PublicKey:
             "not an Ed25519 public key: an Ed25519 SubjectPublicKeyInfo is 44 bytes starting "
             f"{ED25519_SPKI_PREFIX.hex()}, this one is {len(der)} bytes starting {der[:12].hex()}"
         )
-    return Ed25519PublicKey.from_public_bytes(der[len(ED25519_SPKI_PREFIX) :])
+    return der[len(ED25519_SPKI_PREFIX) :]
 
 
 def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
     """Read a PEM public key written by `save_public_key` (or `openssl pkey -pubout`)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    return Ed25519PublicKey.from_public_bytes(load_public_key_raw(path))
+
+
+def load_public_key_raw(path: str | os.PathLike[str]) -> bytes:
+    """The raw 32 bytes of the PEM public key in `path` (stdlib only; errors name the file)."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -133,7 +155,7 @@ def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
             f"cannot read public key {path}: {exc}; pass the .pub file written by 'edgefleet model keygen'"
         ) from exc
     try:
-        return public_key_from_pem(data)
+        return raw_public_key_from_pem(data)
     except SignatureError as exc:
         raise SignatureError(
             f"{path} is not a usable public key: {exc}; pass the .pub file written by 'edgefleet model keygen'"
@@ -147,9 +169,24 @@ def load_public_keys(paths: Iterable[str | os.PathLike[str]]) -> list[Ed25519Pub
 
 def key_id(public_key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
     """Short, stable id of a key: the first 16 hex digits of sha256 over the raw public bytes."""
-    if isinstance(public_key, Ed25519PrivateKey):
+    if not hasattr(public_key, "public_bytes_raw"):  # a private key (or anything with a public half)
         public_key = public_key.public_key()
     return hashlib.sha256(public_key.public_bytes_raw()).hexdigest()[:16]
+
+
+def _verifies(key: Ed25519PublicKey, signature: bytes, data: bytes) -> bool:
+    """Whether `key` verifies `signature` over `data`. A key object may do it itself
+    (`verifies`, e.g. out of process); a cryptography key raises InvalidSignature."""
+    own = getattr(key, "verifies", None)
+    if own is not None:
+        return bool(own(signature, data))
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        key.verify(signature, data)
+    except InvalidSignature:
+        return False
+    return True
 
 
 def sign(private_key: Ed25519PrivateKey, data: bytes) -> bytes:
@@ -176,9 +213,7 @@ def verify_signature(
     if not signature:
         raise SignatureError("the bundle is not signed: sign it with --sign-key when converting")
     for key in keys:
-        try:
-            key.verify(signature, data)
-        except InvalidSignature:
+        if not _verifies(key, signature, data):
             continue
         kid = key_id(key)
         if kid in revoked_key_ids:
