@@ -16,6 +16,7 @@ from fleet_server.config import load_config
 from fleet_server.devices import provision_device
 from fleet_server.service import bootstrap
 from tests.brokers import free_port, wait_until
+from tests.postgres_fixtures import db_rows, every_backend, server_storage_url  # noqa: F401 - every backend
 from tests.server_fixtures import DeviceClient, shifted_window
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -41,17 +42,20 @@ def up(proc: subprocess.Popen, port: int) -> bool:
         return False
 
 
-def test_kill_9_and_restart_loses_no_acknowledged_message(tmp_path):
+def test_kill_9_and_restart_loses_no_acknowledged_message(request, tmp_path, backend):
     data_dir = tmp_path / "server"
     http_port, broker_port = free_port(), free_port()
     (data_dir).mkdir()
-    (data_dir / "server.toml").write_text("bucket_s = 1.0\nalert_interval_s = 0.5\n")
+    storage_url = server_storage_url(request, backend)
+    (data_dir / "server.toml").write_text(
+        "bucket_s = 1.0\nalert_interval_s = 0.5\n" + (f'storage_url = "{storage_url}"\n' if storage_url else "")
+    )
     svc = bootstrap(load_config(data_dir, broker_port=broker_port))
     password = provision_device(svc, "dev-k").password
     token_storage = svc.storage
 
     def stored() -> set[int]:
-        return {r["seq"] for r in token_storage.db.query("SELECT seq FROM windows WHERE device = 'dev-k'")}
+        return {r[0] for r in db_rows(token_storage, "SELECT seq FROM windows WHERE device = 'dev-k'")}
 
     def ingest_connected() -> bool:
         workers = token_storage.worker_stats()
