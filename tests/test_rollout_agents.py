@@ -35,6 +35,7 @@ from tests.agent_fixtures import (
     keypair,
     public_pem,
 )
+from tests.postgres_fixtures import every_backend, server_storage_url  # noqa: F401 - the main paths on every backend
 from tests.server_fixtures import ServerHandle, make_config, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -219,8 +220,8 @@ def stage(percent: float, mode: str = "live", soak: float = 0.6) -> dict[str, An
     return {"percent": percent, "mode": mode, "min_soak_s": soak}
 
 
-def test_good_model_goes_through_every_stage(tmp_path):
-    fleet = start_fleet(tmp_path, 6)
+def test_good_model_goes_through_every_stage(request, tmp_path, backend):
+    fleet = start_fleet(tmp_path, 6, storage_url=server_storage_url(request, backend))
     try:
         upload_bundle(fleet.svc, bundle_bytes("lr", "2.0.0"))
         status = rollouts.create_rollout(fleet.svc, plan("2.0.0", [
@@ -249,8 +250,8 @@ def test_good_model_goes_through_every_stage(tmp_path):
         fleet.close()
 
 
-def test_wrong_model_is_paused_at_first_live_stage_and_rolled_back(tmp_path):
-    fleet = start_fleet(tmp_path, 6)
+def test_wrong_model_is_paused_at_first_live_stage_and_rolled_back(request, tmp_path, backend):
+    fleet = start_fleet(tmp_path, 6, storage_url=server_storage_url(request, backend))
     try:
         upload_bundle(fleet.svc, custom_bundle("shuffled", "2.0.0"))
         rid = rollouts.create_rollout(fleet.svc, plan("2.0.0", [stage(34), stage(100)]))["id"]
