@@ -26,7 +26,7 @@ from fleet_server.cli import server as server_cli
 from fleet_server.config import ServerConfig
 from fleet_server.devices import DeviceError, agent_config_toml, loss_summary, parse_tags
 from fleet_server.storage import Conflict, IngestBatch, StorageError
-from fleet_server.storage.open import open_storage
+from fleet_server.storage.open import open_storage, sqlite_url
 from fleet_server.storage.sqlite import SqliteStorage
 from fleet_server.telemetry import BucketSums, sum_rows
 from tests.brokers import free_port
@@ -380,3 +380,16 @@ def test_bundle_bytes_are_kept_by_a_shared_database_only(storage):
     shared = not isinstance(storage, SqliteStorage)
     assert storage.bundle_bytes(sha) == (data if shared else None)
     assert storage.bundle_bytes("0" * 64) is None
+
+
+def test_storage_url_comes_from_the_option_then_the_environment_then_server_toml(tmp_path, monkeypatch):
+    from fleet_server.config import load_config
+
+    (tmp_path / "server.toml").write_text('storage_url = "postgresql://file@db:5432/fleet"\n')
+    assert load_config(tmp_path).storage_location == "postgresql://file@db:5432/fleet"
+    monkeypatch.setenv("EDGEFLEET_STORAGE_URL", "postgresql://env@db:5432/fleet")
+    assert load_config(tmp_path).storage_location == "postgresql://env@db:5432/fleet"
+    assert load_config(tmp_path, storage_url="sqlite:///x/fleet.db").storage_location == "sqlite:///x/fleet.db"
+    monkeypatch.delenv("EDGEFLEET_STORAGE_URL")
+    (tmp_path / "server.toml").write_text("")
+    assert load_config(tmp_path).storage_location == sqlite_url(tmp_path / "fleet.db")
