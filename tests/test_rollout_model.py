@@ -176,7 +176,7 @@ STATUS_CASES = [
 
 @pytest.mark.parametrize("reported,failure,expected", [c[1:] for c in STATUS_CASES], ids=[c[0] for c in STATUS_CASES])
 def test_device_status_counts_a_device_about_to_retry_as_updating(reported, failure, expected):
-    from fleet_server.rollouts import _device_status
+    from fleet_server.rollouts.device_status import device_status as _device_status
 
     device = {"reported": reported, "status": "online"}
     assert _device_status("r1", "2", MEMBER, device, failure, now=110.0, timeout_s=60.0) == expected
