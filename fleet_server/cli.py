@@ -115,10 +115,13 @@ def run(data_dir: Path, listen: str | None, mqtt_url: str | None, managed_broker
 @click.option("--mqtt-url", help="Broker URL (default: the managed broker's loopback port).")
 @click.option("--worker-id", default="1", show_default=True,
               help="Distinct per ingest process: it names the persistent MQTT session.")
+@click.option("--storage-url", help="The server's database (default: from server.toml or EDGEFLEET_STORAGE_URL, "
+              "else DATA_DIR/fleet.db).")
 @user_errors
-def ingest(data_dir: Path, mqtt_url: str | None, worker_id: str) -> None:
+def ingest(data_dir: Path, mqtt_url: str | None, worker_id: str, storage_url: str | None) -> None:
     """Run an extra ingest-only process sharing the telemetry subscription and the database."""
-    config = load_config(data_dir, worker_id=worker_id)
+    config = load_config(data_dir, worker_id=worker_id, storage_url=storage_url)
+    check_storage(config.storage_location)
     # Never start a second managed broker: connect to the running one (or the given URL).
     config.mqtt_url = mqtt_url or f"mqtt://{config.broker_host}:{config.broker_port}"
     _serve(config, http=False, loops=False)

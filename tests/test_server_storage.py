@@ -361,6 +361,10 @@ def test_server_run_with_an_unusable_storage_url_says_what_to_check_and_writes_n
     result = CliRunner().invoke(server_cli, ["run", "--data-dir", str(data_dir)],
                                 env={"EDGEFLEET_STORAGE_URL": "mysql://somewhere"})
     assert result.exit_code != 0 and "storage_url" in result.output and not data_dir.exists()
+    result = CliRunner().invoke(server_cli, ["ingest", "--data-dir", str(data_dir), "--storage-url",
+                                             pg_cluster.url("postgres", password="wrong")])
+    assert result.exit_code != 0 and len(result.output.strip().splitlines()) == 1 and "password" in result.output
+    assert not data_dir.exists()
 
 
 def test_backup_of_a_postgresql_deployment_points_to_postgresql_tooling(tmp_path):
