@@ -397,3 +397,17 @@ def test_storage_url_comes_from_the_option_then_the_environment_then_server_toml
     monkeypatch.delenv("EDGEFLEET_STORAGE_URL")
     (tmp_path / "server.toml").write_text("")
     assert load_config(tmp_path).storage_location == sqlite_url(tmp_path / "fleet.db")
+
+
+def test_postgres_storage_carries_on_after_the_database_restarts(pg_cluster, pg_url):
+    s = open_storage(pg_url)
+    try:
+        s.insert_device("a", "default", {}, "h", "b", 1.0)
+        assert s.store_batch(IngestBatch(windows=[(window("a", 1), 1.0, 100)]), 60.0, 1.0).stored_windows == 1
+        pg_cluster.restart()  # every pooled connection is now dead
+        result = s.store_batch(IngestBatch(windows=[(window("a", 1), 1.0, 100), (window("a", 2), 1.0, 100)]),
+                               60.0, 2.0)
+        assert (result.stored_windows, result.duplicates) == (1, 1)
+        assert s.seq_stats("a")[0]["received"] == 2
+    finally:
+        s.close()

@@ -104,7 +104,7 @@ def connect_error(url: str, exc: Exception) -> StorageError:
 class PostgresConnection:
     """The pool and the transaction and row helpers."""
 
-    def __init__(self, url: str, *, migrate: bool = True, max_size: int = 10, connect_timeout: float = 10.0) -> None:
+    def __init__(self, url: str, *, migrate: bool = True, max_size: int = 16, connect_timeout: float = 10.0) -> None:
         self.url = url
         try:
             # One plain connection first: a wrong URL, password or host fails here with its own
@@ -121,8 +121,10 @@ class PostgresConnection:
         except psycopg.ProgrammingError as exc:  # e.g. an invalid connection string
             raise StorageError(f"invalid PostgreSQL storage_url: {exc} (expected postgresql://user@host:port/db)") \
                 from exc
+        # check: a connection is tested as it leaves the pool, so that after a database restart
+        # (or a dropped connection) a call gets a fresh one instead of failing once.
         self.pool = ConnectionPool(url, min_size=1, max_size=max_size, open=False, name="edgefleet",
-                                   kwargs={"row_factory": dict_row})
+                                   kwargs={"row_factory": dict_row}, check=ConnectionPool.check_connection)
         self.pool.open(wait=True, timeout=connect_timeout)
 
     @contextmanager
