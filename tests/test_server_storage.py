@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import sqlite3
 import threading
 import tomllib
 
@@ -411,3 +412,13 @@ def test_postgres_storage_carries_on_after_the_database_restarts(pg_cluster, pg_
         assert s.seq_stats("a")[0]["received"] == 2
     finally:
         s.close()
+
+
+def test_sqlite_refuses_a_database_a_newer_edgefleet_migrated(tmp_path):
+    SqliteStorage(tmp_path / "fleet.db").close()
+    with sqlite3.connect(tmp_path / "fleet.db") as conn:
+        conn.execute("INSERT INTO _sqlite_migrations(migration_set, name, applied_at) "
+                     "VALUES ('edgefleet', '0999_future', '2030-01-01')")
+    with pytest.raises(StorageError, match="newer than this edgefleet knows") as info:
+        open_storage(sqlite_url(tmp_path / "fleet.db"))
+    assert "permissions" not in str(info.value)

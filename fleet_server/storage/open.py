@@ -45,6 +45,8 @@ def open_storage(url: str, *, migrate: bool = True) -> Storage:
             raise StorageError("storage_url sqlite:/// needs a file path, e.g. sqlite:///var/lib/edgefleet/fleet.db")
         try:
             return SqliteStorage(Path(path), migrate=migrate)
+        except StorageError:
+            raise
         except Exception as exc:  # sqlite3.Error, OSError: the file or its directory
             raise StorageError(f"cannot open SQLite storage {path}: {exc} (check the path and its permissions)") \
                 from exc

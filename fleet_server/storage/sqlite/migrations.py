@@ -11,6 +11,8 @@ from collections.abc import Callable
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
+from fleet_server.storage.base import StorageError
+
 MIGRATIONS_TABLE = Migrations.migrations_table
 
 SCRIPTS: list[tuple[str, str]] = []  # (name, SQL script), applied in this order
@@ -425,5 +427,13 @@ for _name, _script in SCRIPTS:
 
 
 def apply(db: Database) -> None:
-    """Bring the schema up to date (idempotent; safe to call from every process)."""
+    """Bring the schema up to date (idempotent; safe to call from every process). Refuses a
+    database that a newer edgefleet migrated: this code cannot know what its tables mean."""
+    known = {name for name, _ in SCRIPTS}
+    unknown = [m.name for m in migrations.applied(db) if m.name not in known]
+    if unknown:
+        raise StorageError(
+            f"the database has schema migration(s) {', '.join(unknown)}, newer than this edgefleet knows: "
+            "upgrade edgefleet, or use another data dir"
+        )
     migrations.apply(db)
