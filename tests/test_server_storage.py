@@ -322,7 +322,7 @@ def test_postgres_nodes_starting_together_migrate_once(pg_url):
     assert not errors and len(opened) == 4
     with psycopg.connect(pg_url) as conn:
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
-    assert versions == [1, 2]
+    assert versions == [1, 2, 3]
     for s in opened:
         s.close()
 
@@ -422,3 +422,28 @@ def test_sqlite_refuses_a_database_a_newer_edgefleet_migrated(tmp_path):
     with pytest.raises(StorageError, match="newer than this edgefleet knows") as info:
         open_storage(sqlite_url(tmp_path / "fleet.db"))
     assert "permissions" not in str(info.value)
+
+
+def test_postgres_device_password_rotation_and_told_versions(pg_url):
+    s = open_storage(pg_url)
+    try:
+        s.insert_device("a", "default", {}, "old-hash", "old-broker", 1.0)
+        s.put_rotation("a", "rot-1", "olga", 2.0, 100.0)
+        assert [r["rotation_id"] for r in s.rotations_to_announce(3.0)] == ["rot-1"]
+        s.mark_rotation_notified("a", "rot-1", 3.0)
+        assert s.rotations_to_announce(3.0) == []
+        assert not s.confirm_rotation("a", "rot-1", 4.0)  # nothing issued yet
+        assert s.issue_rotation("a", "rot-1", "new-hash", "new-broker", 4.0)
+        generation = s.devices_generation()
+        assert s.confirm_rotation("a", "rot-1", 5.0)
+        assert not s.confirm_rotation("a", "rot-1", 6.0)  # once
+        assert s.device_password_hash("a") == "new-hash" and dict(s.broker_accounts())["a"] == "new-broker"
+        assert s.devices_generation() == generation + 1
+        row = s.get_rotation("a")
+        assert row["confirmed_at"] == 5.0 and row["password_hash"] is None
+        s.put_rotation("a", "rot-2", "olga", 7.0, 100.0)  # a new rotation replaces the row
+        assert s.get_rotation("a")["confirmed_at"] is None
+        s.put_device_desired("a", {"model": "m", "version": "2", "mode": "live", "published_at": 8.0})
+        assert s.device_told_versions("a") == {("m", "2")}
+    finally:
+        s.close()

@@ -3,7 +3,8 @@
 Mirrors `fleet_server.storage.sqlite` file for file: connection (the psycopg pool, transactions,
 query helpers, advisory locks), devices, ingest (the write path and retention), telemetry
 (reads), buckets (drift buckets and feedback), models (models, keys, tokens), alerts (alerts,
-webhooks), console (operators, sessions, audit, search), rollouts, migrations and backup.
+webhooks), console (operators, sessions, audit, search), rollouts, credentials (password rotations,
+download authorization), migrations and backup.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from fleet_server.storage.postgres.alerts import AlertsMixin
 from fleet_server.storage.postgres.backup import BackupMixin
 from fleet_server.storage.postgres.buckets import BucketsMixin
 from fleet_server.storage.postgres.console import ConsoleMixin
+from fleet_server.storage.postgres.credentials import CredentialsMixin
 from fleet_server.storage.postgres.ingest import IngestMixin
 from fleet_server.storage.postgres.models import ModelsMixin
 from fleet_server.storage.postgres.rollouts import RolloutsMixin
@@ -26,6 +28,7 @@ class PostgresStorage(
     ModelsMixin,
     AlertsMixin,
     RolloutsMixin,
+    CredentialsMixin,
     BackupMixin,
 ):
     """Storage on one PostgreSQL database through a connection pool; share one instance between

@@ -133,9 +133,10 @@ class PostgresConnection:
         with self.pool.connection() as conn:
             yield conn
 
-    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    def _rows(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
+        values = {k: _param(v) for k, v in params.items()} if isinstance(params, dict) else [_param(p) for p in params]
         with self.pool.connection() as conn:
-            return conn.execute(sql, [_param(p) for p in params]).fetchall()
+            return conn.execute(sql, values).fetchall()
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
         rows = self._rows(sql, params)

@@ -335,6 +335,23 @@ CREATE TABLE bundle_blobs (
 );
 """))
 
+# Device password rotations: one row per device, its latest rotation; the pending hashes are
+# cleared once the device confirms the new password.
+SCRIPTS.append(("0003_device_rotations", """
+CREATE TABLE device_rotations (
+    device TEXT PRIMARY KEY,
+    rotation_id TEXT NOT NULL,
+    requested_by TEXT NOT NULL DEFAULT '',
+    requested_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL,
+    notified_at DOUBLE PRECISION,
+    issued_at DOUBLE PRECISION,
+    confirmed_at DOUBLE PRECISION,
+    password_hash TEXT,
+    broker_hash TEXT
+);
+"""))
+
 
 def _number(name: str) -> int:
     return int(name.split("_", 1)[0])
