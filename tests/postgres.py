@@ -31,7 +31,11 @@ class PostgresMissing(RuntimeError):
 
 def find_bindir() -> Path:
     """The directory of initdb/pg_ctl: the newest /usr/lib/postgresql/*/bin, else `pg_config --bindir`."""
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name))
+    def major(bindir: str) -> int:
+        name = Path(bindir).parent.name
+        return int(name) if name.isdigit() else 0
+
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=major)
     for bindir in reversed(candidates):
         if (Path(bindir) / "initdb").is_file() and (Path(bindir) / "pg_ctl").is_file():
             return Path(bindir)
