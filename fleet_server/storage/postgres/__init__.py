@@ -16,6 +16,7 @@ from fleet_server.storage.postgres.console import ConsoleMixin
 from fleet_server.storage.postgres.credentials import CredentialsMixin
 from fleet_server.storage.postgres.ingest import IngestMixin
 from fleet_server.storage.postgres.models import ModelsMixin
+from fleet_server.storage.postgres.nodes import NodesMixin
 from fleet_server.storage.postgres.rollouts import RolloutsMixin
 from fleet_server.storage.postgres.telemetry import TelemetryMixin
 
@@ -29,6 +30,7 @@ class PostgresStorage(
     AlertsMixin,
     RolloutsMixin,
     CredentialsMixin,
+    NodesMixin,
     BackupMixin,
 ):
     """Storage on one PostgreSQL database through a connection pool; share one instance between

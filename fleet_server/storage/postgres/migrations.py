@@ -352,6 +352,22 @@ CREATE TABLE device_rotations (
 );
 """))
 
+# Server nodes (fleet_server.cluster): each `server run` upserts its row on every heartbeat; a
+# row whose heartbeat is older than three of its intervals is a node that is gone.
+SCRIPTS.append(("0004_nodes", """
+CREATE TABLE nodes (
+    node_id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid BIGINT NOT NULL,
+    version TEXT NOT NULL,
+    url TEXT NOT NULL DEFAULT '',
+    started_at DOUBLE PRECISION NOT NULL,
+    heartbeat_at DOUBLE PRECISION NOT NULL,
+    heartbeat_s DOUBLE PRECISION NOT NULL,
+    leader BIGINT NOT NULL DEFAULT 0
+);
+"""))
+
 
 def _number(name: str) -> int:
     return int(name.split("_", 1)[0])

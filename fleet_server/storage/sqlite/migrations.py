@@ -414,6 +414,22 @@ SCRIPTS.append(("0009_reinstalls_retention", """
         ALTER TABLE seq_stats ADD COLUMN purged_upto INTEGER;
 """))
 
+# Server nodes (fleet_server.cluster): each `server run` upserts its row on every heartbeat; a
+# row whose heartbeat is older than three of its intervals is a node that is gone.
+SCRIPTS.append(("0011_nodes", """
+        CREATE TABLE nodes (
+            node_id TEXT PRIMARY KEY,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            version TEXT NOT NULL,
+            url TEXT NOT NULL DEFAULT '',
+            started_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL,
+            heartbeat_s REAL NOT NULL,
+            leader INTEGER NOT NULL DEFAULT 0
+        );
+"""))
+
 
 def _runner(script: str) -> Callable[[Database], None]:
     def run(db: Database) -> None:
