@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING
 
 from fleet_server.auth import PasswordChecker
 from fleet_server.config import ServerConfig
+from fleet_server.leadership import Leadership, SoleLeader
 from fleet_server.login_limiter import LoginLimiter
 from fleet_server.storage import Storage
 
 if TYPE_CHECKING:
     from fleet_server.broker import ManagedBroker
+    from fleet_server.cluster import Node
     from fleet_server.mqtt_link import Publisher
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,9 @@ class Services:
     # One rollout decision at a time: operator actions and the reconcile loop share this lock.
     rollouts_lock: threading.RLock = field(default_factory=threading.RLock)
     login_limiter: LoginLimiter = field(default_factory=LoginLimiter)
+    # Which node runs the singleton loops (fleet_server.leadership); one SQLite node always leads.
+    leadership: Leadership = field(default_factory=SoleLeader)
+    node: Node | None = None  # this node's heartbeat, when it runs as a server node
 
     def devices_changed(self) -> None:
         """The registry changed: a managed broker reloads its password file at once."""

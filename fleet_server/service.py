@@ -1,8 +1,12 @@
 """Composition root: build the services once (`bootstrap`) and run the whole server (`FleetServer`).
 
 `FleetServer` starts, in order, the managed broker (unless external), the MQTT publisher, the
-ingest worker, the background loops and the waitress HTTP server, and stops them in reverse.
-Tests and `edgefleet server run` use the same class.
+ingest worker, leadership and the node's heartbeat, the background loops and the waitress HTTP
+server, and stops them in reverse. Tests and `edgefleet server run` use the same class.
+
+Several nodes may run on one PostgreSQL database (docs/deployment.md): every node serves the API
+and ingests; the singleton loops (rollout controller, alert evaluation) run only on the node that
+holds leadership (`fleet_server.leadership`), which the root builds and hands to them.
 """
 
 from __future__ import annotations
@@ -12,22 +16,39 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from fleet_server.auth import PasswordChecker
 from fleet_server.broker import ManagedBroker
 from fleet_server.config import ServerConfig
 from fleet_server.context import Services
+from fleet_server.leadership import AdvisoryLockLeadership, FencedPublisher, Leadership, SoleLeader
 from fleet_server.login_limiter import LoginLimiter
 from fleet_server.mqtt_link import Publisher
-from fleet_server.storage.open import open_storage
+from fleet_server.storage.open import backend, open_storage
 
 log = logging.getLogger(__name__)
+
+# On a database server several ingest processes share `$share/ingest`. Mosquitto hands a shared
+# subscription's messages to every member that has a session, online or not, and queues an
+# offline member's share until it returns or its session expires; a node that is gone for good
+# would keep its share for session_expiry_s (a week by default). So on PostgreSQL an ingest
+# session outlives its process by at most this: a node restarted within it gets its unacknowledged
+# messages again from the broker; after it, they are dropped and the devices resend what no one
+# acknowledged (the end-to-end `ack`). A smaller session_expiry_s in server.toml applies as is.
+SHARED_INGEST_SESSION_EXPIRY_S = 30
 
 
 def bootstrap(config: ServerConfig, *, clock: Callable[[], float] = time.time) -> Services:
     """Open (and migrate) storage and build the services; starts no threads or processes."""
     config.ensure_dirs()
+    if backend(config.storage_location) == "postgresql" and config.worker_id == "0":
+        # Nodes on one database must not share an MQTT client id (each would take the other's
+        # session over) nor an ingest statistics row: the default worker id becomes the node id.
+        from fleet_server.cluster import node_id
+
+        config = replace(config, worker_id=node_id(config.data_dir))
     return Services(
         config=config,
         storage=open_storage(config.storage_location),
@@ -35,21 +56,56 @@ def bootstrap(config: ServerConfig, *, clock: Callable[[], float] = time.time) -
         passwords=PasswordChecker(),
         rollouts_lock=threading.RLock(),
         login_limiter=LoginLimiter(),
+        leadership=make_leadership(config),
     )
 
 
-class Loop:
-    """A named background thread calling `fn` every `interval` seconds until stopped."""
+def make_leadership(config: ServerConfig) -> Leadership:
+    """SQLite: the one node leads. PostgreSQL: an advisory lock, checked twice per loop interval of
+    the fastest singleton loop, so a takeover happens within one such interval of a leader's loss."""
+    url = config.storage_location
+    if backend(url) != "postgresql":
+        return SoleLeader()
+    fastest = min(config.rollout_interval_s, config.alert_interval_s)
+    return AdvisoryLockLeadership(url, check_s=max(0.05, min(fastest, 2.0) / 2), name=config.worker_id)
 
-    def __init__(self, name: str, interval: float, fn: Callable[[], Any]) -> None:
-        self.name, self.interval, self.fn = name, interval, fn
+
+def ingest_config(config: ServerConfig) -> ServerConfig:
+    """The ingest worker's settings: on a database several nodes share, a short MQTT session."""
+    if backend(config.storage_location) != "postgresql":
+        return config
+    return replace(config, session_expiry_s=min(config.session_expiry_s, SHARED_INGEST_SESSION_EXPIRY_S))
+
+
+class Loop:
+    """A named background thread calling `fn` every `interval` seconds until stopped.
+
+    With `leadership`, a singleton loop: each pass runs only while this node leads, inside
+    `leading_pass()` (leadership confirmed just before; publishing refused once lost)."""
+
+    def __init__(self, name: str, interval: float, fn: Callable[[], Any], *,
+                 leadership: Leadership | None = None) -> None:
+        self.name, self.interval, self.fn, self.leadership = name, interval, fn, leadership
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.passes = 0
+
+    def run_once(self) -> bool:
+        """One pass (when leading, for a singleton loop); True when it ran."""
+        if self.leadership is None:
+            self.fn()
+            self.passes += 1
+            return True
+        with self.leadership.leading_pass() as leading:
+            if leading:
+                self.fn()
+                self.passes += 1
+            return leading
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                self.fn()
+                self.run_once()
             except Exception:
                 log.exception("background loop %s failed; it keeps running", self.name)
 
@@ -80,6 +136,7 @@ class FleetServer:
         self.http, self.ingest_enabled, self.loops_enabled = http, ingest, loops
         self.ingest = None
         self.notifier = None
+        self.node = None  # fleet_server.cluster.Node once started (HTTP or loops)
         self.loops: list[Loop] = []
         self.wsgi = None
         self.https = None  # fleet_server.tls.HttpsServer when the API is served over TLS
@@ -111,29 +168,52 @@ class FleetServer:
             svc.broker = ManagedBroker(self.config, svc.storage)
             svc.broker.start()
         if self.mqtt:
-            svc.publisher = Publisher(self.config)
-            svc.publisher.start()
+            publisher = Publisher(self.config)
+            publisher.start()
+            svc.publisher = FencedPublisher(publisher, svc.leadership)  # type: ignore[assignment]
         if self.mqtt and self.ingest_enabled:
-            self.ingest = IngestWorker(self.config, svc.storage, clock=svc.clock)
+            self.ingest = IngestWorker(ingest_config(self.config), svc.storage, clock=svc.clock)
             self.ingest.start()
+        if self.loops_enabled or self.http:
+            self._start_node()
         if self.loops_enabled:
             self.notifier = Notifier(svc)
             self.notifier.start()
             notifier = self.notifier
-            self.loops.append(
-                Loop("alerts", self.config.alert_interval_s, lambda: notifier.submit(evaluate_closed(svc)))
-            )
+            lead = svc.leadership
+            loops = [Loop("alerts", self.config.alert_interval_s,
+                                   lambda: notifier.submit(evaluate_closed(svc)), leadership=lead)]
             if svc.publisher is not None:
                 from fleet_server.rollouts import reconcile
 
-                self.loops.append(Loop("rollouts", self.config.rollout_interval_s, lambda: reconcile(svc)))
+                loops.append(Loop("rollouts", self.config.rollout_interval_s, lambda: reconcile(svc),
+                                  leadership=lead))
             if svc.broker is not None:
-                self.loops.append(Loop("broker-sync", self.config.broker_sync_interval_s, svc.broker.reload_if_changed))
-            for loop in self.loops:
+                # Not a singleton: the managed broker is this node's own process, and only this node
+                # can rewrite its password file.
+                loops.append(Loop("broker-sync", self.config.broker_sync_interval_s, svc.broker.reload_if_changed))
+            for loop in loops:
                 loop.start()
+            self.loops.extend(loops)
         if self.http:
             self._start_http()
         return self
+
+    def _start_node(self) -> None:
+        """Leadership and the heartbeat that lists this node in `GET /api/v1/cluster`."""
+        from fleet_server.cluster import Node, node_id
+
+        svc = self.svc
+        svc.leadership.start()
+        interval = max(0.05, min(self.config.stats_interval_s, 5.0))
+        self.node = svc.node = Node(svc.storage, svc.leadership, node_id(self.config.data_dir), self.url, interval)
+        try:
+            self.node.beat()
+        except Exception:
+            log.exception("first heartbeat failed; the heartbeat loop retries")
+        heartbeat = Loop("heartbeat", interval, self.node.beat)
+        heartbeat.start()
+        self.loops.append(heartbeat)
 
     def _start_http(self) -> None:
         from waitress import create_server
@@ -178,6 +258,7 @@ class FleetServer:
                 waitress_log.setLevel(level)
         for loop in reversed(self.loops):
             loop.stop()
+        self.svc.leadership.stop()
         if self.notifier is not None:
             self.notifier.stop()
         if self.ingest is not None:

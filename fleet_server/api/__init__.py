@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from fleet_server.api import admin, alerts, devices, drift, models, openapi, performance, rollouts
+from fleet_server.api import (
+    admin,
+    alerts,
+    cluster,
+    devices,
+    drift,
+    models,
+    openapi,
+    performance,
+    rollouts,
+)
 
 BLUEPRINTS: list[Blueprint] = [
     devices.bp,
@@ -15,6 +25,7 @@ BLUEPRINTS: list[Blueprint] = [
     rollouts.bp,
     performance.bp,
     openapi.bp,
+    cluster.bp,
 ]
 
 __all__ = ["BLUEPRINTS"]

@@ -14,6 +14,11 @@ P = "path"
 # (method, path, summary, role or None, [(name, in, type, description)], request body media type)
 OPERATIONS: list[tuple[str, str, str, str | None, list[tuple[str, str, str, str]], str | None]] = [
     ("get", "/api/v1/health", "Liveness check", None, [], None),
+    ("get", "/api/v1/ready", "Readiness: 200 while this node reaches its database, else 503 naming it", None, [],
+     None),
+    ("get", "/api/v1/cluster",
+     "The server nodes: role (leader, follower, gone), version, last heartbeat; which node answered", "viewer",
+     [], None),
     ("get", "/api/v1/openapi.json", "This document", None, [], None),
     ("get", "/api/v1/devices", "List devices with filters", "viewer", [
         ("tag", Q, "string", "KEY=VALUE; repeat to require several tags"),

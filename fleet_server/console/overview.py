@@ -6,6 +6,7 @@ from flask import Blueprint, jsonify, redirect, url_for
 
 from fleet_server.api.common import require, services
 from fleet_server.auth import Role
+from fleet_server.cluster import cluster_view
 from fleet_server.console import data
 from fleet_server.console.web import page, render
 
@@ -26,4 +27,6 @@ def overview_page():
 @bp.get("/console/api/overview")
 @require(Role.VIEWER)
 def overview():
-    return jsonify(data.overview(services()))
+    svc = services()
+    # The deployment's server nodes: which leads, which are gone (fleet_server.cluster).
+    return jsonify({**data.overview(svc), "cluster": cluster_view(svc.storage)})

@@ -1,5 +1,5 @@
-// Fleet overview: device states, versions in use, open alerts, active rollouts, ingest health.
-import { api, chartDefaults, colors, el, fmtNum, fmtTime, kv, levelPill, poll, replace, rows, scopeLink, upsertChart } from "./lib.js";
+// Fleet overview: device states, versions in use, open alerts, active rollouts, ingest health, server nodes.
+import { api, chartDefaults, colors, el, fmtNum, fmtTime, kv, levelPill, pill, poll, replace, rows, scopeLink, upsertChart } from "./lib.js";
 import { rolloutSummaryRows } from "./rollout_common.js";
 
 chartDefaults();
@@ -42,6 +42,11 @@ async function refresh() {
     ["Lost (seq gaps)", fmtNum(ing.lost_messages)],
     ["Dropped by devices", fmtNum(ing.dropped_by_devices)],
   ]);
+  rows("#nodes-table tbody", o.cluster || [], (n) =>
+    el("tr", { class: n.gone ? "muted" : "" }, el("td", {}, n.node_id),
+      el("td", {}, n.role === "leader" ? pill("leader", "ok") : n.role === "gone" ? pill("gone", "bad") : "follower"),
+      el("td", {}, n.version), el("td", {}, `${n.host} (pid ${n.pid})`), el("td", {}, `${fmtTime(n.heartbeat_at)} (${fmtNum(n.heartbeat_age_s)} s ago)`)),
+    "No node has reported yet.");
   await refreshRollouts();
 }
 
