@@ -26,11 +26,12 @@ from fleet_server.backup import BackupError, create_backup
 from fleet_server.cli import server as server_cli
 from fleet_server.config import ServerConfig
 from fleet_server.devices import DeviceError, agent_config_toml, loss_summary, parse_tags
-from fleet_server.storage import Conflict, IngestBatch, StorageError
+from fleet_server.storage import Conflict, IngestBatch, StorageError, StorageUnavailable
 from fleet_server.storage.open import open_storage, sqlite_url
+from fleet_server.storage.postgres.migrations import SCRIPTS as PG_SCRIPTS
 from fleet_server.storage.sqlite import SqliteStorage
 from fleet_server.telemetry import BucketSums, sum_rows
-from tests.brokers import free_port
+from tests.brokers import free_port, wait_until
 from tests.postgres_fixtures import BACKENDS, backend_url
 
 
@@ -322,7 +323,7 @@ def test_postgres_nodes_starting_together_migrate_once(pg_url):
     assert not errors and len(opened) == 4
     with psycopg.connect(pg_url) as conn:
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
-    assert versions == [1, 2, 3]
+    assert versions == [number for number, _ in enumerate(PG_SCRIPTS, start=1)]  # each applied once
     for s in opened:
         s.close()
 
@@ -445,5 +446,32 @@ def test_postgres_device_password_rotation_and_told_versions(pg_url):
         assert s.get_rotation("a")["confirmed_at"] is None
         s.put_device_desired("a", {"model": "m", "version": "2", "mode": "live", "published_at": 8.0})
         assert s.device_told_versions("a") == {("m", "2")}
+    finally:
+        s.close()
+
+
+def test_postgres_down_is_storage_unavailable_naming_the_database_and_stores_nothing(pg_cluster, pg_url):
+    s = open_storage(pg_url)
+    try:
+        s.insert_device("a", "default", {}, "h", "b", 1.0)
+        s.pool.timeout = 2.0  # how long a call waits for a connection while the database is down
+        pg_cluster.stop()
+        try:
+            with pytest.raises(StorageUnavailable) as info:
+                s.store_batch(IngestBatch(windows=[(window("a", 1), 1.0, 100)]), 60.0, 1.0)
+            assert pg_url.rsplit("/", 1)[1] in str(info.value) and "\n" not in str(info.value)
+            with pytest.raises(StorageUnavailable):
+                s.get_device("a")
+        finally:
+            pg_cluster.restart()
+
+        def answers() -> bool:  # the pool reconnects with a backoff of its own
+            try:
+                return s.seq_stats("a") == []  # the refused batch left nothing
+            except StorageUnavailable:
+                return False
+
+        wait_until(answers, 30, interval=0.2, message="storage answers again after the restart")
+        assert s.store_batch(IngestBatch(windows=[(window("a", 1), 1.0, 100)]), 60.0, 2.0).stored_windows == 1
     finally:
         s.close()

@@ -14,6 +14,8 @@ from fleet_server.storage.base import (
     SnapshotFacts,
     Storage,
     StorageError,
+    StorageUnavailable,
 )
 
-__all__ = ["BatchResult", "Conflict", "IngestBatch", "Reject", "SnapshotFacts", "Storage", "StorageError"]
+__all__ = ["BatchResult", "Conflict", "IngestBatch", "Reject", "SnapshotFacts", "Storage", "StorageError",
+           "StorageUnavailable"]

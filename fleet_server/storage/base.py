@@ -24,6 +24,12 @@ class Conflict(StorageError):
     """A row with that key already exists."""
 
 
+class StorageUnavailable(StorageError):
+    """The database cannot be reached right now (stopped, restarting, network): nothing was
+    written by the call that raised it. The message names the database; callers answer 503 or
+    retry, and never acknowledge what they could not store."""
+
+
 @dataclass
 class Reject:
     reason: str

@@ -14,9 +14,9 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row, tuple_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
-from fleet_server.storage.base import StorageError
+from fleet_server.storage.base import StorageError, StorageUnavailable
 from fleet_server.storage.postgres.migrations import apply as apply_migrations
 from fleet_server.storage.query import decode, dumps, loads, where
 
@@ -129,13 +129,25 @@ class PostgresConnection:
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection]:
-        """One transaction on a pooled connection: committed on success, rolled back on error."""
-        with self.pool.connection() as conn:
-            yield conn
+        """One transaction on a pooled connection: committed on success, rolled back on error. A
+        database that cannot be reached raises StorageUnavailable (nothing was committed)."""
+        try:
+            with self.pool.connection() as conn:
+                yield conn
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: Exception) -> StorageUnavailable:
+        info = psycopg.conninfo.conninfo_to_dict(self.url)
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return StorageUnavailable(
+            f"PostgreSQL database {info.get('dbname', '')} at {info.get('host', 'localhost')}:"
+            f"{info.get('port', 5432)} is unavailable: {text}"
+        )
 
     def _rows(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
         values = {k: _param(v) for k, v in params.items()} if isinstance(params, dict) else [_param(p) for p in params]
-        with self.pool.connection() as conn:
+        with self._transaction() as conn:
             return conn.execute(sql, values).fetchall()
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
