@@ -345,6 +345,27 @@ def restore(data_dir: Path, archive: Path) -> None:
                "(pending migrations run at start)")
 
 
+@server.command("migrate-storage")
+@data_dir_option
+@click.option("--to", "target", required=True, metavar="URL",
+              help="The empty PostgreSQL database: postgresql://USER:PASSWORD@HOST:PORT/DB.")
+@user_errors
+def migrate_storage(data_dir: Path, target: str) -> None:
+    """Copy this data dir's SQLite deployment (every table and the bundles) into an empty PostgreSQL
+    database, verifying counts and checksums of every table. Stop the server first."""
+    from fleet_server.storage.open import backend as storage_backend
+    from fleet_server.storage.transfer import migrate_storage as transfer
+
+    config = load_config(data_dir)
+    source = Path(config.storage_location.split("://", 1)[1]) if config.storage_url and \
+        storage_backend(config.storage_url) == "sqlite" else config.db_path
+    report = transfer(data_dir, source, target)
+    for line in report.lines():
+        click.echo(line)
+    click.echo(f"next: set storage_url to the new database in server.toml (or --storage-url) on every node, give "
+               f"every node a copy of {config.secrets_dir} (server MQTT password, desired-state key), and start them")
+
+
 # ------------------------------------------------------------------ rollouts
 
 
