@@ -475,3 +475,22 @@ def test_postgres_down_is_storage_unavailable_naming_the_database_and_stores_not
         assert s.store_batch(IngestBatch(windows=[(window("a", 1), 1.0, 100)]), 60.0, 2.0).stored_windows == 1
     finally:
         s.close()
+
+
+def test_postgres_advisory_lock_session_is_held_by_one_and_released_with_its_session(pg_url):
+    from fleet_server.storage.postgres.session import AdvisoryLockSession
+
+    first, second = AdvisoryLockSession(pg_url, 4242, name="node-1"), AdvisoryLockSession(pg_url, 4242, name="node-2")
+    try:
+        assert first.try_lock() and not second.try_lock()
+        first.ping()
+        with psycopg.connect(pg_url, autocommit=True) as admin:  # the holder's session dies
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s "
+                          "AND pid <> pg_backend_pid()", ("node-1",))
+        with pytest.raises(StorageUnavailable):
+            first.ping()
+        wait_until(second.try_lock, 10, interval=0.05, message="the lock freed with its session")
+        assert not first.try_lock()  # reconnects, and waits its turn
+    finally:
+        first.close()
+        second.close()

@@ -8,6 +8,7 @@ from fleet_server.api.common import require, services
 from fleet_server.auth import Role
 from fleet_server.cluster import cluster_view
 from fleet_server.context import Services
+from fleet_server.storage import StorageUnavailable
 from fleet_server.storage.open import backend, redact
 
 bp = Blueprint("cluster", __name__, url_prefix="/api/v1")
@@ -67,11 +68,6 @@ def _database_error(exc: Exception):
     return unavailable(svc, text)
 
 
-try:  # a request that meets the outage before the node's check does: a 503 too
-    import psycopg
-    import psycopg_pool
-
-    bp.app_errorhandler(psycopg.OperationalError)(_database_error)
-    bp.app_errorhandler(psycopg_pool.PoolTimeout)(_database_error)
-except ImportError:  # pragma: no cover - psycopg is a dependency; SQLite-only installs still work
-    pass
+# A request that meets the outage before the node's check does: a 503 too (the storage backend
+# turns its driver's connection errors into StorageUnavailable).
+bp.app_errorhandler(StorageUnavailable)(_database_error)
