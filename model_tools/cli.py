@@ -127,11 +127,13 @@ def keygen(output: str, force: bool, as_json: bool) -> None:
     "--trust-type",
     "trust_types",
     multiple=True,
-    help="A type a .skops file may contain beyond skops' defaults (repeatable).",
+    help="A type a .skops file may contain beyond skops' defaults and edgefleet's reviewed "
+    "scikit-learn types (repeatable; the error for an untrusted file lists the flags to add).",
 )
 @click.option(
     "--label-column",
-    help="CSV column with the true labels (default: 'label' or 'target' if present).",
+    help="CSV column with the true labels (default: 'label' or 'target' if present); "
+    "the --reference file may lack it.",
 )
 @click.option(
     "--min-agreement",

@@ -21,9 +21,10 @@ def load_estimator(
 ) -> Any:
     """Load a fitted estimator.
 
-    `.skops` files are loaded only when every type they contain is trusted by skops by default
-    or listed in `trusted_types`. Pickle and joblib files execute code while loading, so they
-    are refused unless `trust_pickle` is set.
+    `.skops` files are loaded only when every type they contain is trusted by skops by default,
+    is on edgefleet's reviewed list of scikit-learn internals (`model_tools.trusted_types`,
+    whose index arrays are then checked) or is listed in `trusted_types`. Pickle and joblib
+    files execute code while loading, so they are refused unless `trust_pickle` is set.
     """
     path = Path(path)
     if not path.is_file():
@@ -48,21 +49,37 @@ def load_estimator(
 def _load_skops(path: Path, trusted: list[str]) -> Any:
     import skops.io as sio
 
+    from model_tools.trusted_types import (
+        check_structures,
+        curated_names,
+        installed_sklearn_version,
+        range_text,
+    )
+
     try:
         untrusted = sio.get_untrusted_types(file=path)
     except Exception as exc:  # skops raises many types for a corrupt file
         raise EstimatorLoadError(f"{path} is not a valid .skops file ({exc})") from exc
-    missing = sorted(set(untrusted) - set(trusted))
+    curated = curated_names()
+    missing = sorted(set(untrusted) - set(trusted) - curated)
     if missing:
         flags = " ".join(f"--trust-type {t}" for t in missing)
+        note = ""
+        if not curated:
+            note = (
+                f" (edgefleet's reviewed list of scikit-learn types covers {range_text()}; "
+                f"scikit-learn {installed_sklearn_version()} is installed, so it is not applied)"
+            )
         raise EstimatorLoadError(
-            f"{path} contains types that are not trusted by default: {', '.join(missing)}. "
+            f"{path} contains types that are not trusted by default: {', '.join(missing)}{note}. "
             f"Review them; if you trust them, pass {flags}"
         )
     try:
-        return sio.load(path, trusted=sorted(set(untrusted)) or None)
+        estimator = sio.load(path, trusted=sorted(set(untrusted)) or None)
     except Exception as exc:
         raise EstimatorLoadError(f"cannot load {path}: {exc}") from exc
+    check_structures(estimator, str(path))
+    return estimator
 
 
 def _load_pickle(path: Path) -> Any:

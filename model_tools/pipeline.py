@@ -258,7 +258,12 @@ def build_bundle(
             )
     else:
         calib_t, valid_t = sample_t, read_table(validation, schema, label_column)
-    ref_t = sample_t if reference is None else read_table(reference, schema, label_column)
+    # The profile needs no labels: a reference file without the label column is accepted.
+    ref_t = (
+        sample_t
+        if reference is None
+        else read_table(reference, schema, label_column, label_optional=True)
+    )
     specs = feature_specs(sample_t, schema)
 
     _emit(progress, "converting with skl2onnx")

@@ -239,8 +239,18 @@ def _decode_labels(values: Sequence[Any]) -> np.ndarray:
     return nums
 
 
-def read_csv(path: Path, schema: EstimatorSchema, label_column: str | None = None) -> Table:
-    """Read a CSV with a header; pick the estimator's columns and the label column."""
+def read_csv(
+    path: Path,
+    schema: EstimatorSchema,
+    label_column: str | None = None,
+    *,
+    label_optional: bool = False,
+) -> Table:
+    """Read a CSV with a header; pick the estimator's columns and the label column.
+
+    With `label_optional` (data that needs no labels, like the reference profile), a named label
+    column that the file lacks means the file has no labels instead of an error.
+    """
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh)
         try:
@@ -260,11 +270,14 @@ def read_csv(path: Path, schema: EstimatorSchema, label_column: str | None = Non
                 )
             rows.append(row)
     header = [h.strip() for h in header]
-    if label_column is not None and label_column not in header:
+    label_absent = label_column is not None and label_column not in header
+    if label_absent and not label_optional:
         raise InputDataError(
             f"{path} has no column {label_column!r} (columns: {header}); check --label-column"
         )
-    if label_column is None:
+    if label_absent:
+        label_column = None
+    elif label_column is None:
         feature_names = set(schema.names or [])
         candidates = [c for c in LABEL_COLUMN_DEFAULTS if c in header and c not in feature_names]
         if candidates and (schema.names is not None or len(header) == schema.n_features + 1):
@@ -320,7 +333,13 @@ def table_from_arrays(
     return table
 
 
-def read_table(source: Any, schema: EstimatorSchema, label_column: str | None = None) -> Table:
+def read_table(
+    source: Any,
+    schema: EstimatorSchema,
+    label_column: str | None = None,
+    *,
+    label_optional: bool = False,
+) -> Table:
     """Read data from a path (.csv, .npy, .npz with X and optional y), an array, (X, y) or a Table."""
     if isinstance(source, Table):
         return source
@@ -332,7 +351,7 @@ def read_table(source: Any, schema: EstimatorSchema, label_column: str | None = 
             raise InputDataError(f"{path}: no such data file")
         suffix = path.suffix.lower()
         if suffix == ".csv":
-            return read_csv(path, schema, label_column)
+            return read_csv(path, schema, label_column, label_optional=label_optional)
         if suffix in (".npy", ".npz"):
             try:
                 loaded = np.load(path, allow_pickle=False)
