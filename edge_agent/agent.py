@@ -235,12 +235,12 @@ class Agent:
                 raise RequestError("runtime_error", "injected runtime error (EDGEFLEET_FAULT)")
             out = rt.run(feeds)
         except RequestError as exc:
-            self.telemetry.record_error(exc.kind, exc.feature)
+            self.telemetry.record_error(exc.kind, exc.feature, rows)
             if exc.kind == "runtime_error" and self._probation:
                 self._prob_errors += 1
             raise
         dt = time.perf_counter() - t0
-        self.telemetry.record(values, out.primary, dt)
+        self.telemetry.record(values, out.primary, dt, out.probabilities)
         self._recent_latency.append(dt * 1000.0)
         if self._probation:
             self._prob_predictions += n

@@ -280,3 +280,40 @@ def test_a_manifest_whose_monitoring_numbers_do_not_fit_turns_those_parts_off():
     w = t.flush(1.0, 1, Resources(), 0, "demo")
     assert w.predictions == 1 and w.estimate is None and w.multivariate is None
     assert Monitor(manifest).problems == []
+
+
+def test_the_agent_sends_estimate_multivariate_and_refused_rows(tmp_path):
+    from edge_agent import Agent, RequestError
+    from tests.agent_fixtures import install_active, make_config, outbox_windows
+
+    data = bundle_bytes("lr")
+    bundle = read_bundle(data, require_signature=False)
+    config = make_config(tmp_path, telemetry={"window_s": 3600})
+    install_active(config.path, data)
+    agent = Agent(config, link_mode="none").start()
+    try:
+        X, _ = dataset()
+        served = []
+        for i in range(40):
+            out = agent.predict([X[i].tolist()]).output
+            served.append((out.labels[0], out.probabilities[0]))
+        batch = agent.predict(X[40:72].tolist()).output
+        served += list(zip(batch.labels, batch.probabilities, strict=True))
+        bad = X[72].tolist()
+        bad[2] = float("nan")
+        with pytest.raises(RequestError):
+            agent.predict([X[73].tolist(), bad])
+        agent._flush_window(agent.clock())
+        windows = [w for w in outbox_windows(agent) if w.predictions or w.refused]
+        assert len(windows) == 1
+        w = windows[0]
+        labels = [label for label, _ in served]
+        raw = np.asarray([p for _, p in served])
+        predicted, conf, sq, hist_n, hist_p = _independent_estimate(bundle.manifest, labels, raw)
+        assert w.estimate.rows == 72 and w.estimate.predicted == predicted.tolist()
+        np.testing.assert_allclose(w.estimate.confusion, conf, rtol=TOL, atol=TOL)
+        assert w.estimate.score_counts == hist_n.tolist()
+        assert w.multivariate.rows == 72
+        assert w.refused.rows == 2 and [f.nan for f in w.refused.features] == [0, 0, 1, 0, 0, 0]
+    finally:
+        agent.close()
