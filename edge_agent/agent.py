@@ -19,9 +19,8 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from edge_agent.config import AgentConfig
+from edge_agent.credentials import CredentialStore, Rotator
 from edge_agent.feedback import FeedbackResult, PredictionRecord, format_ids, parse_items
 from edge_agent.link import MqttLink
 from edge_agent.outbox import Outbox
@@ -38,6 +37,7 @@ from edge_agent.protocol import (
 )
 from edge_agent.resources import detect_hardware, process_resources
 from edge_agent.runtime import ModelRuntime, Output
+from edge_agent.signatures import TrustedKey, trusted_keys
 from edge_agent.store import DataDir
 from edge_agent.telemetry import Telemetry
 from edge_agent.update.events import Outcome
@@ -47,7 +47,6 @@ from edge_agent.version import __version__
 from model_tools.bundle import Bundle, load_extracted
 from model_tools.errors import BundleError
 from model_tools.manifest import Manifest
-from model_tools.signing import load_public_keys, public_key_from_pem
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -77,14 +76,9 @@ class Prediction:
         return format_ids(self.id_prefix, self.first_id, len(self.output.primary))
 
 
-def trusted_keys_from_config(config: AgentConfig) -> list[Ed25519PublicKey]:
-    keys = load_public_keys(config.trust.public_keys)
-    for i, pem in enumerate(config.trust.public_keys_pem):
-        try:
-            keys.append(public_key_from_pem(pem))
-        except ValueError as exc:
-            raise ValueError(f"[trust] public_keys_pem[{i}]: {exc}") from exc
-    return keys
+def trusted_keys_from_config(config: AgentConfig) -> list[TrustedKey]:
+    """The bundle-signing keys of [trust], as raw keys checked out of process (no cryptography here)."""
+    return trusted_keys(config.trust.public_keys, config.trust.public_keys_pem)
 
 
 class Agent:
@@ -103,7 +97,7 @@ class Agent:
         resources: Callable[[], Resources] | None = None,
         executor: Executor | None = None,
         link_mode: LinkMode = "thread",
-        trusted_keys: Sequence[Ed25519PublicKey] | None = None,
+        trusted_keys: Sequence[Any] | None = None,
         faults: str | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -130,6 +124,8 @@ class Agent:
         self.prediction_record = PredictionRecord(config.feedback.max_records, config.feedback.horizon_s)
         self.outbox: Outbox | None = None
         self.link: MqttLink | None = None
+        self.credentials: CredentialStore | None = None
+        self.rotator: Rotator | None = None
         self.machine = UpdateMachine(self, self.faults)
         self._registry: CollectorRegistry | None = None
         self._active: ModelRuntime | None = None
@@ -160,11 +156,18 @@ class Agent:
                              clock=self.clock)
         self._load_committed()
         self.machine.recover()
+        # A rotated password (saved in the data dir) overrides the one in the config file.
+        self.credentials = CredentialStore(self.config.data_dir, self.config.mqtt.password)
+        self.config.mqtt.password = self.credentials.password
+        rotator = self.rotator = Rotator(self.config.device_id, self.config.server.url, self.credentials,
+                                         self._switch_password, ca_file=self.config.mqtt.ca_file)
         if self.link_mode != "none":
             self.link = MqttLink(
                 self.config,
                 on_connected=self._on_connected,
                 on_desired=self.on_desired,
+                on_credentials=rotator.notice,
+                on_refused=lambda reason: rotator.resume(),  # a pending rotation may have switched it
                 clock=self.clock,
                 will_payload=lambda: self._status_payload("offline"),
                 rng=self.rng,
@@ -172,8 +175,16 @@ class Agent:
             self.link.wakeup = self.wakeup_event.set
             if self.link_mode == "thread":
                 self.link.start()
+            rotator.resume()  # a rotation taken but not confirmed before a restart
         self.machine.kick()
         return self
+
+    def _switch_password(self, password: str) -> None:
+        """A confirmed rotation: MQTT logins and downloads use the new password from now on."""
+        if self.link is not None:
+            self.link.set_password(password)
+        else:
+            self.config.mqtt.password = password
 
     def _load_committed(self) -> None:
         active, previous = self.data.committed()
@@ -344,6 +355,7 @@ class Agent:
     def tick(self, now: float | None = None) -> None:
         """Flush a due window, drain the outbox, judge probation, refresh `reported`."""
         now = self.clock() if now is None else now
+        self.telemetry.count_pending()  # batch-count served rows here, off the request path
         if self.outbox is None:
             return
         if self.telemetry.due(now):
@@ -469,7 +481,8 @@ class Agent:
     def active_manifest(self) -> Manifest | None:
         return self._active.manifest if self._active else None
 
-    def trusted_keys(self) -> list[Ed25519PublicKey]:
+    def trusted_keys(self) -> list[Any]:
+        """TrustedKey objects from the config, or the keys the caller passed (cryptography's too)."""
         return self._keys
 
     def load_runtime(self, bundle: Bundle) -> ModelRuntime:

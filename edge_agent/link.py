@@ -13,17 +13,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import ssl
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.config import AgentConfig
+from edge_agent.paho_import import paho_client
 from edge_agent.protocol import DeliveryAck, ProtocolError, decode, topic
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as mqtt
 
 log = logging.getLogger("edge_agent.link")
 
@@ -45,6 +49,8 @@ class MqttLink:
         on_desired: Callable[[bytes], None],
         clock: Callable[[], float],
         will_payload: Callable[[], bytes],
+        on_credentials: Callable[[bytes], None] | None = None,
+        on_refused: Callable[[str], None] | None = None,
         max_inflight: int = 20,
         backoff_min_s: float = 0.5,
         backoff_max_s: float = 30.0,
@@ -54,6 +60,8 @@ class MqttLink:
         self.clock = clock
         self._on_connected = on_connected
         self._on_desired = on_desired
+        self._on_credentials = on_credentials
+        self._on_refused = on_refused
         self._will_payload = will_payload
         self.max_inflight = max_inflight
         self.backoff_min_s = backoff_min_s
@@ -61,6 +69,7 @@ class MqttLink:
         self.rng = rng or random.Random()
         self.desired_topic = topic(config.fleet, config.device_id, "desired")
         self.ack_topic = topic(config.fleet, config.device_id, "ack")
+        self.credentials_topic = topic(config.fleet, config.device_id, "credentials")
         self.connected = False
         self.bytes_out = 0  # approximate bytes on the wire (telemetry bandwidth accounting)
         self.connects = 0
@@ -73,10 +82,13 @@ class MqttLink:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.wakeup: Callable[[], None] = lambda: None
+        # ssl only for mqtts:// (see edge_agent.paho_import).
+        self.paho = paho_client(config.mqtt.tls)
         self.client = self._make_client()
 
     def _make_client(self) -> mqtt.Client:
         cfg = self.config.mqtt
+        mqtt = self.paho
         client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=self.config.device_id,
@@ -89,7 +101,7 @@ class MqttLink:
                 ca_certs=cfg.ca_file or None,
                 certfile=cfg.cert_file or None,
                 keyfile=cfg.key_file or None,
-                cert_reqs=ssl.CERT_REQUIRED,
+                cert_reqs=mqtt.ssl.CERT_REQUIRED,
             )
         client.max_inflight_messages_set(self.max_inflight)
         client.on_connect = self._handle_connect
@@ -103,6 +115,11 @@ class MqttLink:
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             log.warning("broker refused the connection: %s", reason_code)
+            if self._on_refused is not None:
+                try:
+                    self._on_refused(str(reason_code))
+                except Exception:  # a callback must never kill paho's loop
+                    log.exception("on_refused failed")
             return
         self.connected = True
         self._attempts = 0
@@ -110,6 +127,8 @@ class MqttLink:
         client.subscribe(self.desired_topic, qos=1)
         if self.config.outbox.server_acks:
             client.subscribe(self.ack_topic, qos=1)
+        if self._on_credentials is not None:
+            client.subscribe(self.credentials_topic, qos=1)
         try:
             self._on_connected()
         except Exception:  # a callback must never kill paho's loop
@@ -139,12 +158,23 @@ class MqttLink:
                 self._delivered.extend(ack.seqs)
                 self.wakeup()
             return
+        if message.topic == self.credentials_topic and self._on_credentials is not None:
+            try:
+                self._on_credentials(bytes(message.payload))
+            except Exception:
+                log.exception("handling a credentials notice failed")
+            return
         if message.topic == self.desired_topic:
             try:
                 self._on_desired(bytes(message.payload))
             except Exception:
                 log.exception("handling desired failed")
             self.wakeup()
+
+    def set_password(self, password: str) -> None:
+        """Log in with this password from the next connection on (a rotated password)."""
+        self.config.mqtt.password = password
+        self.client.username_pw_set(self.config.mqtt.username, password or None)
 
     # ------------------------------------------------------------------ connection
 
@@ -168,11 +198,13 @@ class MqttLink:
             self.client.connect(
                 host, port, keepalive=cfg.keepalive, clean_start=cfg.clean_start, properties=self._properties()
             )
-        except ssl.SSLError as exc:  # a wrong CA or host name does not heal by retrying: say so
-            log.warning("TLS to %s:%s failed (check mqtt.ca_file and the host name): %s", host, port, exc)
-            self._schedule_retry()
         except OSError as exc:
-            log.debug("connect to %s:%s failed: %s", host, port, exc)
+            ssl = sys.modules.get("ssl")  # loaded only for mqtts://
+            if ssl is not None and isinstance(exc, ssl.SSLError):
+                # A wrong CA or host name does not heal by retrying: say so.
+                log.warning("TLS to %s:%s failed (check mqtt.ca_file and the host name): %s", host, port, exc)
+            else:
+                log.debug("connect to %s:%s failed: %s", host, port, exc)
             self._schedule_retry()
 
     def service(self, timeout: float = 0.0) -> None:
@@ -183,10 +215,10 @@ class MqttLink:
             if self.client.socket() is None:
                 return
         rc = self.client.loop(timeout=timeout)
-        if rc != mqtt.MQTT_ERR_SUCCESS and self.client.socket() is None and self.connected:
+        if rc != self.paho.MQTT_ERR_SUCCESS and self.client.socket() is None and self.connected:
             self.connected = False
             self._schedule_retry()
-        elif rc != mqtt.MQTT_ERR_SUCCESS and not self.connected and self.clock() >= self._next_attempt:
+        elif rc != self.paho.MQTT_ERR_SUCCESS and not self.connected and self.clock() >= self._next_attempt:
             self._schedule_retry()
 
     def start(self) -> None:
@@ -241,7 +273,7 @@ class MqttLink:
         t = topic(self.config.fleet, self.config.device_id, kind)  # type: ignore[arg-type]
         with self._inflight_lock:
             info = self.client.publish(t, payload, qos=1)
-            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            if info.rc not in (self.paho.MQTT_ERR_SUCCESS, self.paho.MQTT_ERR_NO_CONN):
                 return False
             # paho keeps unacked QoS 1 messages and resends them itself after a reconnect.
             self._inflight[info.mid] = seq

@@ -16,9 +16,10 @@ PROTOCOL_VERSION = 1
 MAX_PAYLOAD_BYTES = 256 * 1024  # larger messages are rejected unread
 TOPIC_ROOT = "ef"
 
-TopicKind = Literal["desired", "ack", "reported", "status", "telemetry", "events"]
+TopicKind = Literal["desired", "ack", "credentials", "reported", "status", "telemetry", "events"]
 DEVICE_TOPICS: tuple[str, ...] = ("reported", "status", "telemetry", "events")
-SERVER_TOPICS: tuple[str, ...] = ("desired", "ack")
+# `credentials`: a password rotation's notice (retained; no secret in it), see edge_agent/credentials.py.
+SERVER_TOPICS: tuple[str, ...] = ("desired", "ack", "credentials")
 
 # A device's seqs count up from its install's first seq, the outbox's creation time in seconds
 # shifted left by this many bits: a reinstall (a new data dir under the same device id) a second
