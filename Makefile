@@ -1,7 +1,7 @@
 # edgefleet: `make demo` runs the whole system on this machine, `make test` runs every test,
 # `make dist` builds what devices install. They set up what they need first (a .venv, and
-# Mosquitto, Chromium, qemu-user-static and mmdebstrap from Debian's packages when missing) and
-# are safe to rerun.
+# Mosquitto, Chromium, qemu-user-static, mmdebstrap, PostgreSQL and Prometheus from Debian's
+# packages when missing) and are safe to rerun.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgefleet-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := mosquitto chromium python3-venv qemu-user-static binfmt-support mmdebstrap postgresql
+APT_PACKAGES := mosquitto chromium python3-venv qemu-user-static binfmt-support mmdebstrap postgresql prometheus
 
 .PHONY: setup system-deps binfmt demo test test-fast bench chaos lint clean vendor dist
 
@@ -17,7 +17,8 @@ setup: system-deps binfmt $(STAMP)
 
 # Debian packages: Mosquitto (the broker), Chromium (browser tests), venv support; qemu-user-static,
 # binfmt-support and mmdebstrap for the emulated arm64 device tests (tests/test_arm64_device.py);
-# PostgreSQL (the tests start their own cluster with initdb/pg_ctl; no system service is used).
+# PostgreSQL (the tests start their own cluster with initdb/pg_ctl; no system service is used);
+# Prometheus (promtool checks deploy/prometheus/; the tests start their own server on a free port).
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
@@ -26,6 +27,7 @@ system-deps:
 	command -v update-binfmts >/dev/null 2>&1 || missing="$$missing binfmt-support"; \
 	command -v mmdebstrap >/dev/null 2>&1 || missing="$$missing mmdebstrap"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	[ -x /usr/bin/promtool ] || missing="$$missing prometheus"; \
 	$(PYTHON) -c "import ensurepip, venv" >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 		echo "Installing Debian packages:$$missing"; \

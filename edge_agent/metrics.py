@@ -19,6 +19,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from edge_agent.protocol import LATENCY_EDGES_MS
+from edge_agent.resources import memory_limit_bytes, rss_bytes
 
 if TYPE_CHECKING:
     from edge_agent.config import AgentConfig
@@ -81,6 +82,12 @@ class AgentCollector(Collector):
             yield CounterMetricFamily("edgefleet_outbox_dropped", "Messages dropped by the outbox bound.", value=a.outbox.dropped_total)
         yield GaugeMetricFamily("edgefleet_mqtt_connected", "1 when connected to the broker.",
                                 value=1 if a.link is not None and a.link.connected else 0)
+        yield GaugeMetricFamily("edgefleet_agent_resident_memory_bytes",
+                                "Resident memory of the agent's process.", value=rss_bytes())
+        limit = memory_limit_bytes()
+        if limit is not None:  # only under a cap (systemd's MemoryMax, a container's limit)
+            yield GaugeMetricFamily("edgefleet_agent_memory_limit_bytes",
+                                    "Memory cap of the agent's cgroup.", value=limit)
 
 
 def build_registry(agent: ScrapedAgent) -> CollectorRegistry:

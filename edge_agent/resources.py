@@ -63,6 +63,64 @@ def rss_bytes() -> int:
         return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
+# cgroup v1 reports "no limit" as a page-rounded 2^63 - 1; anything this large is no cap.
+_NO_LIMIT = 2**60
+
+
+def _cgroup_mounts() -> dict[str, tuple[Path, str]]:
+    """{"v2" | "v1": (mount point, the cgroup path mounted there)} for the memory controller."""
+    mounts: dict[str, tuple[Path, str]] = {}
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return mounts
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, rest = left.split(), right.split()
+        if len(fields) < 5 or len(rest) < 3:
+            continue
+        if rest[0] == "cgroup2":
+            mounts.setdefault("v2", (Path(fields[4]), fields[3]))
+        elif rest[0] == "cgroup" and "memory" in rest[2].split(","):
+            mounts.setdefault("v1", (Path(fields[4]), fields[3]))
+    return mounts
+
+
+def memory_limit_bytes() -> int | None:
+    """The memory cap of this process's cgroup and its ancestors (systemd's MemoryMax), or None.
+
+    cgroup v2's memory.max, or v1's memory.limit_in_bytes; the lowest along the path is the one
+    the kernel enforces.
+    """
+    try:
+        own = [line.split(":", 2) for line in Path("/proc/self/cgroup").read_text().splitlines()]
+    except OSError:
+        return None
+    mounts = _cgroup_mounts()
+    candidates = []
+    for hierarchy, controllers, path in (entry for entry in own if len(entry) == 3):
+        if hierarchy == "0" and controllers == "" and "v2" in mounts:
+            candidates.append((mounts["v2"], path, "memory.max"))
+        elif "memory" in controllers.split(",") and "v1" in mounts:
+            candidates.append((mounts["v1"], path, "memory.limit_in_bytes"))
+    limits = []
+    for (mount, root), path, name in candidates:
+        # Inside a cgroup namespace the mount's root is a prefix of the path: strip it.
+        rel = path[len(root):] if root != "/" and path.startswith(root) else path
+        directory = mount / rel.lstrip("/")
+        while True:
+            try:
+                text = (directory / name).read_text().strip()
+                if text != "max" and 0 < int(text) < _NO_LIMIT:
+                    limits.append(int(text))
+            except (OSError, ValueError):
+                pass
+            if directory == mount or mount not in directory.parents:
+                break
+            directory = directory.parent
+    return min(limits) if limits else None
+
+
 def detect_hardware() -> Hardware:
     return Hardware(
         arch=platform.machine(),

@@ -11,7 +11,7 @@ from fleet_server.api import BLUEPRINTS
 from fleet_server.api.common import register_error_handlers
 from fleet_server.config import ServerConfig
 from fleet_server.context import Services
-from fleet_server.metrics import make_registry
+from fleet_server.metrics import make_registry, tls_certificates
 
 
 def create_app(
@@ -35,7 +35,7 @@ def create_app(
 
         init_console(app)
     register_error_handlers(app)
-    registry = make_registry(svc.storage)
+    registry = make_registry(svc.storage, tls_certificates(svc.config))
 
     @app.get("/metrics")
     def metrics() -> Response:
