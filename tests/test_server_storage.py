@@ -546,3 +546,11 @@ def test_sqlite_and_postgres_return_the_same_rows_for_the_same_writes(tmp_path, 
     on_sqlite, on_postgres = results
     for key in on_sqlite:
         assert on_postgres[key] == on_sqlite[key], key
+
+
+def test_device_search_takes_like_wildcards_literally(storage):
+    for d in ("dev_1", "devx1", "50%-off"):
+        storage.insert_device(d, "default", {}, "h", "b", 1.0)
+    assert [d["id"] for d in storage.search_devices(query="dev_")[0]] == ["dev_1"]
+    assert [d["id"] for d in storage.search_devices(query="0%")[0]] == ["50%-off"]
+    assert storage.search_devices(query="x", limit=1)[1] == 1
