@@ -7,6 +7,7 @@ Periodic work happens in `tick(now)`; the real agent calls it from a small backg
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -19,6 +20,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.config import AgentConfig
@@ -27,6 +29,7 @@ from edge_agent.feedback import FeedbackResult, PredictionRecord, format_ids, pa
 from edge_agent.link import MqttLink
 from edge_agent.outbox import Outbox
 from edge_agent.protocol import (
+    MAX_PAYLOAD_BYTES,
     DesiredState,
     Hardware,
     ProtocolError,
@@ -39,8 +42,16 @@ from edge_agent.protocol import (
 )
 from edge_agent.resources import detect_hardware, process_resources
 from edge_agent.runtime import ModelRuntime, Output
-from edge_agent.store import DataDir
+from edge_agent.store import DataDir, atomic_write_bytes, read_json
 from edge_agent.telemetry import Telemetry
+from edge_agent.trust import (
+    Accepted,
+    DesiredTrustError,
+    check_fresh,
+    parse_document,
+    raw_keys,
+    verify_desired,
+)
 from edge_agent.update.events import Outcome
 from edge_agent.update.machine import UpdateMachine, parse_faults
 from edge_agent.validation import RequestError
@@ -139,6 +150,9 @@ class Agent:
         self._previous: ModelRuntime | None = None
         self._shadow: ModelRuntime | None = None
         self._desired: DesiredState | None = None
+        # The server's desired-state keys (raw bytes: verification can run in another process).
+        self._desired_keys = raw_keys(config.trust.desired_keys_pem)
+        self._accepted: Accepted | None = None  # the last signed desired accepted (replay check)
         self._probation = False
         self._prob_predictions = 0
         self._prob_errors = 0
@@ -162,6 +176,7 @@ class Agent:
         self.outbox = Outbox(self.data.outbox_file, self.config.outbox.max_bytes, self.config.outbox.resend_after_s,
                              clock=self.clock)
         self._load_committed()
+        self._accepted = Accepted.from_json(read_json(self.data.desired_file))
         self.machine.recover()
         # A rotated password (saved in the data dir) overrides the one in the config file.
         self.credentials = CredentialStore(self.config.data_dir, self.config.mqtt.password)
@@ -330,18 +345,19 @@ class Agent:
         }
 
     def model_info(self) -> dict[str, Any]:
+        snap = self.machine.snapshot  # first, and once: the update fields describe one moment
         rt = self._active
-        ctx = self.machine.ctx
+        candidate = snap.candidate
         info: dict[str, Any] = {
             "model": rt.name if rt else None,
             "version": rt.version if rt else None,
             "previous_version": self._previous.version if self._previous else self.data.committed()[1],
-            "update_state": ctx.state.value,
-            "update_outcome": ctx.outcome.value if ctx.outcome else None,
-            "update_retry": self.machine.will_retry,
-            "candidate_version": ctx.desired.version if ctx.desired and self.machine.busy else None,
+            "update_state": snap.state.value,
+            "update_outcome": snap.outcome.value if snap.outcome else None,
+            "update_retry": snap.retry,
+            "candidate_version": candidate.version if candidate else None,
             "shadow_version": self._shadow.version if self._shadow else None,
-            "last_error": ctx.last_error,
+            "last_error": snap.last_error,
         }
         if rt is not None:
             m = rt.manifest
@@ -367,6 +383,7 @@ class Agent:
         if self.telemetry.due(now):
             self._flush_window(now)
         self.machine.check_probation(now)
+        self.machine.check_disk(now)
         if self.link is not None:
             self._drain()
             if self.link.connected and (self._reported_dirty or now - self._last_reported >= REPORTED_REFRESH_S):
@@ -416,23 +433,24 @@ class Agent:
 
     def reported(self, now: float | None = None) -> ReportedState:
         now = self.clock() if now is None else now
+        # The machine's fields come from one snapshot: read piecemeal while the update worker
+        # moves, a report could say Idle / rolled_back and still name the candidate.
+        snap = self.machine.snapshot
         rt = self._active
-        ctx = self.machine.ctx
-        d = ctx.desired
-        busy = self.machine.busy
+        d, candidate = snap.desired, snap.candidate
         return ReportedState(
             device=self.config.device_id,
             ts=now,
             model=rt.name if rt else (d.model if d else None),
             active_version=rt.version if rt else None,
             previous_version=self._previous.version if self._previous else self.data.committed()[1],
-            candidate_version=d.version if d and busy else None,
-            mode=d.mode if d and busy else None,
+            candidate_version=candidate.version if candidate else None,
+            mode=candidate.mode if candidate else None,
             rollout_id=d.rollout_id if d else None,
-            update_state=ctx.state.value,
-            update_outcome=ctx.outcome.value if ctx.outcome else None,
-            update_retry=self.machine.will_retry,
-            last_error=ctx.last_error,
+            update_state=snap.state.value,
+            update_outcome=snap.outcome.value if snap.outcome else None,
+            update_retry=snap.retry,
+            last_error=snap.last_error,
             agent_version=__version__,
             hardware=self.hardware,
             uptime_s=round(now - self.started_at, 3),
@@ -451,18 +469,42 @@ class Agent:
         self._publish_reported(self.clock())
 
     def on_desired(self, payload: bytes) -> None:
-        """A retained `desired` arrived: decode, remember, and let the machine reconcile."""
+        """A retained `desired` arrived: check it, decode, remember, and let the machine reconcile."""
         if not payload:
             return  # cleared by the server: keep serving what we have
         try:
-            desired = decode("desired", payload)
+            desired = self._trusted_desired(payload) if self._desired_keys else decode("desired", payload)
         except ProtocolError as exc:
             self.emit(kind="refused", reason=f"malformed desired: {exc}")
+            return
+        except DesiredTrustError as exc:
+            log.warning("refusing desired: %s", exc)
+            self.emit(kind="refused", reason=str(exc))
             return
         assert isinstance(desired, DesiredState)
         with self._lock:
             self._desired = desired
         self.machine.on_desired()
+
+    def _trusted_desired(self, payload: bytes) -> DesiredState:
+        """The desired state in `payload` if the server signed it and it is not older than the last
+        one accepted; raises DesiredTrustError (or ProtocolError for a malformed one) otherwise."""
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            raise ProtocolError("oversized", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+        doc = parse_document(payload)
+        verify_desired(doc, self._desired_keys)
+        accepted = check_fresh(doc, self._accepted)
+        try:  # from the verified object itself: no second parser to disagree with the first
+            desired = msgspec.convert(doc, DesiredState)
+        except msgspec.ValidationError as exc:
+            raise ProtocolError("invalid", str(exc)) from exc
+        if accepted != self._accepted:
+            self._accepted = accepted
+            try:
+                atomic_write_bytes(self.data.desired_file, json.dumps(accepted.to_json()).encode())
+            except OSError as exc:  # a full disk: the check holds in memory until the next restart
+                log.warning("cannot save %s: %s", self.data.desired_file, exc)
+        return desired
 
     def emit(self, **fields: Any) -> None:
         """Queue an UpdateEvent on `events` (through the outbox, so it gets a seq)."""
@@ -480,6 +522,11 @@ class Agent:
 
     def desired(self) -> DesiredState | None:
         return self._desired
+
+    def download_via(self, url: str) -> str:
+        """Where to fetch `url` through instead ("" for directly); a simulator's fault relay
+        overrides it. Which origin may get the device's credentials is decided by `url`."""
+        return ""
 
     def active_version(self) -> str | None:
         return self._active.version if self._active else None

@@ -49,6 +49,9 @@ class TrustConfig:
     public_keys: list[str] = field(default_factory=list)
     public_keys_pem: list[str] = field(default_factory=list)
     revoked_key_ids: list[str] = field(default_factory=list)  # refused even when listed above
+    # The fleet server's desired-state keys (PEM): when set, only desired states signed by one of
+    # them are accepted (edge_agent.trust); empty: desired states are not verified.
+    desired_keys_pem: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -58,6 +61,12 @@ class HttpConfig:
     token: str = ""
     max_body_bytes: int = 1 * MiB
     max_rows: int = 1000
+    # Host names (besides the listen address, its IP literals and localhost) the API answers
+    # to; any other Host is refused (DNS rebinding).
+    allowed_hosts: list[str] = field(default_factory=list)
+    # Browser origins (scheme://host[:port]) allowed to call the API; a request with any other
+    # Origin is refused (a web page's cross-origin request).
+    allowed_origins: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -97,6 +106,9 @@ class UpdateConfig:
     max_download_bytes: int = 256 * MiB
     min_free_disk_bytes: int = 64 * MiB
     keep_versions: int = 2
+    # Origins (scheme://host[:port]) other than [server] url that bundles may be downloaded
+    # from, without the device's credentials (a mirror); any other origin is refused.
+    allowed_download_origins: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -143,6 +155,15 @@ class AgentConfig:
             raise ConfigError("[feedback] max_records must be between 1 and 10,000,000 (23 bytes of RAM each)")
         if not self.feedback.horizon_s > 0:
             raise ConfigError("[feedback] horizon_s must be positive")
+        _check_origins("[update] allowed_download_origins", self.update.allowed_download_origins)
+        _check_origins("[http] allowed_origins", self.http.allowed_origins)
+        if self.trust.desired_keys_pem:
+            from edge_agent.trust import DesiredTrustError, raw_keys
+
+            try:
+                raw_keys(self.trust.desired_keys_pem)
+            except DesiredTrustError as exc:
+                raise ConfigError(f"{exc}: paste the key printed by 'edgefleet server add-device'") from exc
         for kid in self.trust.revoked_key_ids:
             if len(kid) != 16 or not all(c in "0123456789abcdef" for c in kid):
                 raise ConfigError(
@@ -153,6 +174,18 @@ class AgentConfig:
     @property
     def path(self) -> Path:
         return Path(self.data_dir)
+
+
+def _check_origins(where: str, origins: list[str]) -> None:
+    for o in origins:
+        parts = urlsplit(o)
+        try:
+            parts.port  # noqa: B018 - raises for a bad port
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {o!r} has a bad port") from exc
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+                or parts.query or parts.username:
+            raise ConfigError(f"{where}: {o!r} is not an origin: write scheme://host or scheme://host:port")
 
 
 SECTIONS: dict[str, type] = {

@@ -123,7 +123,7 @@ class DownloadRequest:
     max_bytes: int = 256 * 1024 * 1024
     min_free_disk_bytes: int = 64 * 1024 * 1024
     retries: int = 4
-    server_url: str | None = None  # credentials go to this origin only
+    server_url: str = ""  # credentials go to this origin only (none when empty)
     allowed_origins: Sequence[str] = ()  # other origins fetched without credentials
     # Fetch the bytes through this URL instead (a simulator's fault relay, set in code only);
     # which origin gets the credentials is still decided by `url`.
@@ -144,8 +144,7 @@ def download(req: DownloadRequest, cancelled: Callable[[], bool] = lambda: False
         raise DownloadError(
             f"bundle is {req.size} bytes, over the device's max_download_bytes {req.max_bytes}", transient=False
         )
-    # None: a caller that predates the origin rule (removed once every caller passes it).
-    with_credentials = req.server_url is None or check_origin(req.url, req.server_url, req.allowed_origins)
+    with_credentials = check_origin(req.url, req.server_url, req.allowed_origins)
     if req.dest.exists() and req.dest.stat().st_size == req.size:
         return req.dest
     part = req.dest.with_name(req.dest.name + ".part")
@@ -200,8 +199,7 @@ class _SameRulesRedirects(urllib.request.HTTPRedirectHandler):
         new = super().redirect_request(req, fp, code, msg, headers, newurl)
         if new is None:
             return None
-        if self.req.server_url is not None and not self.req.via and not check_origin(new.full_url, self.req.server_url,
-                                                                  self.req.allowed_origins):
+        if not self.req.via and not check_origin(new.full_url, self.req.server_url, self.req.allowed_origins):
             new.remove_header("Authorization")
             new.unredirected_hdrs.pop("Authorization", None)
         return new

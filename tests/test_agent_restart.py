@@ -42,6 +42,7 @@ def test_kill_9_in_state_ends_on_valid_model(state, entry, first_outcome, tmp_pa
     config = make_config(tmp_path, broker, listen="127.0.0.1:0", update={"probation_s": 0.5})
     port = __import__("tests.brokers", fromlist=["free_port"]).free_port()
     config.http.listen = f"127.0.0.1:{port}"
+    config.server.url = bundle_server.base
     install_active(config.path, bundle_bytes("lr", "1.0.0"))
     proc = AgentProcess(config, tmp_path / "agent.toml").start(fault=f"crash_in={state}")
     try:
@@ -65,6 +66,7 @@ def test_interrupted_update_is_reported_as_retrying_until_its_desired_returns(tm
     """A power cut mid-update is transient: after the restart the agent serves its old model and
     says it will try again (`update_retry`) until the retained desired reaches it; then it does."""
     config = make_config(tmp_path, broker, listen="127.0.0.1:0", update={"probation_s": 0.5})
+    config.server.url = bundle_server.base
     install_active(config.path, bundle_bytes("lr", "1.0.0"))
     proc = AgentProcess(config, tmp_path / "agent.toml").start(fault="crash_in=Activate")
     try:
@@ -93,6 +95,7 @@ def test_interrupted_update_is_reported_as_retrying_until_its_desired_returns(tm
 def test_permanent_failure_is_not_reported_as_retrying(tmp_path, broker, collector, bundle_server):
     """A permanent failure (here a download whose sha256 never matches) ends with `update_retry` false."""
     config = make_config(tmp_path, broker, listen="127.0.0.1:0")
+    config.server.url = bundle_server.base
     install_active(config.path, bundle_bytes("lr", "1.0.0"))
     proc = AgentProcess(config, tmp_path / "agent.toml").start()
     try:

@@ -79,13 +79,14 @@ CASES = [
 
 
 @pytest.fixture
-def start_agent(tmp_path, broker):
+def start_agent(tmp_path, broker, bundle_server):
     services = []
 
     def start(active: str | None = "1.0.0", faults: str | None = None, **kw):
         from edge_agent.agent import Agent
 
         config = make_config(tmp_path, broker, **kw)
+        config.server.url = bundle_server.base  # the device's credentials go to this origin only
         if active:
             install_active(config.path, bundle_bytes("lr", active))
         service = AgentService(config, agent_factory=lambda c: Agent(c, faults=faults or "")).start()

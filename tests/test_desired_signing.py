@@ -8,7 +8,6 @@ import json
 import msgspec
 import pytest
 
-from edge_agent.config import TrustConfig
 from edge_agent.protocol import DesiredState, encode
 from edge_agent.trust import (
     Accepted,
@@ -136,9 +135,8 @@ def signed_agent(tmp_path, broker, bundle_server):
     services = []
 
     def start(**kw):
-        config = make_config(tmp_path, broker, server=ServerConfig(url=bundle_server.base),
-                             trust=TrustConfig(public_keys_pem=[public_pem()], desired_keys_pem=[public_pem("server")]),
-                             **kw)
+        config = make_config(tmp_path, broker, server=ServerConfig(url=bundle_server.base), **kw)
+        config.trust.desired_keys_pem = [public_pem("server")]
         if not (config.path / "state.json").exists():
             install_active(config.path, bundle_bytes("lr", "1.0.0"))
         service = AgentService(config, agent_factory=lambda c: Agent(c, faults="")).start()
@@ -165,7 +163,7 @@ def test_agent_takes_a_signed_desired(signed_agent, broker, collector, bundle_se
     assert service.agent.active_version() == "2.0.0"
 
 
-@pytest.mark.parametrize("forgery", ["unsigned", "attacker key", "changed url", "changed version"])
+@pytest.mark.parametrize("forgery", ["unsigned", "attacker key", "changed url", "downgrade allowed"])
 def test_a_forged_retained_desired_is_refused(forgery, signed_agent, broker, collector, bundle_server):
     """What a compromised broker (or anyone able to publish `desired`) can send: refused, nothing
     downloaded, the device keeps its model."""
@@ -175,7 +173,7 @@ def test_a_forged_retained_desired_is_refused(forgery, signed_agent, broker, col
         "unsigned": encode(desired),
         "attacker key": sign_state(desired, signer="attacker"),
         "changed url": _tamper(sign_state(desired), url=desired.url.replace("b.efb", "c.efb")),
-        "changed version": _tamper(sign_state(desired), allow_downgrade=True),
+        "downgrade allowed": _tamper(sign_state(desired), allow_downgrade=True),
     }[forgery]
     publish_desired(broker, "dev-1", payload)
     refused = wait_until(lambda: collector.events("refused"), 10, message="forged desired refused")

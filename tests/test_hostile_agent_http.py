@@ -34,7 +34,8 @@ def agent(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile-agent")
     port = _free_port()
     config = make_config(tmp, listen=f"127.0.0.1:{port}",
-                         http={"token": TOKEN, "max_body_bytes": 64 * 1024, "max_rows": 100})
+                         http={"token": TOKEN, "max_body_bytes": 64 * 1024, "max_rows": 100,
+                               "allowed_hosts": [ALLOWED_HOST], "allowed_origins": [ALLOWED_ORIGIN]})
     install_active(config.path, bundle_bytes("lr", "1.0.0"))
     proc = AgentProcess(config, tmp / "agent.toml").start()
     url = f"http://127.0.0.1:{port}"
@@ -51,6 +52,8 @@ def agent(tmp_path_factory):
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+ALLOWED_HOST = "device-7.plant.example"  # a name the operator exposes the API under
+ALLOWED_ORIGIN = "http://127.0.0.1:3000"  # a local web app the operator allows
 SESSION = requests.Session()  # keep-alive, as local apps use the API (a refusal may close it)
 
 
@@ -259,3 +262,67 @@ def test_rss_stays_bounded_under_hostile_load(agent):
     after = rss(proc)
     assert after - before < 16 * 1024 * 1024, f"RSS grew from {before >> 20} to {after >> 20} MiB"
     still_serving(url)
+
+
+# ------------------------------------------------------------------ browsers on the device
+
+
+def _predict_raw(port: int, headers: dict[str, str], body: bytes = b'{"row": [0.1, 0.1, 0.1, 0.1, 0.1, 0.1]}',
+                 host: str | None = None) -> tuple[int, dict]:
+    """One POST /v1/predict with exactly these headers (no Host unless given) on a fresh connection."""
+    lines = [b"POST /v1/predict HTTP/1.1"]
+    if host is not None:
+        lines.append(b"Host: " + host.encode())
+    lines += [f"{k}: {v}".encode() for k, v in headers.items()]
+    lines.append(f"Content-Length: {len(body)}".encode())
+    answer = raw_exchange(port, b"\r\n".join(lines) + b"\r\n\r\n" + body)
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    return statuses(answer)[0], json.loads(payload.decode() or "{}")
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:{port}", "127.0.0.1.evil.example:{port}",
+                                  "localhost.evil.example", "EVIL.example:{port}", "evil.example."])
+def test_dns_rebinding_host_is_refused(agent, host):
+    """A page on evil.example whose name was rebound to 127.0.0.1 reaches the agent with its own
+    name in Host: refused before anything runs, even with a valid token."""
+    _, url, port = agent
+    status, body = _predict_raw(port, AUTH, host=host.format(port=port))
+    assert status == 403 and body["error"] == "forbidden_host", body
+    r = requests.get(f"{url}/v1/health", headers={**AUTH, "Host": host.format(port=port)}, timeout=TIMEOUT)
+    assert r.status_code == 403 and r.json()["error"] == "forbidden_host"
+    still_serving(url)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:{port}", "localhost:{port}", "localhost", "LOCALHOST:{port}",
+                                  "[::1]:{port}", ALLOWED_HOST, ALLOWED_HOST + ":{port}", None])
+def test_own_names_and_allowed_hosts_are_served(agent, host):
+    _, _, port = agent
+    status, body = _predict_raw(port, AUTH, host=None if host is None else host.format(port=port))
+    assert status == 200, body
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://127.0.0.1:3001", "https://127.0.0.1:3000",
+                                    "http://localhost:3000", "file://"])
+def test_cross_origin_requests_are_refused(agent, origin):
+    """A browser's cross-origin `text/plain` POST (a "simple" request: no preflight) carries an
+    Origin: refused unless that origin is allowed in the config, and the model does not run."""
+    proc, url, port = agent
+    before = _predictions(url)
+    status, body = _predict_raw(port, {**AUTH, "Origin": origin, "Content-Type": "text/plain"},
+                                host=f"127.0.0.1:{port}")
+    assert status == 403 and body["error"] == "forbidden_origin", body
+    r = requests.get(f"{url}/v1/model", headers={**AUTH, "Origin": origin}, timeout=TIMEOUT)
+    assert r.status_code == 403 and "Access-Control-Allow-Origin" not in r.headers
+    assert _predictions(url) == before
+
+
+def test_an_allowed_origin_is_served(agent):
+    _, _, port = agent
+    status, body = _predict_raw(port, {**AUTH, "Origin": ALLOWED_ORIGIN, "Content-Type": "text/plain"},
+                                host=f"127.0.0.1:{port}")
+    assert status == 200 and body["predictions"], body
+
+
+def _predictions(url: str) -> float:
+    text = requests.get(f"{url}/metrics", headers=AUTH, timeout=TIMEOUT).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("edgefleet_predictions_total"))

@@ -203,6 +203,7 @@ def test_device_with_revoked_key_ids_keeps_its_model(tmp_path, broker, collector
 
     kid = key_id(keypair()[1])
     config = make_config(tmp_path, broker)
+    config.server.url = bundle_server.base  # the device's credentials go to this origin only
     config.trust.revoked_key_ids = [kid]
     install_active(config.path, bundle_bytes("lr", "1.0.0"))
     service = AgentService(config).start()

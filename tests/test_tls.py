@@ -119,7 +119,7 @@ def test_agent_over_mqtts_and_https(tls_fleet, tmp_path):
     wrong_ca.write_bytes(cert_pem(generate_ca("not edgefleet")[1]))
     req = DownloadRequest(url=desired_state(svc, model["name"], model["version"]).url, dest=tmp_path / "x.efb",
                           size=model["size"], sha256=model["sha256"], username="tls-0", ca_file=str(wrong_ca),
-                          retries=0, min_free_disk_bytes=0)
+                          retries=0, min_free_disk_bytes=0, server_url=config.server_url)
     with pytest.raises(DownloadError, match="CERTIFICATE_VERIFY_FAILED"):
         download(req)
     # Plain HTTP to the HTTPS port gets no API answer.
@@ -244,7 +244,8 @@ def test_a_certificate_for_another_host_is_refused(tls_fleet, tmp_path, caplog):
         assert not link.connected and link.client.socket() is None
         assert "certificate is not valid for '127.0.0.1'" in caplog.text
         req = DownloadRequest(url=f"https://127.0.0.1:{port}/bundle", dest=tmp_path / "y.efb", size=10,
-                              sha256="0" * 64, ca_file=cfg.mqtt.ca_file, retries=0, min_free_disk_bytes=0)
+                              sha256="0" * 64, ca_file=cfg.mqtt.ca_file, retries=0, min_free_disk_bytes=0,
+                              server_url=f"https://127.0.0.1:{port}")
         with pytest.raises(DownloadError, match="not valid for '127.0.0.1'"):
             download(req)
     finally:

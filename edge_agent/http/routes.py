@@ -2,7 +2,8 @@
 
 Views only translate: check the bearer token, decode the body, call `Agent.predict` (or
 `Agent.feedback`, `health`, `model_info`), encode the answer. Nothing is logged per request.
-A check that applies to every request (the token today) belongs in `request`, before dispatch.
+A check that applies to every request (Host and Origin, `origin.py`; the token) belongs in
+`request`, before dispatch.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import msgspec
 
 from edge_agent.feedback import items_from_payload
 from edge_agent.http.connection import ADAPTIVE, POOL, Connection, Job
+from edge_agent.http.origin import BrowserPolicy
 from edge_agent.http.wire import body_length, encode
 from edge_agent.validation import RequestError, rows_from_payload
 
@@ -49,8 +51,15 @@ class AgentRoutes:
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
+        self.browsers = BrowserPolicy(agent.config.http)
 
     def request(self, conn: Connection, method: str, path: str, headers: dict[str, str], version: str) -> None:
+        refused = self.browsers.refusal(headers)
+        if refused is not None:  # before anything runs or the body is read
+            kind, message = refused
+            self.agent.telemetry.record_error(kind)
+            conn.send(403, encode({"error": kind, "message": message}), close=True)
+            return
         if method == "POST":
             self.do_post(conn, path, headers, version)
         elif method == "GET":

@@ -43,6 +43,7 @@ class UpdateHost(Protocol):
     def emit(self, **fields: Any) -> None: ...
     def state_changed(self) -> None: ...
     def submit(self, fn: Callable[[], None]) -> None: ...
+    def download_via(self, url: str) -> str: ...
 
 
 @dataclass
@@ -60,6 +61,9 @@ class UpdateContext:
     selftest_p50_ms: float | None = None
     save_count: int = 0
     attempts: dict[str, int] = field(default_factory=dict)
+    # Set when the failure was a full disk: bytes free then, and bytes the write needed.
+    disk_free: int | None = None
+    disk_needed: int | None = None
 
     def to_json(self) -> bytes:
         data = asdict(self)
@@ -83,6 +87,8 @@ class UpdateContext:
             ctx.selftest_p50_ms = data.get("selftest_p50_ms")
             ctx.save_count = int(data.get("save_count", 0))
             ctx.attempts = {str(k): int(v) for k, v in (data.get("attempts") or {}).items()}
+            ctx.disk_free = int(data["disk_free"]) if data.get("disk_free") is not None else None
+            ctx.disk_needed = int(data["disk_needed"]) if data.get("disk_needed") is not None else None
         except (ValueError, KeyError, TypeError, msgspec.ValidationError):
             log.warning("update.json is unreadable; starting idle")
             return cls()
@@ -97,5 +103,30 @@ class UpdateRun(Protocol):
     candidate: Any  # the loaded candidate runtime (memory only)
 
     def begin(self, d: DesiredState) -> None: ...
-    def fail(self, reason: str, final: bool = True) -> Event: ...
+    def fail(self, reason: str, final: bool = True, disk: tuple[int, int] | None = None) -> Event: ...
     def refuse(self, d: DesiredState | None, reason: str) -> None: ...
+    def disk_full_waiting(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class UpdateSnapshot:
+    """What the machine shows the outside (`reported`, `/v1/model`), taken at one moment.
+
+    The machine publishes a new one each time it changes state; readers take the whole object
+    (one reference read), so a report never mixes fields from before and after a transition
+    (e.g. Idle / rolled_back while still naming the interrupted candidate)."""
+
+    state: State = State.IDLE
+    desired: DesiredState | None = None
+    outcome: Outcome | None = None
+    last_error: str | None = None
+    retry: bool = False  # idle after a transient failure, with attempts left
+
+    @property
+    def busy(self) -> bool:
+        return self.state is not State.IDLE
+
+    @property
+    def candidate(self) -> DesiredState | None:
+        """The desired being worked on (None when idle)."""
+        return self.desired if self.busy else None

@@ -38,6 +38,8 @@ class Outcome(StrEnum):
     ROLLED_BACK = "rolled_back"
     ROLLBACK_FAILED = "rollback_failed"
     CANCELLED = "cancelled"  # desired moved on before the candidate went live
+    # failed (or rolled back) because a write did not fit; tried again once space returns
+    DISK_FULL = "disk_full"
 
 
 S, E = State, Event

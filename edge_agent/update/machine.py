@@ -17,8 +17,8 @@ import threading
 from typing import Any
 
 from edge_agent.protocol import DesiredState
-from edge_agent.store import atomic_write_bytes, read_json
-from edge_agent.update.context import UpdateContext, UpdateHost
+from edge_agent.store import atomic_write_bytes, free_bytes, is_disk_full, read_json
+from edge_agent.update.context import UpdateContext, UpdateHost, UpdateSnapshot
 from edge_agent.update.events import (
     LIVE_STATES,
     RESTART_ENTRY,
@@ -34,6 +34,10 @@ from edge_agent.update.states import HANDLERS, attempts_left, desired_key
 log = logging.getLogger("edge_agent.update")
 
 MAX_SAVES = 64  # saves within one update; more means a loop
+DISK_CHECK_S = 2.0  # how often an update that failed on a full disk looks for free space
+# States that only finish an update: they go on when update.json cannot be saved (a restart in
+# them re-enters safely from the last state saved), instead of failing again.
+FINISHING = (State.CHECK_ROLLBACK, State.ROLLBACK, State.FAILED, State.CLEANUP)
 
 
 def parse_faults(spec: str | None) -> dict[str, str]:
@@ -58,6 +62,20 @@ class UpdateMachine:
         self._running = False
         self._again = False
         self._history: list[tuple[str, str, str]] = []
+        self._snapshot = UpdateSnapshot()
+        self._disk_checked = 0.0
+
+    # ------------------------------------------------------------------ what others see
+
+    @property
+    def snapshot(self) -> UpdateSnapshot:
+        """The machine at its last change, as one immutable object (build reports from it)."""
+        return self._snapshot
+
+    def _publish(self) -> None:
+        ctx = self.ctx
+        self._snapshot = UpdateSnapshot(state=ctx.state, desired=ctx.desired, outcome=ctx.outcome,
+                                        last_error=ctx.last_error, retry=self.will_retry)
 
     # ------------------------------------------------------------------ persistence
 
@@ -75,6 +93,7 @@ class UpdateMachine:
         self.ctx = saved
         entry = RESTART_ENTRY[saved.state]
         if saved.state is State.IDLE:
+            self._publish()
             return
         if saved.state in LIVE_STATES:
             self.ctx.went_live = True
@@ -89,6 +108,7 @@ class UpdateMachine:
             reason=f"agent restarted in {saved.state.value}",
         )
         self.ctx.state = entry
+        self._publish()
 
     # ------------------------------------------------------------------ driving
 
@@ -156,9 +176,18 @@ class UpdateMachine:
             return HANDLERS[state](self)
         if state is State.ACTIVATE:
             self.ctx.went_live = True  # saved with the state: a crash from here on rolls back
-        if not self._save():
+        try:
+            saved = self._save()
+        except OSError as exc:
+            saved = True
+            if state not in FINISHING:  # do not start work that could not be resumed safely
+                return self.fail(f"{state.value.lower()}: cannot save update.json: {exc}", final=False,
+                                 disk=self._disk(exc, len(self.ctx.to_json())))
+            log.warning("update.json not saved in %s (%s); finishing the update in memory", state.value, exc)
+        if not saved:
             self.ctx.last_error = f"loop detected in {state.value} after {MAX_SAVES} saves"
             return Event.LOOP_DETECTED
+        self._publish()
         self.host.state_changed()
         if self.faults.get("crash_in") == state.value:
             log.warning("EDGEFLEET_FAULT: killing the agent in %s", state.value)
@@ -177,7 +206,10 @@ class UpdateMachine:
     def _transition(self, event: Event) -> None:
         old = self.ctx.state
         new = next_state(old, event)
-        self.ctx.outcome = reduce_outcome(self.ctx.outcome, old, event)
+        outcome = reduce_outcome(self.ctx.outcome, old, event)
+        if outcome in (Outcome.FAILURE, Outcome.ROLLED_BACK) and self.ctx.disk_needed is not None:
+            outcome = Outcome.DISK_FULL  # the device kept (or went back to) its model; retried with space
+        self.ctx.outcome = outcome
         self.ctx.state = new
         self._history.append((old.value, event.value, new.value))
         d = self.ctx.desired
@@ -198,7 +230,11 @@ class UpdateMachine:
                 outcome=self.ctx.outcome.value if self.ctx.outcome else None,
                 reason=self.ctx.last_error if self.ctx.outcome is not Outcome.SUCCESS else None,
             )
-            self._save()
+            try:
+                self._save()
+            except OSError as exc:  # Idle needs no resume: a restart re-enters the last saved state safely
+                log.warning("update.json not saved in Idle: %s", exc)
+        self._publish()
         self.host.state_changed()
 
     def crash(self) -> None:
@@ -216,11 +252,37 @@ class UpdateMachine:
             desired=d, previous_version=self.host.active_version(), attempts=keep
         )
 
-    def fail(self, reason: str, final: bool = True) -> Event:
+    def fail(self, reason: str, final: bool = True, disk: tuple[int, int] | None = None) -> Event:
+        """Record why the update fails; `disk` = (free, needed) bytes when a write did not fit."""
         log.warning("update failed: %s", reason)
         self.ctx.last_error = reason
         self.ctx.final = final
+        if disk is not None:
+            self.ctx.final = False
+            self.ctx.disk_free, self.ctx.disk_needed = disk
         return Event.FAILURE
+
+    def _disk(self, exc: BaseException, needed: int) -> tuple[int, int] | None:
+        """(free, needed) bytes if `exc` is a full disk, else None."""
+        return (free_bytes(self.host.data.root), needed) if is_disk_full(exc) else None
+
+    def disk_full_waiting(self) -> bool:
+        """Idle after a full disk, and there is still not the space the failed write needed."""
+        ctx = self.ctx
+        if ctx.state is not State.IDLE or ctx.outcome is not Outcome.DISK_FULL or ctx.disk_needed is None:
+            return False
+        return free_bytes(self.host.data.root) < ctx.disk_needed
+
+    def check_disk(self, now: float) -> None:
+        """After a full disk, try the update again once the space it needed is free (from tick)."""
+        ctx = self.ctx
+        if ctx.state is not State.IDLE or ctx.outcome is not Outcome.DISK_FULL or self._running:
+            return
+        if now - self._disk_checked < DISK_CHECK_S:
+            return
+        self._disk_checked = now
+        if not self.disk_full_waiting():
+            self.kick()
 
     def refuse(self, d: DesiredState | None, reason: str) -> None:
         log.warning("refusing desired: %s", reason)
@@ -231,6 +293,7 @@ class UpdateMachine:
             rollout_id=d.rollout_id if d else None,
             reason=reason,
         )
+        self._publish()
         self.host.state_changed()
 
     # ------------------------------------------------------------------ called from tick / desired

@@ -10,9 +10,16 @@ from __future__ import annotations
 import hashlib
 from typing import TYPE_CHECKING
 
-from edge_agent.download import DownloadError, DownloadRequest, download, file_sha256
+from edge_agent.download import (
+    DiskFull,
+    DownloadError,
+    DownloadRequest,
+    download,
+    file_sha256,
+    resolve_url,
+)
 from edge_agent.protocol import DesiredState, encode
-from edge_agent.store import SAFE_VERSION, is_downgrade
+from edge_agent.store import SAFE_VERSION, free_bytes, is_disk_full, is_downgrade
 from edge_agent.update.events import LIVE_STATES, Event, State
 from model_tools.bundle import extract_bundle, load_extracted, read_bundle
 from model_tools.errors import BundleError
@@ -68,6 +75,8 @@ def idle(m: UpdateRun) -> Event | None:
         return None
     if not attempts_left(m.ctx.attempts, d):
         return None  # already failed for good: wait for a new desired
+    if m.ctx.desired is not None and desired_key(m.ctx.desired) == desired_key(d) and m.disk_full_waiting():
+        return None  # the same update failed on a full disk: wait for the space it needs
     reason = refusal(m, d)
     if reason:
         m.ctx.attempts[desired_key(d)] = MAX_ATTEMPTS
@@ -86,9 +95,12 @@ def download_state(m: UpdateRun) -> Event | None:
     d = m.ctx.desired
     assert d is not None
     cfg = m.host.config
-    url = d.url if "://" in d.url else cfg.server.url.rstrip("/") + "/" + d.url.lstrip("/")
+    url = resolve_url(d.url, cfg.server.url)
     req = DownloadRequest(
         url=url,
+        server_url=cfg.server.url,  # the only origin the device password goes to
+        allowed_origins=cfg.update.allowed_download_origins,
+        via=m.host.download_via(url),
         dest=m.host.data.downloads / f"{d.sha256}.efb",
         size=d.size,
         sha256=d.sha256,
@@ -104,7 +116,8 @@ def download_state(m: UpdateRun) -> Event | None:
     except DownloadError as exc:
         if not _still_wanted(m):
             return Event.NOTHING_TO_DO
-        return m.fail(f"download: {exc}", final=not exc.transient)
+        disk = (exc.free, exc.needed) if isinstance(exc, DiskFull) else None
+        return m.fail(f"download: {exc}", final=not exc.transient, disk=disk)
     return Event.SUCCESS if _still_wanted(m) else Event.NOTHING_TO_DO
 
 
@@ -152,7 +165,12 @@ def install(m: UpdateRun) -> Event | None:
             overwrite=True,
             revoked_key_ids=revoked_key_ids(m),
         )
-    except (BundleError, OSError) as exc:
+    except OSError as exc:
+        if is_disk_full(exc):  # roughly the bundle's size again, unpacked
+            free = free_bytes(m.host.data.root)
+            return m.fail(f"install: disk full: {free} bytes free, about {d.size} needed ({exc})", disk=(free, d.size))
+        return m.fail(f"install: {exc}")
+    except BundleError as exc:
         return m.fail(f"install: {exc}")
     return Event.SUCCESS
 
@@ -208,6 +226,9 @@ def commit(m: UpdateRun) -> Event | None:
     try:
         m.host.commit(d.version, m.ctx.previous_version)
     except OSError as exc:
+        if is_disk_full(exc):
+            free = free_bytes(m.host.data.root)
+            return m.fail(f"commit: disk full: {free} bytes free, state.json needs 4096 ({exc})", disk=(free, 4096))
         return m.fail(f"commit: {exc}", final=False)
     return Event.SUCCESS
 
@@ -229,7 +250,8 @@ def failed(m: UpdateRun) -> Event | None:
     d = m.ctx.desired
     if d is not None:
         key = desired_key(d)
-        m.ctx.attempts[key] = MAX_ATTEMPTS if m.ctx.final else m.ctx.attempts.get(key, 0) + 1
+        if m.ctx.disk_needed is None:  # a full disk uses no attempt: it is retried once space returns
+            m.ctx.attempts[key] = MAX_ATTEMPTS if m.ctx.final else m.ctx.attempts.get(key, 0) + 1
     return Event.SUCCESS
 
 
