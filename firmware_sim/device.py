@@ -18,11 +18,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig
-from edge_agent.protocol import DesiredState, Hardware, ProtocolError, Resources, decode, encode
+from edge_agent.protocol import Hardware, Resources
 from edge_agent.runtime import ModelRuntime
 from edge_agent.validation import RequestError
 from firmware_sim.datagen import DeviceStream
@@ -98,13 +96,10 @@ class SimAgent(Agent):
     def load_runtime(self, bundle: Bundle) -> ModelRuntime:
         return slowed(self.runtimes.get(bundle), self.cpu_factor)
 
-    def on_desired(self, payload: bytes) -> None:
-        if payload and self.download_url is not None:
-            with contextlib.suppress(ProtocolError, msgspec.DecodeError):
-                d = decode("desired", payload)
-                if isinstance(d, DesiredState):
-                    payload = encode(msgspec.structs.replace(d, url=self.download_url(d.url)))
-        super().on_desired(payload)
+    def download_via(self, url: str) -> str:
+        # Through the fault relay: the signed desired stays as the server sent it, and the
+        # device's credentials still go only to the server's origin it names.
+        return self.download_url(url) if self.download_url is not None else ""
 
     def _flush_window(self, now: float) -> None:
         seq = self.outbox.next_seq if self.outbox is not None else -1
