@@ -60,7 +60,11 @@ def agent_config_toml(
     window_s: float = 60.0,
 ) -> str:
     """The agent config file for one device (the only place it is generated)."""
+    from fleet_server.desired_signing import DesiredSigner
+
     keys = "".join(f"  {_toml_str(pem.strip())},\n" for pem in trusted_pems)
+    # The device accepts only desired states signed with this key (created on first use).
+    desired_key = _toml_str(DesiredSigner.for_secrets_dir(config.secrets_dir).public_pem.strip())
     ca_file, ca_note = config.mqtt_ca_file, ""
     if config.tls or config.serves_https:
         # Relative paths resolve beside the config file: ship the server's CA with it.
@@ -81,6 +85,8 @@ def agent_config_toml(
         f"url = {_toml_str(config.server_url)}\n"
         "\n[trust]\n"
         f"public_keys_pem = [\n{keys}]\n"
+        "# the fleet server's desired-state key: desired states it did not sign are refused\n"
+        f"desired_keys_pem = [\n  {desired_key},\n]\n"
         "\n[http]\n"
         f"listen = {_toml_str(listen)}\n"
         "\n[telemetry]\n"

@@ -16,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.protocol import TOPIC_ROOT, DesiredState, encode, topic
+from edge_agent.protocol import TOPIC_ROOT, DesiredState, topic
 from fleet_server.config import SERVER_USERNAME, ServerConfig
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,7 @@ class Publisher:
         self.client, self._connect = make_client(config, client_id or f"ef-server-pub-{config.worker_id}")
         self._connected = threading.Event()
         self.connects = 0  # successful connections: a new one after the first means the broker may have restarted
+        self._desired_signer: Any = None  # the desired-state key, read (or created) on first use
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a, **k: self._connected.clear()
 
@@ -192,8 +193,14 @@ class Publisher:
         return info.is_published()
 
     def publish_desired(self, device_id: str, desired: DesiredState) -> bool:
-        """Set a device's desired state (retained, so an offline device converges on reconnect)."""
-        return self.publish(topic(self.config.fleet, device_id, "desired"), encode(desired), retain=True)
+        """Set a device's desired state (retained, so an offline device converges on reconnect),
+        signed with the server's desired-state key: devices refuse anything else."""
+        if self._desired_signer is None:
+            from fleet_server.desired_signing import DesiredSigner
+
+            self._desired_signer = DesiredSigner.for_secrets_dir(self.config.secrets_dir)
+        payload = self._desired_signer.payload(desired)
+        return self.publish(topic(self.config.fleet, device_id, "desired"), payload, retain=True)
 
     def clear_desired(self, device_id: str) -> bool:
         return self.publish(topic(self.config.fleet, device_id, "desired"), b"", retain=True)
