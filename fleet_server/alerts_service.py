@@ -113,8 +113,11 @@ def _apply(svc: Services, model: str, version: str, target: str, t: AlertTransit
 
 def evaluate_closed(svc: Services) -> list[Notification]:
     """One pass of the background loop over every model version with drift buckets, then the
-    performance alerts of every version with feedback (fleet_server.performance_service)."""
-    return evaluate_drift_closed(svc) + performance_service.evaluate_closed(svc)
+    performance alerts of every version with feedback (fleet_server.performance_service), then
+    the estimated-performance, multivariate and data-quality alerts (fleet_server.monitoring_alerts)."""
+    from fleet_server import monitoring_alerts
+
+    return evaluate_drift_closed(svc) + performance_service.evaluate_closed(svc) + monitoring_alerts.evaluate_closed(svc)
 
 
 def evaluate_drift_closed(svc: Services) -> list[Notification]:

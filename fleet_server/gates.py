@@ -6,6 +6,7 @@ is still too small is `pending`, never passed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -38,6 +39,15 @@ class CohortStats:
     labels: int = 0
     correct: int = 0
     stage_age_s: float = 0.0  # seconds since the stage started (how long labels were waited for)
+    # label-free estimate of the cohort's version: rows, Σ calibrated confidence, Σ its square
+    est_rows: int = 0
+    est_hits: float = 0.0
+    est_sq_sum: float = 0.0
+    # multivariate drift of the canary against the version's reference: PSI and its noise level
+    multivariate_psi: float | None = None
+    multivariate_noise: float | None = None
+    multivariate_rows: int = 0
+    refused_rows: int = 0  # rows refused by input validation (their requests' rows)
 
 
 @dataclass
@@ -133,31 +143,102 @@ def evaluate_gates(spec: RolloutSpec, mode: str, canary: CohortStats,
     add("input_drift_psi", canary.max_feature_psi, canary.predictions,
         "measured from the first live stage" if shadow
         else "worst feature PSI of the canary cohort against the reference", shadow)
-    _accuracy_delta(add, spec, shadow, canary, control)
+    labels_decide = _accuracy_delta(add, spec, shadow, canary, control)
+    _monitoring_gates(add, spec, results, shadow, canary, control, labels_decide)
     population = canary.devices
     add("timeout_share", canary.timed_out / population if population else None, population,
         f"{canary.timed_out} of {population} devices timed out")
     return results
 
 
-def _accuracy_delta(add: Any, spec: RolloutSpec, shadow: bool, canary: CohortStats, control: CohortStats) -> None:
-    """Canary accuracy minus control accuracy on labels received during the stage."""
+def _accuracy_delta(add: Any, spec: RolloutSpec, shadow: bool, canary: CohortStats, control: CohortStats) -> bool:
+    """Canary accuracy minus control accuracy on labels received during the stage; True when
+    both cohorts have their labels (realized accuracy then decides, not the estimate)."""
     sample = min(canary.labels, control.labels)
     if shadow or control.devices == 0:
         why = ("the candidate's answers are not served in shadow, so no truth joins them" if shadow
                else "no control cohort left (every target device is in the canary)")
         add("accuracy_delta", None, sample, why, True)
-        return
+        return False
     c_acc = canary.correct / canary.labels if canary.labels else None
     k_acc = control.correct / control.labels if control.labels else None
     settings = spec.gate("accuracy_delta")
     if sample < int(settings.get("min_sample", 1)) and canary.stage_age_s >= float(settings.get("wait_s", 0.0)):
         add("accuracy_delta", None, sample,
             f"too few labels within wait_s ({canary.labels} canary, {control.labels} control): not judged", True)
-        return
+        return False
     delta = c_acc - k_acc if c_acc is not None and k_acc is not None else None
     add("accuracy_delta", delta, sample,
         f"canary accuracy {c_acc} on {canary.labels} labels vs control {k_acc} on {control.labels}")
+    return delta is not None and sample >= int(settings.get("min_sample", 1))
+
+
+ESTIMATE_Z = 2.576  # an estimated difference must be this many standard errors below zero to fail
+MULTIVARIATE_NOISE = "within the sampling noise of the canary's rows"
+
+
+def _estimate(s: CohortStats) -> tuple[float | None, float]:
+    """(estimated accuracy, its standard error as a mean of calibrated confidences)."""
+    if not s.est_rows:
+        return None, math.inf
+    mean = s.est_hits / s.est_rows
+    var = max(s.est_sq_sum / s.est_rows - mean * mean, 0.0)
+    return mean, math.sqrt(var / s.est_rows)
+
+
+def _monitoring_gates(add: Any, spec: RolloutSpec, results: list[GateResult], shadow: bool, canary: CohortStats,
+                      control: CohortStats, labels_decide: bool) -> None:
+    """estimated_accuracy_delta, multivariate_drift_psi and input_error_rate_delta."""
+    alone = control.devices == 0
+    why = ("measured in live stages (the candidate's answers are not served in shadow)" if shadow
+           else "no control cohort left (every target device is in the canary)" if alone else "")
+    c_est, c_se = _estimate(canary)
+    k_est, k_se = _estimate(control)
+    delta = c_est - k_est if c_est is not None and k_est is not None else None
+    # A cohort that predicts but sends no estimate (a bundle without estimation inputs, agents
+    # that predate them) would hold the stage forever: the gate does not apply to it.
+    enough = int(spec.gate("estimated_accuracy_delta").get("min_sample", 1))
+    silent = [name for name, s in (("canary", canary), ("control", control))
+              if s.predictions >= enough and not s.est_rows]
+    if not why and silent:
+        why = f"no estimate from the {' and '.join(silent)} (bundle without estimation inputs, or older agents)"
+    skip = bool(why) or labels_decide
+    detail = why or ("realized accuracy_delta has its labels and decides" if labels_decide else
+                     f"canary estimated accuracy {_fmt(c_est)} on {canary.est_rows} predictions vs control "
+                     f"{_fmt(k_est)} on {control.est_rows}; noise {ESTIMATE_Z} x {_fmt(math.hypot(c_se, k_se))}")
+    before = len(results)
+    add("estimated_accuracy_delta", delta, min(canary.est_rows, control.est_rows), detail, skip)
+    # Below the threshold but not beyond the sampling noise of the two estimates: not a failure.
+    if (len(results) > before and results[-1].status == "fail" and delta is not None
+            and delta > -ESTIMATE_Z * math.hypot(c_se, k_se)):
+        results[-1].status = "pass"
+        results[-1].detail += " (below the threshold but within sampling noise)"
+
+    before = len(results)
+    no_profile = (not shadow and not canary.multivariate_rows
+                  and canary.predictions >= int(spec.gate("multivariate_drift_psi").get("min_sample", 1)))
+    add("multivariate_drift_psi", canary.multivariate_psi, canary.multivariate_rows,
+        "measured from the first live stage" if shadow else
+        "the version has no multivariate profile (or its agents predate it)" if no_profile else
+        "PSI of the canary's PCA reconstruction errors against the reference", shadow or no_profile)
+    if (len(results) > before and results[-1].status == "fail" and canary.multivariate_noise is not None
+            and (canary.multivariate_psi or 0.0) <= canary.multivariate_noise):
+        results[-1].status = "pass"
+        results[-1].detail += f" ({MULTIVARIATE_NOISE}, {canary.multivariate_noise:.3g})"
+
+    c_rows = canary.predictions + canary.refused_rows
+    k_rows = control.predictions + control.refused_rows
+    c_rate = canary.refused_rows / c_rows if c_rows else None
+    k_rate = control.refused_rows / k_rows if k_rows else 0.0
+    live_why = ("measured in live stages (the active model validates in shadow)" if shadow
+                else "no control cohort left (every target device is in the canary)" if alone else "")
+    add("input_error_rate_delta", c_rate - k_rate if c_rate is not None else None, c_rows,
+        live_why or f"rows refused by input validation: canary {_fmt(c_rate)} vs control {_fmt(k_rate)}",
+        bool(live_why))
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
 
 
 def verdict(results: list[GateResult]) -> str:

@@ -44,11 +44,35 @@ TRANSITIONS: dict[tuple[RolloutState, str], RolloutState] = {
 }
 
 
+class RolloutStateError(RolloutError):
+    """An action that does not apply to the rollout's state (any more): a conflict, not bad input."""
+
+    status = 409
+
+
+OPERATOR_ACTIONS = ("pause", "resume", "advance", "abort")
+
+
 def next_state(state: RolloutState, action: str) -> RolloutState:
     try:
         return TRANSITIONS[(state, action)]
     except KeyError:
-        raise RolloutError(f"cannot {action} a rollout that is {state.value}") from None
+        raise RolloutStateError(f"cannot {action} a rollout that is {state.value}") from None
+
+
+def is_blue_green(stages: tuple[Stage, ...]) -> bool:
+    """One live stage of every device: what `blue_green` makes (its abort is the way back)."""
+    return len(stages) == 1 and stages[0].mode == "live" and stages[0].percent == 100
+
+
+def allowed_actions(state: RolloutState, *, blue_green: bool, still_current: bool) -> list[str]:
+    """The operator actions that apply now; the console enables only these and the API refuses
+    the others with 409. A completed rollout can be aborted only if it is blue-green (its abort is
+    the documented instant way back) and no later rollout has replaced the version it set."""
+    actions = [a for a in OPERATOR_ACTIONS if (state, a) in TRANSITIONS]
+    if state is RolloutState.COMPLETED and not (blue_green and still_current):
+        actions.remove("abort")
+    return actions
 
 
 @dataclass(frozen=True)
@@ -106,6 +130,15 @@ GATE_DEFAULTS: dict[str, dict[str, Any]] = {
     # Pending while either cohort has fewer than min_sample labels, for at most wait_s after the
     # stage started; then skipped, so a fleet without labels never blocks a rollout.
     "accuracy_delta": {"min": -0.05, "min_sample": 200, "unit": "labels", "wait_s": 0.0},
+    # Label-free: the canary's estimated accuracy (calibrated confidence, see docs/performance.md)
+    # minus the control's, live stages; it fails only when the difference is also beyond its
+    # sampling noise. Skipped once accuracy_delta has its labels: realized accuracy decides then.
+    "estimated_accuracy_delta": {"min": -0.03, "min_sample": 300, "unit": "predictions"},
+    # The canary's PCA reconstruction errors against the version's reference (multivariate drift).
+    "multivariate_drift_psi": {"max": 0.25, "min_sample": 500, "unit": "predictions"},
+    # Share of rows refused by input validation, canary minus control (a schema that refuses
+    # what devices send, or a sensor the new model cannot take).
+    "input_error_rate_delta": {"max": 0.02, "min_sample": 200, "unit": "rows"},
 }
 
 DEFAULT_STAGES: tuple[Stage, ...] = (

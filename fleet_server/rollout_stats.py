@@ -7,10 +7,12 @@ in a shadow stage their active model's windows carry the candidate's shadow coun
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
 from fleet_server.gates import CohortStats
+from fleet_server.monitoring_sums import MonitoringMismatch, MonitoringSums
 
 if TYPE_CHECKING:
     from fleet_server.context import Services
@@ -95,3 +97,38 @@ def sum_feedback(stats: CohortStats, rows: Iterable[dict[str, Any]], devices: Co
             stats.labels += sum(map(sum, confusion))
             stats.correct += sum(row[i] for i, row in enumerate(confusion))
     return stats
+
+
+def sum_monitoring(stats: CohortStats, rows: Iterable[dict[str, Any]], devices: Collection[str], *,
+                   version: str | None = None, exclude_version: str | None = None) -> MonitoringSums:
+    """Add the monitoring sums of `devices` into `stats` (estimate rows and confidences, refused
+    rows): only `version`'s when given, none of `exclude_version`'s. Returns the summed rows
+    whose shapes line up (for the canary's multivariate drift)."""
+    total = MonitoringSums()
+    for r in rows:
+        v = r["model_version"]
+        if r["device"] not in devices or (version is not None and v != version) or v == exclude_version:
+            continue
+        s = MonitoringSums.from_row(r)
+        stats.est_rows += s.est_rows
+        stats.est_hits += sum(s.est_confusion[k][k] for k in range(len(s.est_confusion))) if s.est_confusion else 0.0
+        stats.est_sq_sum += s.est_sq_sum
+        stats.refused_rows += s.refused_rows
+        with contextlib.suppress(MonitoringMismatch):
+            total.add(s)
+    return total
+
+
+def canary_multivariate(svc: Services, model: str, version: str, stats: CohortStats, sums: MonitoringSums) -> None:
+    """The canary's multivariate drift (PSI of reconstruction errors, its noise level) against
+    the version's reference; left unset when the bundle has no multivariate profile."""
+    from fleet_server.drift.multivariate import multivariate_drift
+    from fleet_server.drift_service import profile_of
+
+    row = svc.storage.get_model(model, version)
+    if row is None:
+        return
+    profile = profile_of(row).multivariate
+    mv = multivariate_drift(profile, sums) if profile is not None else None
+    if mv is not None and mv["psi"] is not None:
+        stats.multivariate_psi, stats.multivariate_noise, stats.multivariate_rows = mv["psi"], mv["noise_psi"], mv["rows"]

@@ -6,6 +6,8 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
+from fleet_server.api.schemas import OPTIONAL_BODY, REQUEST_BODIES, json_schemas
+
 bp = Blueprint("openapi", __name__, url_prefix="/api/v1")
 
 Q = "query"
@@ -36,6 +38,15 @@ OPERATIONS: list[tuple[str, str, str, str | None, list[tuple[str, str, str, str]
      "viewer", [("device_id", P, "string", "device id")], None),
     ("post", "/api/v1/devices/{device_id}/revoke", "Revoke a device's broker and download access",
      "operator", [("device_id", P, "string", "device id")], None),
+    ("post", "/api/v1/devices/{device_id}/rotate-password",
+     "Start a password rotation: the device takes a new password over its own channel (202)",
+     "operator", [("device_id", P, "string", "device id")], None),
+    ("post", "/api/v1/device/credentials",
+     "The device takes the new password of its pending rotation (HTTP Basic: its current password; "
+     "JSON {rotation_id})", "device", [], "application/json"),
+    ("post", "/api/v1/device/credentials/confirm",
+     "The device confirms its new password (HTTP Basic: the new password; JSON {rotation_id})",
+     "device", [], "application/json"),
     ("get", "/api/v1/devices/{device_id}/events", "Update history of a device (newest first)", "viewer",
      [("device_id", P, "string", "device id"), ("limit", Q, "integer", "max events")], None),
     ("get", "/api/v1/devices/{device_id}/samples",
@@ -103,9 +114,28 @@ OPERATIONS: list[tuple[str, str, str, str | None, list[tuple[str, str, str, str]
         ("scope", Q, "string", "fleet | device:ID | tag:KEY=VALUE"),
         ("start", Q, "number", "unix time"), ("end", Q, "number", "unix time"),
     ], None),
-    ("get", "/api/v1/alerts", "List drift and performance alerts", "viewer", [
+    ("get", "/api/v1/performance/{name}/{version}/estimated",
+     "Estimated performance without labels (accuracy with its noise interval; binary: precision, recall, F1, "
+     "ROC AUC) beside realized accuracy", "viewer", [
+        ("name", P, "string", "model name"), ("version", P, "string", "model version"),
+        ("scope", Q, "string", "fleet | device:ID | tag:KEY=VALUE"),
+        ("start", Q, "number", "unix time, inclusive"), ("end", Q, "number", "unix time, exclusive"),
+    ], None),
+    ("get", "/api/v1/performance/{name}/{version}/estimated/timeline",
+     "Estimated accuracy per bucket with its interval, beside realized accuracy where labels arrived", "viewer", [
+        ("name", P, "string", "model name"), ("version", P, "string", "model version"),
+        ("scope", Q, "string", "fleet | device:ID | tag:KEY=VALUE"),
+        ("start", Q, "number", "unix time"), ("end", Q, "number", "unix time"),
+    ], None),
+    ("get", "/api/v1/performance/{name}/{version}/estimated/groups",
+     "Estimated performance per device, tag value or bucket", "viewer", [
+        ("name", P, "string", "model name"), ("version", P, "string", "model version"),
+        ("by", Q, "string", "device | tag:KEY | bucket"),
+        ("start", Q, "number", "unix time"), ("end", Q, "number", "unix time"),
+    ], None),
+    ("get", "/api/v1/alerts", "List drift, performance, estimated, multivariate and data-quality alerts", "viewer", [
         ("state", Q, "string", "open | resolved"), ("model", Q, "string", "model name"),
-        ("scope", Q, "string", "fleet | device:ID | tag:KEY=VALUE"), ("kind", Q, "string", "drift | performance"),
+        ("scope", Q, "string", "fleet | device:ID | tag:KEY=VALUE"), ("kind", Q, "string", "drift | performance | estimated | multivariate | quality"),
         ("limit", Q, "integer", "max alerts"),
     ], None),
     ("post", "/api/v1/alerts/{alert_id}/ack", "Acknowledge an alert", "operator",
@@ -167,9 +197,11 @@ def document() -> dict[str, Any]:
             op["x-role"] = role
         else:
             op["security"] = []
-        if body:
-            op["requestBody"] = {"required": True, "content": {body: {"schema": {"type": "object"}
-                                 if body == "application/json" else {"type": "string", "format": "binary"}}}}
+        schema = REQUEST_BODIES.get((method, path))
+        if body or schema:
+            op["requestBody"] = {"required": schema not in OPTIONAL_BODY, "content": {
+                body or "application/json": {"schema": {"$ref": f"#/components/schemas/{schema.__name__}"}
+                                             if schema is not None else {"type": "string", "format": "binary"}}}}
         paths.setdefault(path, {})[method] = op
     return {
         "openapi": "3.0.3",
@@ -181,7 +213,8 @@ def document() -> dict[str, Any]:
                 "device": {"type": "http", "scheme": "basic"},
             },
             "schemas": {
-                "Error": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+                "Error": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]},
+                **json_schemas(),
             },
         },
         "security": [{"token": []}],

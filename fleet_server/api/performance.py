@@ -1,11 +1,12 @@
-"""Realized performance API: metrics from ground-truth feedback per scope, group and bucket, and
-the concept-drift view (input drift beside realized performance on one time axis)."""
+"""Realized performance API: metrics from ground-truth feedback per scope, group and bucket, the
+concept-drift view (input drift beside realized performance on one time axis), and the
+label-free estimate beside realized accuracy."""
 
 from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
-from fleet_server import performance_service
+from fleet_server import monitoring_service, performance_service
 from fleet_server.api.common import require, services, window_args
 from fleet_server.auth import Role
 
@@ -40,3 +41,21 @@ def timeline(name: str, version: str):
 @require(Role.VIEWER)
 def concept_drift(name: str, version: str):
     return jsonify(performance_service.concept_drift(services(), name, version, *window_args()))
+
+
+@bp.get("/performance/<name>/<version>/estimated")
+@require(Role.VIEWER)
+def estimated(name: str, version: str):
+    return jsonify(monitoring_service.estimated(services(), name, version, *window_args()))
+
+
+@bp.get("/performance/<name>/<version>/estimated/timeline")
+@require(Role.VIEWER)
+def estimated_timeline(name: str, version: str):
+    return jsonify(monitoring_service.estimated_timeline(services(), name, version, *window_args()))
+
+
+@bp.get("/performance/<name>/<version>/estimated/groups")
+@require(Role.VIEWER)
+def estimated_groups(name: str, version: str):
+    return jsonify(monitoring_service.estimated_groups(services(), name, version, *window_args("by", "device")))

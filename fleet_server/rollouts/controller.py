@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 from fleet_server.desired import publish_desired
 from fleet_server.gates import CohortStats, GateResult, evaluate_gates, verdict
 from fleet_server.rollout_model import RolloutSpec, RolloutState, Stage, Target, cohort_rank
-from fleet_server.rollout_stats import canary_feature_psi, sum_feedback, sum_windows
+from fleet_server.rollout_stats import (
+    canary_feature_psi,
+    canary_multivariate,
+    sum_feedback,
+    sum_monitoring,
+    sum_windows,
+)
 from fleet_server.rollouts.device_status import device_status, failed_devices, on_probation
 from fleet_server.rollouts.records import ACTIVE, CONTROLLER, all_devices, matching, spec_of
 from fleet_server.rollouts.stages import next_stage, transition
@@ -199,6 +205,11 @@ def _cohort_stats(svc: Services, row: dict[str, Any], spec: RolloutSpec, stage: 
     feedback = svc.storage.feedback_since(spec.model, row["stage_started_at"])
     sum_feedback(canary, feedback, cohort, version=spec.version)
     sum_feedback(control, feedback, control_ids, exclude_version=spec.version)
+    monitoring = svc.storage.monitoring_since(spec.model, row["stage_started_at"])
+    canary_sums = sum_monitoring(canary, monitoring, cohort, version=spec.version)
+    sum_monitoring(control, monitoring, control_ids, exclude_version=spec.version)
+    if stage.mode == "live":
+        canary_multivariate(svc, spec.model, spec.version, canary, canary_sums)
     canary.stage_age_s = svc.clock() - row["stage_started_at"]
     return canary, control
 

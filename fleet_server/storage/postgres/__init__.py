@@ -16,6 +16,7 @@ from fleet_server.storage.postgres.console import ConsoleMixin
 from fleet_server.storage.postgres.credentials import CredentialsMixin
 from fleet_server.storage.postgres.ingest import IngestMixin
 from fleet_server.storage.postgres.models import ModelsMixin
+from fleet_server.storage.postgres.monitoring import MonitoringMixin
 from fleet_server.storage.postgres.nodes import NodesMixin
 from fleet_server.storage.postgres.rollouts import RolloutsMixin
 from fleet_server.storage.postgres.telemetry import TelemetryMixin
@@ -26,6 +27,7 @@ class PostgresStorage(
     IngestMixin,
     TelemetryMixin,
     BucketsMixin,
+    MonitoringMixin,
     ModelsMixin,
     AlertsMixin,
     RolloutsMixin,

@@ -24,6 +24,7 @@ from fleet_server.performance import FeedbackMismatch, FeedbackSums
 from fleet_server.storage.accounting import SeqAccount, account
 from fleet_server.storage.base import BatchResult, IngestBatch, Reject
 from fleet_server.storage.postgres.connection import PostgresConnection, dumps, lock_devices, tuples
+from fleet_server.storage.postgres.monitoring import store_monitoring
 from fleet_server.telemetry import BucketSums, bucket_start, sum_windows
 
 _msgpack = msgspec.msgpack.Encoder()
@@ -258,6 +259,7 @@ def store_batch(
     )
     store_samples(conn, stored, samples_per_device)
     result.rejects += store_feedback(conn, stored, bucket_s, now)
+    result.rejects += store_monitoring(conn, stored, bucket_s, now)
     result.stored_windows = len(stored)
     result.lags = [now - w.sent_at for w in stored if w.sent_at > 0]
     _many(

@@ -369,6 +369,36 @@ CREATE TABLE nodes (
 """))
 
 
+# SQLite's 0013_monitoring: monitoring sums per (model version, device, bucket), one row per ingest batch.
+SCRIPTS.append(("0006_monitoring", """
+CREATE TABLE monitoring (
+    id BIGSERIAL PRIMARY KEY,
+    model TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    device TEXT NOT NULL,
+    bucket_start DOUBLE PRECISION NOT NULL,
+    stored_at DOUBLE PRECISION NOT NULL,
+    sums TEXT NOT NULL
+);
+CREATE INDEX monitoring_key ON monitoring(model, model_version, bucket_start, device);
+CREATE INDEX monitoring_stored ON monitoring(model, stored_at);
+"""))
+
+# Failed console logins, one row per failure and key (`n:NAME` or `a:ADDRESS`), shared by every
+# node; rows older than the rate limit's window are deleted as new failures come in. Audit rows
+# get an index on time for their retention.
+SCRIPTS.append(("0007_login_failures", """
+CREATE TABLE login_failures (
+    key TEXT NOT NULL,
+    at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX login_failures_key ON login_failures(key, at);
+CREATE INDEX login_failures_at ON login_failures(at);
+CREATE INDEX audit_log_at ON audit_log(at);
+"""))
+
+
+
 def _number(name: str) -> int:
     return int(name.split("_", 1)[0])
 

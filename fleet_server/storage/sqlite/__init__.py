@@ -14,6 +14,7 @@ from fleet_server.storage.sqlite.buckets import BucketsMixin
 from fleet_server.storage.sqlite.console import ConsoleMixin
 from fleet_server.storage.sqlite.ingest import IngestMixin
 from fleet_server.storage.sqlite.models import ModelsMixin
+from fleet_server.storage.sqlite.monitoring import MonitoringMixin
 from fleet_server.storage.sqlite.nodes import NodesMixin
 from fleet_server.storage.sqlite.rollouts import RolloutsMixin
 from fleet_server.storage.sqlite.telemetry import TelemetryMixin
@@ -24,6 +25,7 @@ class SqliteStorage(
     IngestMixin,
     TelemetryMixin,
     BucketsMixin,
+    MonitoringMixin,
     ModelsMixin,
     AlertsMixin,
     RolloutsMixin,

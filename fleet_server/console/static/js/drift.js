@@ -1,5 +1,5 @@
 // Drift: PSI heatmap (feature x time), reference vs current distributions, devices, alerts.
-import { act, api, canAct, colors, el, fmtClock, fmtNum, fmtTime, levelPill, poll, rows, scopeLink, upsertChart, windowPage } from "./lib.js";
+import { act, api, canAct, colors, el, fmtClock, fmtNum, fmtPct, fmtTime, levelPill, poll, rows, scopeLink, upsertChart, windowPage } from "./lib.js";
 
 const { charts, form, base, recent, params, selection, query: q } = windowPage("/api/v1/models");
 const featureSelect = document.getElementById("feature");
@@ -17,9 +17,12 @@ function psiColor(v, policy) {
 function renderHeatmap(tl, policy) {
   const points = recent(tl.points);
   const xs = points.map((p) => fmtClock(p.bucket_start));
-  const ys = [...tl.features.map((f) => f.name), "prediction"];
+  const multivariate = points.some((p) => p.multivariate);
+  // The category axis runs bottom up: the multivariate row goes last, on top of the heatmap.
+  const ys = [...tl.features.map((f) => f.name), "prediction", ...(multivariate ? ["multivariate"] : [])];
   const data = [];
   points.forEach((p, i) => {
+    if (p.multivariate) data.push({ x: xs[i], y: "multivariate", v: p.multivariate.psi, level: p.multivariate.level, n: p.multivariate.rows });
     p.features.forEach((f) => data.push({ x: xs[i], y: tl.features[f.index].name, v: f.psi, level: f.level, n: p.predictions }));
     if (p.prediction) data.push({ x: xs[i], y: "prediction", v: p.prediction.psi, level: p.prediction.level, n: p.predictions });
   });
@@ -126,10 +129,21 @@ async function refresh() {
     `${tl.points.length} buckets of ${fmtNum(tl.bucket_s)} s, ${fmtNum(report.predictions)} predictions from ${report.devices} device(s). ` +
     `Policy: warn at PSI ${policy.warn_psi}, alert at ${policy.alert_psi}, at least ${policy.min_predictions} predictions, ${policy.consecutive} buckets in a row; a feature is flagged only above its sampling-noise level.`;
   renderHeatmap(tl, policy);
-  rows("#features-table tbody", [...report.features, ...(report.prediction ? [report.prediction] : [])], (f) =>
+  const mv = report.multivariate && report.multivariate.rows ? [{ ...report.multivariate, name: "multivariate (PCA reconstruction error)" }] : [];
+  rows("#features-table tbody", [...mv, ...report.features, ...(report.prediction ? [report.prediction] : [])], (f) =>
     el("tr", {}, el("td", {}, f.name), el("td", { class: "num" }, fmtNum(f.psi)), el("td", { class: "num" }, fmtNum(f.noise_psi)),
       el("td", { class: "num" }, fmtNum(f.js)), el("td", { class: "num" }, fmtNum(f.ks)), el("td", {}, levelPill(f.level))),
     "No telemetry in this period.");
+  document.getElementById("multivariate-note").textContent = mv.length
+    ? `Multivariate: mean reconstruction error ${fmtNum(mv[0].mean)} vs reference ${fmtNum(mv[0].reference_mean)} ` +
+      `(shifted beyond ±${fmtNum(mv[0].mean_threshold)}: ${mv[0].mean_shift ? "yes" : "no"}); ` +
+      `${mv[0].components} components of ${mv[0].features} numeric features explain ${fmtPct(mv[0].explained)} of the reference variance.`
+    : "";
+  rows("#quality-table tbody", report.quality || [], (f) => el("tr", {},
+    el("td", {}, f.name), el("td", { class: "num" }, fmtNum(f.rows)), el("td", { class: "num" }, fmtPct(f.nan_share)),
+    el("td", { class: "num" }, fmtNum(f.nan_refused)), el("td", { class: "num" }, fmtPct(f.out_of_range_share)),
+    el("td", { class: "num" }, fmtNum(f.wrong_type)), el("td", {}, f.level ? levelPill(f.level) : "–")),
+  "No rows in this period.");
   const names = tl.features.map((f) => f.name);
   rows("#cohorts-table tbody", [...cohorts.cohorts].sort((a, b) => (b.max_feature_psi || 0) - (a.max_feature_psi || 0)), (c) =>
     el("tr", {}, el("td", {}, scopeLink(c.scope)), el("td", { class: "num" }, fmtNum(c.predictions)),

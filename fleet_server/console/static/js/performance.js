@@ -94,9 +94,42 @@ function renderSummary(perf) {
     : "This model sends no probabilities.";
 }
 
+function renderEstimated(tl, est) {
+  const points = recent(tl.points);
+  const labels = points.map((p) => fmtClock(p.bucket_start));
+  const datasets = [
+    { label: "interval low", data: points.map((p) => (p.interval ? p.interval[0] : null)), borderColor: "rgba(13,148,136,.25)", pointRadius: 0, fill: false },
+    { label: "interval high", data: points.map((p) => (p.interval ? p.interval[1] : null)), borderColor: "rgba(13,148,136,.25)", backgroundColor: "rgba(13,148,136,.12)", pointRadius: 0, fill: "-1" },
+    { label: "estimated accuracy", data: points.map((p) => p.accuracy), borderColor: colors.teal, backgroundColor: colors.teal, pointRadius: 2, spanGaps: true },
+    { label: "realized accuracy", data: points.map((p) => (p.labels ? p.realized : null)), borderColor: colors.blue, backgroundColor: colors.blue, showLine: false, pointRadius: 4 },
+  ];
+  if (tl.baseline !== null && tl.baseline !== undefined) {
+    datasets.push({ label: "validation accuracy", data: points.map(() => tl.baseline), borderColor: colors.gray, borderDash: [6, 4], pointRadius: 0 });
+  }
+  upsertChart(charts, "estimated", "estimated-chart", {
+    type: "line",
+    data: { labels, datasets },
+    options: { interaction: { mode: "index", intersect: false }, scales: { y: { min: 0, max: 1 } },
+      plugins: { legend: { labels: { filter: (item) => !item.text.startsWith("interval") } } } },
+  });
+  const cal = est.calibration;
+  document.getElementById("estimated-note").textContent = !tl.estimable
+    ? (est.reason || "This model version is not estimated.")
+    : `Estimated from calibrated confidence on ${fmtNum(est.rows)} predictions: ${fmtPct(est.accuracy)} ` +
+      `(interval ${est.interval ? `${fmtPct(est.interval[0])}–${fmtPct(est.interval[1])}` : "–"})` +
+      (est.realized && est.realized.realized !== null ? `, realized ${fmtPct(est.realized.realized)} on ${fmtNum(est.realized.labels)} labels` : "") +
+      `. Calibration: ${cal && cal.applied ? `isotonic (held-out ECE ${fmtNum(cal.ece_raw)} → ${fmtNum(cal.ece_calibrated)})` : "raw probabilities"}. ` +
+      `${tl.assumption.charAt(0).toUpperCase()}${tl.assumption.slice(1)}.`;
+}
+
 async function refresh() {
   const sel = selection();
   if (!sel) return;
+  const [estTl, est] = await Promise.all([
+    api(`${base(sel)}/estimated/timeline?${q(sel)}`),
+    api(`${base(sel)}/estimated?${q(sel)}`),
+  ]);
+  renderEstimated(estTl, est);
   const [view, perf, groups, alerts] = await Promise.all([
     api(`${base(sel)}/concept-drift?${q(sel)}`),
     api(`${base(sel)}?${q(sel)}`),
