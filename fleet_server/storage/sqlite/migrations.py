@@ -414,23 +414,6 @@ SCRIPTS.append(("0009_reinstalls_retention", """
         ALTER TABLE seq_stats ADD COLUMN purged_upto INTEGER;
 """))
 
-# Device password rotations (fleet_server.rotation): one row per device, its latest rotation. The
-# issued password's hashes wait here until the device confirms it, then move to `devices`.
-SCRIPTS.append(("0010_device_rotations", """
-        CREATE TABLE device_rotations (
-            device TEXT PRIMARY KEY,
-            rotation_id TEXT NOT NULL,
-            requested_by TEXT NOT NULL DEFAULT '',
-            requested_at REAL NOT NULL,
-            expires_at REAL NOT NULL,
-            notified_at REAL,
-            issued_at REAL,
-            confirmed_at REAL,
-            password_hash TEXT,                   -- argon2id of the issued password, until confirmed
-            broker_hash TEXT                      -- its Mosquitto $7$ hash, until confirmed
-        ) WITHOUT ROWID;
-"""))
-
 # Server nodes (fleet_server.cluster): each `server run` upserts its row on every heartbeat; a
 # row whose heartbeat is older than three of its intervals is a node that is gone.
 SCRIPTS.append(("0011_nodes", """
@@ -464,20 +447,6 @@ SCRIPTS.append(("0013_monitoring", """
         );
         CREATE INDEX monitoring_key ON monitoring(model, model_version, bucket_start, device);
         CREATE INDEX monitoring_stored ON monitoring(model, stored_at);
-"""))
-
-
-# Failed console logins, one row per failure and key (`n:NAME` or `a:ADDRESS`), so every server
-# process shares the rate limit and a restart does not reset it; rows older than the limit's
-# window are deleted as new failures come in. Audit rows get an index on time for retention.
-SCRIPTS.append(("0014_login_failures", """
-        CREATE TABLE login_failures (
-            key TEXT NOT NULL,
-            at REAL NOT NULL
-        );
-        CREATE INDEX login_failures_key ON login_failures(key, at);
-        CREATE INDEX login_failures_at ON login_failures(at);
-        CREATE INDEX audit_log_at ON audit_log(at);
 """))
 
 
