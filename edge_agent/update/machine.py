@@ -181,8 +181,9 @@ class UpdateMachine:
         except OSError as exc:
             saved = True
             if state not in FINISHING:  # do not start work that could not be resumed safely
-                return self.fail(f"{state.value.lower()}: cannot save update.json: {exc}", final=False,
-                                 disk=self._disk(exc, len(self.ctx.to_json())))
+                disk = self._disk(exc, len(self.ctx.to_json()))
+                what = f"disk full: {disk[0]} bytes free, {disk[1]} needed" if disk else str(exc)
+                return self.fail(f"{state.value.lower()}: cannot save update.json: {what}", final=False, disk=disk)
             log.warning("update.json not saved in %s (%s); finishing the update in memory", state.value, exc)
         if not saved:
             self.ctx.last_error = f"loop detected in {state.value} after {MAX_SAVES} saves"

@@ -13,7 +13,9 @@ if TYPE_CHECKING:
     from fleet_server.context import Services
 
 CONTROLLER = "controller"  # the audit log's actor for the controller's own decisions
-FAILED_OUTCOMES = ("failure", "rolled_back", "rollback_failed")
+# disk_full: failed for space; the device retries by itself (reported.update_retry), so it counts
+# as failed only if it stops trying.
+FAILED_OUTCOMES = ("failure", "rolled_back", "rollback_failed", "disk_full")
 PROBATION_STATES = ("Activate", "Probation")  # live but not committed: a restart rolls back
 ACTIVE = tuple(s.value for s in ACTIVE_STATES)
 

@@ -61,6 +61,10 @@ def rollout_status(svc: Services, rollout_id: str, *, audit_limit: int = 1000) -
         by_status[m["status"]] = by_status.get(m["status"], 0) + 1
     timed_out = [m["device"] for m in members if m["status"] == "timed_out"]
     failed = _failure_reasons(svc, rollout_id, spec.version, [m["device"] for m in members if m["status"] == "failed"])
+    # Devices still counted as updating (or timed out) whose last attempt hit a full disk: they
+    # retry by themselves once space returns; say so, with the bytes free and needed.
+    reasons = {**_disk_full_reasons(svc, rollout_id, [m["device"] for m in members
+                                                      if m["status"] in ("pending", "timed_out")]), **failed}
     return {
         **_summary(row),
         "target": spec.to_dict()["target"],
@@ -84,11 +88,21 @@ def rollout_status(svc: Services, rollout_id: str, *, audit_limit: int = 1000) -
         "failures": {"devices": [{"device": d, "reason": why} for d, why in failed.items()], "count": len(failed),
                      "limit": spec.gate("update_failure_rate").get("max")},
         "devices": [{**{k: m[k] for k in ("device", "stage", "mode", "status", "previous_version", "assigned_at",
-                                          "desired_at", "live_at")}, "reason": failed.get(m["device"])}
+                                          "desired_at", "live_at")}, "reason": reasons.get(m["device"])}
                     for m in members],
         "audit": svc.storage.rollout_audit(rollout_id, limit=audit_limit),
         "spec": spec.to_dict(),
     }
+
+
+def _disk_full_reasons(svc: Services, rollout_id: str, devices: list[str]) -> dict[str, str]:
+    """Device -> "disk_full: ..." for devices whose reported outcome for this rollout is disk_full."""
+    out = {}
+    for d in devices:
+        rep = (svc.storage.get_device(d) or {}).get("reported") or {}
+        if rep.get("update_outcome") == "disk_full" and rep.get("rollout_id") == rollout_id:
+            out[d] = f"disk_full, retried when space returns: {rep.get('last_error') or 'no detail reported'}"
+    return out
 
 
 def _failure_reasons(svc: Services, rollout_id: str, version: str, devices: list[str]) -> dict[str, str]:

@@ -19,7 +19,7 @@ function lineOptions(yTitle, percent = false) {
 function timeline(events) {
   if (!events.length) return [el("li", { class: "empty" }, "No update events yet.")];
   return events.map((e) => {
-    const failed = e.event === "failure" || ["failure", "rolled_back", "rollback_failed"].includes(e.outcome) || e.kind === "refused";
+    const failed = e.event === "failure" || ["failure", "rolled_back", "rollback_failed", "disk_full"].includes(e.outcome) || e.kind === "refused";
     const ok = e.outcome === "success" || e.to_state === "Commit";
     const what = e.kind === "outcome" ? `outcome: ${e.outcome}` : e.kind === "refused" ? "refused" : `${e.from_state || "?"} → ${e.to_state || "?"}`;
     return el("li", { class: failed ? "bad" : ok ? "ok" : "" },
