@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fleet_server.group_query import GroupQueryError, parse_query
+
 
 class RolloutError(ValueError):
     """A rollout request that cannot be accepted; the message says why and what to change."""
@@ -73,17 +75,24 @@ class Stage:
 
 @dataclass(frozen=True)
 class Target:
-    """Which devices a rollout is for: all of them, a tag match, a group, or a list."""
+    """Which devices a rollout is for: all of them, a tag match, a group, a saved device group's
+    query, or a list."""
 
     all: bool = False
     tags: dict[str, str] = field(default_factory=dict)
     group: str | None = None  # shorthand for the tag group=<name>
     devices: tuple[str, ...] = ()
+    # A saved device group (fleet_server.device_groups): its name, and its query as it was when
+    # the rollout was created (editing the group later does not move a rollout's target).
+    device_group: str | None = None
+    query: str | None = None
 
     def matches(self, device_id: str, device_tags: dict[str, str]) -> bool:
         if self.all:
             return True
         if self.devices and device_id in self.devices:
+            return True
+        if self.query and parse_query(self.query).matches(device_id, device_tags):
             return True
         wanted = dict(self.tags)
         if self.group:
@@ -147,6 +156,9 @@ class RolloutSpec:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["target"]["devices"] = list(self.target.devices)
+        for key in ("device_group", "query"):  # absent, not null: older targets compare equal
+            if out["target"][key] is None:
+                del out["target"][key]
         out["stages"] = [asdict(s) for s in self.stages]
         return out
 
@@ -163,7 +175,7 @@ def parse_spec(data: dict[str, Any]) -> RolloutSpec:
     for key in ("model", "version"):
         if not isinstance(data.get(key), str) or not data[key]:
             raise RolloutError(f"'{key}' is required: the registered model's {key}")
-    target = _parse_target(data.get("target", {"all": True}))
+    target = parse_target(data.get("target", {"all": True}))
     if data.get("blue_green"):
         stages: tuple[Stage, ...] = (Stage(percent=100, mode="live", min_soak_s=0.0),)
     else:
@@ -192,20 +204,31 @@ def parse_spec(data: dict[str, Any]) -> RolloutSpec:
     )
 
 
-def _parse_target(raw: Any) -> Target:
+def parse_target(raw: Any) -> Target:
+    """A target from its JSON form (a rollout request, a stored spec or fleet target)."""
     if not isinstance(raw, dict):
-        raise RolloutError("'target' is an object: {\"all\": true} or tags/group/devices")
-    bad = set(raw) - {"all", "tags", "group", "devices"}
+        raise RolloutError("'target' is an object: {\"all\": true} or tags/group/device_group/query/devices")
+    bad = set(raw) - {"all", "tags", "group", "devices", "device_group", "query"}
     if bad:
         raise RolloutError(f"unknown target field(s) {sorted(bad)}")
+    if raw.get("device_group") and not raw.get("query"):
+        raise RolloutError(f"device group {raw['device_group']!r} has no query: create the rollout through the "
+                           "server, which resolves the group")
+    if raw.get("query"):
+        try:
+            parse_query(raw["query"])
+        except GroupQueryError as exc:
+            raise RolloutError(f"target query: {exc}") from exc
     target = Target(
         all=bool(raw.get("all", False)),
         tags={str(k): str(v) for k, v in (raw.get("tags") or {}).items()},
         group=raw.get("group"),
         devices=tuple(str(d) for d in raw.get("devices") or ()),
+        device_group=raw.get("device_group") or None,
+        query=raw.get("query") or None,
     )
-    if not (target.all or target.tags or target.group or target.devices):
-        raise RolloutError("the target selects no devices: give all, tags, group or devices")
+    if not (target.all or target.tags or target.group or target.devices or target.query):
+        raise RolloutError("the target selects no devices: give all, tags, group, device_group, query or devices")
     return target
 
 

@@ -10,6 +10,7 @@ from fleet_server.api import (
     cluster,
     devices,
     drift,
+    groups,
     models,
     openapi,
     performance,
@@ -26,6 +27,7 @@ BLUEPRINTS: list[Blueprint] = [
     performance.bp,
     openapi.bp,
     cluster.bp,
+    groups.bp,
 ]
 
 __all__ = ["BLUEPRINTS"]

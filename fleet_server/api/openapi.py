@@ -159,6 +159,16 @@ OPERATIONS: list[tuple[str, str, str, str | None, list[tuple[str, str, str, str]
      [("rollout_id", P, "string", "rollout id")], None),
     ("get", "/api/v1/ingest/stats", "Ingest workers, rejects by reason and device, loss by seq", "viewer",
      [], None),
+    ("get", "/api/v1/groups", "Saved device groups (tag queries) with member counts: members, online, offline",
+     "viewer", [], None),
+    ("get", "/api/v1/groups/{name}", "A device group, its counts and the ids of the devices it holds now",
+     "viewer", [("name", P, "string", "group name")], None),
+    ("put", "/api/v1/groups/{name}", "Create a device group or change its query (JSON {query, description})",
+     "operator", [("name", P, "string", "group name")], "application/json"),
+    ("delete", "/api/v1/groups/{name}", "Remove a device group (rollouts keep the query they started with)",
+     "operator", [("name", P, "string", "group name")], None),
+    ("put", "/api/v1/devices/{device_id}/tags", "Replace a device's tags (JSON {tags}); its groups follow",
+     "operator", [("device_id", P, "string", "device id")], "application/json"),
 ]
 
 

@@ -8,6 +8,7 @@ from fleet_server.api.common import arg_int, require, services
 from fleet_server.auth import Role
 from fleet_server.console import data
 from fleet_server.console.web import page, render
+from fleet_server.device_groups import list_groups
 
 bp = Blueprint("console_devices", __name__, url_prefix="/console")
 
@@ -16,7 +17,7 @@ bp = Blueprint("console_devices", __name__, url_prefix="/console")
 @page()
 def devices_page():
     return render("devices.html", active="devices", choices=data.filter_choices(services()),
-                  page_sizes=data.PAGE_SIZES)
+                  page_sizes=data.PAGE_SIZES, groups=list_groups(services()))
 
 
 @bp.get("/devices/<device_id>", endpoint="detail")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from fleet_server.desired import publish_desired
 from fleet_server.gates import CohortStats, GateResult, evaluate_gates, verdict
-from fleet_server.rollout_model import RolloutSpec, RolloutState, Stage, Target, cohort_rank
+from fleet_server.rollout_model import RolloutSpec, RolloutState, Stage, cohort_rank, parse_target
 from fleet_server.rollout_stats import (
     canary_feature_psi,
     canary_multivariate,
@@ -296,17 +296,24 @@ def _reconcile_abort(svc: Services, p: _Pass, row: dict[str, Any], spec: Rollout
 
 def _converge_fleet_targets(svc: Services, p: _Pass) -> None:
     """A device that was never told anything (joined after a rollout completed) gets the fleet's
-    current version for its model and target; devices in an active rollout are left to it."""
+    current version for its model and target; devices in an active rollout are left to it.
+
+    A device group's target also takes a device that was told something by another rollout and
+    now matches the group (its tags changed): it joins the group's fleet target. What an operator
+    set by hand (no rollout) is left alone."""
     targets = svc.storage.fleet_targets()
     if not targets:
         return
-    parsed = [(t, Target(all=t["target"].get("all", False), tags=t["target"].get("tags") or {},
-                         group=t["target"].get("group"), devices=tuple(t["target"].get("devices") or ())))
-              for t in targets]
+    parsed = [(t, parse_target(t["target"])) for t in targets]
     for device_id, device in p.devices.items():
-        if device_id in p.desired or device_id in p.taken:
+        if device_id in p.taken:
             continue
         match = [t for t, target in parsed if target.matches(device_id, device["tags"])]
-        if match:
-            newest = match[-1]  # fleet_targets() is ordered by updated_at
+        if not match:
+            continue
+        newest = match[-1]  # fleet_targets() is ordered by updated_at
+        last = p.desired.get(device_id)
+        joins_group = (last is not None and newest["target"].get("query") is not None
+                       and last["rollout_id"] is not None and last["rollout_id"] != newest["rollout_id"])
+        if last is None or joins_group:
             _publish(svc, p, device_id, newest["model"], newest["version"], "live", newest["rollout_id"])

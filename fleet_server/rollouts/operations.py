@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from fleet_server.device_groups import DeviceGroupError, resolve_target
 from fleet_server.rollout_model import RolloutError, RolloutState, parse_spec
 from fleet_server.rollouts.records import (
     ACTIVE,
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
 
 def create_rollout(svc: Services, data: dict[str, Any], actor: str = "") -> dict[str, Any]:
     """Validate and store a new rollout (state running, stage 0); the controller starts it."""
+    try:  # a target naming a device group takes the group's query as it is now
+        data = resolve_target(svc, data)
+    except DeviceGroupError as exc:
+        raise RolloutError(str(exc)) from exc
     spec = parse_spec(data)
     model = svc.storage.get_model(spec.model, spec.version)
     if model is None:

@@ -14,6 +14,7 @@ from fleet_server.storage.postgres.backup import BackupMixin
 from fleet_server.storage.postgres.buckets import BucketsMixin
 from fleet_server.storage.postgres.console import ConsoleMixin
 from fleet_server.storage.postgres.credentials import CredentialsMixin
+from fleet_server.storage.postgres.groups import GroupsMixin
 from fleet_server.storage.postgres.ingest import IngestMixin
 from fleet_server.storage.postgres.models import ModelsMixin
 from fleet_server.storage.postgres.monitoring import MonitoringMixin
@@ -33,6 +34,7 @@ class PostgresStorage(
     RolloutsMixin,
     CredentialsMixin,
     NodesMixin,
+    GroupsMixin,
     BackupMixin,
 ):
     """Storage on one PostgreSQL database through a connection pool; share one instance between

@@ -368,6 +368,19 @@ CREATE TABLE nodes (
 );
 """))
 
+# Saved device groups (fleet_server.device_groups): a tag query; rollouts copy the query when
+# they are created, so this table is read only to list, count and resolve groups.
+SCRIPTS.append(("0005_device_groups", """
+CREATE TABLE device_groups (
+    name TEXT PRIMARY KEY,
+    query TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    created_at DOUBLE PRECISION NOT NULL,
+    created_by TEXT NOT NULL DEFAULT '',
+    updated_at DOUBLE PRECISION NOT NULL
+);
+"""))
+
 
 # SQLite's 0013_monitoring: monitoring sums per (model version, device, bucket), one row per ingest batch.
 SCRIPTS.append(("0006_monitoring", """

@@ -12,6 +12,7 @@ from fleet_server.storage.sqlite.alerts import AlertsMixin
 from fleet_server.storage.sqlite.backup import BackupMixin
 from fleet_server.storage.sqlite.buckets import BucketsMixin
 from fleet_server.storage.sqlite.console import ConsoleMixin
+from fleet_server.storage.sqlite.groups import GroupsMixin
 from fleet_server.storage.sqlite.ingest import IngestMixin
 from fleet_server.storage.sqlite.models import ModelsMixin
 from fleet_server.storage.sqlite.monitoring import MonitoringMixin
@@ -30,6 +31,7 @@ class SqliteStorage(
     AlertsMixin,
     RolloutsMixin,
     NodesMixin,
+    GroupsMixin,
     BackupMixin,
 ):
     """Storage on one SQLite file; share one instance between threads (connections are per thread)."""

@@ -53,6 +53,17 @@ class DevicesMixin(SqliteConnection):
             )
             self._bump_devices_generation(conn)
 
+    def set_device_tags(self, device_id: str, tags: dict[str, str]) -> bool:
+        with self._immediate() as conn:
+            if conn.execute("SELECT 1 FROM devices WHERE id = ?", (device_id,)).fetchone() is None:
+                return False
+            conn.execute("DELETE FROM device_tags WHERE device = ?", (device_id,))
+            conn.executemany(
+                "INSERT INTO device_tags(device, key, value) VALUES (?,?,?)",
+                [(device_id, k, v) for k, v in tags.items()],
+            )
+            return True
+
     def _device_dict(self, row: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
         out = {k: v for k, v in row.items() if k not in ("password_hash", "broker_hash")}
         out["reported"] = loads(row["reported"])

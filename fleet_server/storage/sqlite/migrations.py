@@ -430,6 +430,19 @@ SCRIPTS.append(("0011_nodes", """
         );
 """))
 
+# Saved device groups (fleet_server.device_groups): a tag query; rollouts copy the query when
+# they are created, so this table is read only to list, count and resolve groups.
+SCRIPTS.append(("0012_device_groups", """
+        CREATE TABLE device_groups (
+            name TEXT PRIMARY KEY,
+            query TEXT NOT NULL,
+            description TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            created_by TEXT NOT NULL DEFAULT '',
+            updated_at REAL NOT NULL
+        );
+"""))
+
 
 # Monitoring sums per (model version, device, time bucket), one partial row per ingest batch like
 # `feedback`: the label-free performance estimate, the PCA reconstruction errors and the refused
