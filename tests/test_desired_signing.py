@@ -33,6 +33,8 @@ from tests.agent_fixtures import (
 )
 from tests.brokers import wait_until
 
+pytest_plugins = ["tests.server_fixtures"]
+
 
 def desired_doc(**kw) -> dict:
     fields = dict(model="demo", version="2.0.0", url="http://127.0.0.1:8080/api/v1/models/demo/2.0.0/download",
@@ -220,3 +222,34 @@ def test_a_signed_desired_naming_another_origin_gets_no_credentials(signed_agent
         assert "allowed_download_origins" in failure.reason
     finally:
         other.stop()
+
+
+# ---------------------------------------------------------------- the server's side
+
+
+@pytest.mark.broker
+def test_the_server_signs_with_the_key_add_device_prints(fleet):
+    """What a device receives on `desired` verifies with the key in the config the server printed
+    for it, and every field the device acts on is covered."""
+    import tomllib
+
+    from fleet_server.devices import provision_device
+    from tests.server_fixtures import DeviceClient
+
+    provisioned = provision_device(fleet.svc, "sig-1")
+    keys = [raw_public_key(p) for p in tomllib.loads(provisioned.agent_config)["trust"]["desired_keys_pem"]]
+    device = DeviceClient(fleet.config, "sig-1", provisioned.password).wait_connected()
+    try:
+        device.client.subscribe(device.topic("desired"), qos=1)
+        desired = DesiredState(model="m", version="2.0.0", url="http://x/b.efb", sha256="0" * 64, size=1,
+                               allow_downgrade=True, issued_at=fleet.svc.clock())
+        assert fleet.svc.publisher.publish_desired("sig-1", desired)
+        got = wait_until(lambda: [m for m in device.received if m.topic.endswith("/desired")], 10)
+        doc = parse_document(got[-1].payload)
+        verify_desired(doc, keys)
+        assert msgspec.convert(doc, DesiredState) == desired
+        doc["url"] = "http://evil.example/b.efb"
+        with pytest.raises(DesiredTrustError):
+            verify_desired(doc, keys)
+    finally:
+        device.close()
