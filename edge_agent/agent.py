@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.config import AgentConfig
 from edge_agent.credentials import CredentialStore, Rotator
@@ -42,6 +41,7 @@ from edge_agent.protocol import (
 )
 from edge_agent.resources import detect_hardware, process_resources
 from edge_agent.runtime import ModelRuntime, Output
+from edge_agent.signatures import TrustedKey, trusted_keys
 from edge_agent.store import DataDir, atomic_write_bytes, read_json
 from edge_agent.telemetry import Telemetry
 from edge_agent.trust import (
@@ -59,7 +59,6 @@ from edge_agent.version import __version__
 from model_tools.bundle import Bundle, load_extracted
 from model_tools.errors import BundleError
 from model_tools.manifest import Manifest
-from model_tools.signing import load_public_keys, public_key_from_pem
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -89,14 +88,9 @@ class Prediction:
         return format_ids(self.id_prefix, self.first_id, len(self.output.primary))
 
 
-def trusted_keys_from_config(config: AgentConfig) -> list[Ed25519PublicKey]:
-    keys = load_public_keys(config.trust.public_keys)
-    for i, pem in enumerate(config.trust.public_keys_pem):
-        try:
-            keys.append(public_key_from_pem(pem))
-        except ValueError as exc:
-            raise ValueError(f"[trust] public_keys_pem[{i}]: {exc}") from exc
-    return keys
+def trusted_keys_from_config(config: AgentConfig) -> list[TrustedKey]:
+    """The bundle-signing keys of [trust], as raw keys checked out of process (no cryptography here)."""
+    return trusted_keys(config.trust.public_keys, config.trust.public_keys_pem)
 
 
 class Agent:
@@ -115,7 +109,7 @@ class Agent:
         resources: Callable[[], Resources] | None = None,
         executor: Executor | None = None,
         link_mode: LinkMode = "thread",
-        trusted_keys: Sequence[Ed25519PublicKey] | None = None,
+        trusted_keys: Sequence[Any] | None = None,
         faults: str | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -378,6 +372,7 @@ class Agent:
     def tick(self, now: float | None = None) -> None:
         """Flush a due window, drain the outbox, judge probation, refresh `reported`."""
         now = self.clock() if now is None else now
+        self.telemetry.count_pending()  # batch-count served rows here, off the request path
         if self.outbox is None:
             return
         if self.telemetry.due(now):
@@ -534,7 +529,8 @@ class Agent:
     def active_manifest(self) -> Manifest | None:
         return self._active.manifest if self._active else None
 
-    def trusted_keys(self) -> list[Ed25519PublicKey]:
+    def trusted_keys(self) -> list[Any]:
+        """TrustedKey objects from the config, or the keys the caller passed (cryptography's too)."""
         return self._keys
 
     def load_runtime(self, bundle: Bundle) -> ModelRuntime:

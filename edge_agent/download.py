@@ -16,10 +16,8 @@ import base64
 import hashlib
 import os
 import shutil
-import ssl
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,7 +156,11 @@ def download(req: DownloadRequest, cancelled: Callable[[], bool] = lambda: False
                        f" (the bundle's {req.size - have} remaining bytes and update.min_free_disk_bytes "
                        f"{req.min_free_disk_bytes})")
     deadline = time.monotonic() + req.timeout_s
-    context = ssl.create_default_context(cafile=req.ca_file or None) if req.url.startswith("https") else None
+    context = None
+    if req.url.startswith("https"):
+        import ssl  # here, not at import: an agent on mqtt:// that is not updating never loads it
+
+        context = ssl.create_default_context(cafile=req.ca_file or None)
     delay = 0.5
     last_error = "no attempt"
     for attempt in range(req.retries + 1):
@@ -188,25 +190,30 @@ def _disk_full(req: DownloadRequest, part: Path) -> DiskFull:
     return DiskFull(shutil.disk_usage(req.dest.parent).free, req.size - have, " (writing the download)")
 
 
-class _SameRulesRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow a redirect only to an origin the device may fetch from, and carry the device's
-    credentials only to the server's origin (urllib would copy them to any host)."""
+def _same_rules_redirects(req: DownloadRequest):
+    """A redirect handler that follows a redirect only to an origin the device may fetch from,
+    and carries the device's credentials only to the server's origin (urllib would copy them to
+    any host). Made when downloading: urllib.request (with http.client, email and ssl, ~3 MiB)
+    is imported only by an update."""
+    import urllib.request
 
-    def __init__(self, req: DownloadRequest) -> None:
-        self.req = req
+    class SameRulesRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, r, fp, code, msg, headers, newurl):
+            new = super().redirect_request(r, fp, code, msg, headers, newurl)
+            if new is None:
+                return None
+            if not req.via and not check_origin(new.full_url, req.server_url, req.allowed_origins):
+                new.remove_header("Authorization")
+                new.unredirected_hdrs.pop("Authorization", None)
+            return new
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is None:
-            return None
-        if not self.req.via and not check_origin(new.full_url, self.req.server_url, self.req.allowed_origins):
-            new.remove_header("Authorization")
-            new.unredirected_hdrs.pop("Authorization", None)
-        return new
+    return SameRulesRedirects()
 
 
 def _fetch(req: DownloadRequest, part: Path, deadline: float, context, cancelled,
            with_credentials: bool = False) -> None:
+    import urllib.request
+
     have = part.stat().st_size if part.exists() else 0
     if have == req.size:
         return
@@ -218,7 +225,7 @@ def _fetch(req: DownloadRequest, part: Path, deadline: float, context, cancelled
         headers["Range"] = f"bytes={have}-"
     request = urllib.request.Request(req.via or req.url, headers=headers)
     remaining = max(1.0, deadline - time.monotonic())
-    handlers: list[urllib.request.BaseHandler] = [_SameRulesRedirects(req)]
+    handlers: list[urllib.request.BaseHandler] = [_same_rules_redirects(req)]
     if context is not None:
         handlers.append(urllib.request.HTTPSHandler(context=context))
     opener = urllib.request.build_opener(*handlers)

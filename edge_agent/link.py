@@ -13,17 +13,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-import ssl
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.config import AgentConfig
+from edge_agent.paho_import import paho_client
 from edge_agent.protocol import DeliveryAck, ProtocolError, decode, topic
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as mqtt
 
 log = logging.getLogger("edge_agent.link")
 
@@ -78,10 +82,13 @@ class MqttLink:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.wakeup: Callable[[], None] = lambda: None
+        # ssl only for mqtts:// (see edge_agent.paho_import).
+        self.paho = paho_client(config.mqtt.tls)
         self.client = self._make_client()
 
     def _make_client(self) -> mqtt.Client:
         cfg = self.config.mqtt
+        mqtt = self.paho
         client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=self.config.device_id,
@@ -94,7 +101,7 @@ class MqttLink:
                 ca_certs=cfg.ca_file or None,
                 certfile=cfg.cert_file or None,
                 keyfile=cfg.key_file or None,
-                cert_reqs=ssl.CERT_REQUIRED,
+                cert_reqs=mqtt.ssl.CERT_REQUIRED,
             )
         client.max_inflight_messages_set(self.max_inflight)
         client.on_connect = self._handle_connect
@@ -191,11 +198,13 @@ class MqttLink:
             self.client.connect(
                 host, port, keepalive=cfg.keepalive, clean_start=cfg.clean_start, properties=self._properties()
             )
-        except ssl.SSLError as exc:  # a wrong CA or host name does not heal by retrying: say so
-            log.warning("TLS to %s:%s failed (check mqtt.ca_file and the host name): %s", host, port, exc)
-            self._schedule_retry()
         except OSError as exc:
-            log.debug("connect to %s:%s failed: %s", host, port, exc)
+            ssl = sys.modules.get("ssl")  # loaded only for mqtts://
+            if ssl is not None and isinstance(exc, ssl.SSLError):
+                # A wrong CA or host name does not heal by retrying: say so.
+                log.warning("TLS to %s:%s failed (check mqtt.ca_file and the host name): %s", host, port, exc)
+            else:
+                log.debug("connect to %s:%s failed: %s", host, port, exc)
             self._schedule_retry()
 
     def service(self, timeout: float = 0.0) -> None:
@@ -206,10 +215,10 @@ class MqttLink:
             if self.client.socket() is None:
                 return
         rc = self.client.loop(timeout=timeout)
-        if rc != mqtt.MQTT_ERR_SUCCESS and self.client.socket() is None and self.connected:
+        if rc != self.paho.MQTT_ERR_SUCCESS and self.client.socket() is None and self.connected:
             self.connected = False
             self._schedule_retry()
-        elif rc != mqtt.MQTT_ERR_SUCCESS and not self.connected and self.clock() >= self._next_attempt:
+        elif rc != self.paho.MQTT_ERR_SUCCESS and not self.connected and self.clock() >= self._next_attempt:
             self._schedule_retry()
 
     def start(self) -> None:
@@ -264,7 +273,7 @@ class MqttLink:
         t = topic(self.config.fleet, self.config.device_id, kind)  # type: ignore[arg-type]
         with self._inflight_lock:
             info = self.client.publish(t, payload, qos=1)
-            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            if info.rc not in (self.paho.MQTT_ERR_SUCCESS, self.paho.MQTT_ERR_NO_CONN):
                 return False
             # paho keeps unacked QoS 1 messages and resends them itself after a reconnect.
             self._inflight[info.mid] = seq

@@ -1,8 +1,10 @@
 """Telemetry windows: mergeable counts of one window of serving (DESIGN section 3).
 
-Counts go into the bundle's fixed reference bins with `bisect` on Python lists (right-closed,
-like `np.searchsorted(edges, x, side="left")` in `model_tools.binning`), so a single-row
-record costs a few microseconds and windows from any device add up exactly. The label-free
+Counts go into the bundle's fixed reference bins (right-closed, like `np.searchsorted(edges, x,
+side="left")` in `model_tools.binning`), so windows from any device add up exactly. Single-row
+requests are counted in batches: `record` keeps the row and its outputs, and every
+`PENDING_ROWS` rows (or when the window is read) they are binned, and their monitoring sums
+added, with numpy at once, which costs a fraction of binning each row on the request path. The label-free
 performance sums, reconstruction errors and refused-row counts are `edge_agent.monitoring`'s.
 """
 
@@ -34,6 +36,7 @@ from model_tools.manifest import BinnedDistribution, Manifest
 log = logging.getLogger(__name__)
 _LAT_EDGES = list(LATENCY_EDGES_MS)
 _LAT_EDGES_NP = np.asarray(LATENCY_EDGES_MS)
+PENDING_ROWS = 256  # single rows held for batch counting; a window is read only after counting them
 
 # Refusals about the rows' content: their rows still count into per-feature data quality.
 ROW_REFUSALS = frozenset({
@@ -135,6 +138,10 @@ class _Window:
         self.estimate = monitor.new_estimate() if monitor is not None else None
         self.multivariate = monitor.new_reconstruction() if monitor is not None else None
         self.refused: RefusedAcc | None = None
+        # Single rows not yet counted into features / prediction / monitoring (see `record`).
+        self.pending_rows: list[list[Any]] = []
+        self.pending_primary: list[Any] = []
+        self.pending_proba: list[list[float]] = []
 
 
 class _FeedbackCounts:
@@ -235,24 +242,16 @@ class Telemetry:
             w.predictions += n
             w.lat[bisect_left(_LAT_EDGES, ms)] += 1
             w.lat_sum += ms
-            feats = self._features
-            if n == 1:
-                row = rows[0]
-                for c, b, v in zip(w.features, feats, row, strict=False):
-                    c.add(b, v)
-                if w.prediction is not None:
-                    w.prediction.add(self._prediction, primary[0])
+            if n == 1 and (probabilities is not None or w.estimate is None):
+                w.pending_rows.append(rows[0])
+                w.pending_primary.append(primary[0])
+                if probabilities is not None:
+                    w.pending_proba.append(probabilities[0])
+                if len(w.pending_rows) >= PENDING_ROWS:
+                    self._count(w)
             else:
-                for j, (c, b) in enumerate(zip(w.features, feats, strict=False)):
-                    c.add_many(b, [r[j] for r in rows])
-                if w.prediction is not None:
-                    w.prediction.add_many(self._prediction, primary)
-            monitor = self._monitor
-            if monitor is not None:
-                if w.estimate is not None and probabilities is not None:
-                    monitor.add_estimate(w.estimate, primary, probabilities)
-                if w.multivariate is not None:
-                    monitor.add_reconstruction(w.multivariate, rows)
+                self._count(w)
+                self._count_rows(w, rows, primary, probabilities)
             k = self.sample_rows
             if k:
                 for row, y in zip(rows, primary, strict=False):
@@ -268,6 +267,32 @@ class Telemetry:
             self.total_predictions += n
             self.total_lat[bisect_left(_LAT_EDGES, ms)] += 1
             self.total_lat_sum += ms
+
+    def _count(self, w: _Window) -> None:
+        """Count the window's pending single rows (under the lock)."""
+        if w.pending_rows:
+            rows, primary, proba = w.pending_rows, w.pending_primary, w.pending_proba
+            w.pending_rows, w.pending_primary, w.pending_proba = [], [], []
+            self._count_rows(w, rows, primary, proba if len(proba) == len(rows) else None)
+
+    def _count_rows(self, w: _Window, rows: list[list[Any]], primary: list[Any],
+                    probabilities: list[list[float]] | None) -> None:
+        feats = self._features
+        for j, (c, b) in enumerate(zip(w.features, feats, strict=False)):
+            c.add_many(b, [r[j] for r in rows])
+        if w.prediction is not None:
+            w.prediction.add_many(self._prediction, primary)
+        monitor = self._monitor
+        if monitor is not None:
+            if w.estimate is not None and probabilities is not None:
+                monitor.add_estimate(w.estimate, primary, probabilities)
+            if w.multivariate is not None:
+                monitor.add_reconstruction(w.multivariate, rows)
+
+    def count_pending(self) -> None:
+        """Count the single rows held for batching now (the agent's tick does, off the request path)."""
+        with self._lock:
+            self._count(self._w)
 
     def _sample_row(self, row: list[Any], y: Any) -> SampleRow:
         keep = self._keep
@@ -347,6 +372,7 @@ class Telemetry:
         """Close the current window at `now` and start the next one."""
         with self._lock:
             w = self._w
+            self._count(w)
             self._w = _Window(
                 now, self._features, self._prediction, self._model.version if self._model else None, self._monitor
             )

@@ -1,5 +1,8 @@
-"""What the agent process holds: no psutil, no cryptography `serialization` on the device path;
-stdlib resource figures that match psutil's; Ed25519 PEM public keys read without `serialization`.
+"""What the agent process holds: `edgefleet agent run` serving, scraped and connected over
+mqtt:// loads neither cryptography (signatures are checked in a short-lived child process),
+click, prometheus_client, ssl, urllib.request/http.client/email, nor psutil; the child check
+accepts and refuses as cryptography does; stdlib resource figures that match psutil's; Ed25519
+PEM public keys read without `serialization`.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import psutil
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, x25519
+from edge_agent.signatures import TrustedKey
 
 from edge_agent.agent import trusted_keys_from_config
 from edge_agent.resources import detect_hardware, process_resources, rss_bytes, total_ram_bytes
+from edge_agent.validation import RequestError
 from model_tools.errors import SignatureError
 from model_tools.signing import (
     ED25519_SPKI_PREFIX,
@@ -35,46 +40,127 @@ from tests.agent_fixtures import (
     install_active,
     make_config,
 )
+from tests.brokers import free_port
 
-# The modules the agent process must not load: what they cost is in bench/agent.py's RSS breakdown.
-AVOIDED = ("psutil", "cryptography.hazmat.primitives.serialization", "bcrypt")
+# The modules the long-lived agent process must not load (top-level names, or exact module
+# names): what each costs is in bench/agent.py's RSS breakdown and docs/device.md#memory.
+AVOIDED = ("psutil", "bcrypt", "cryptography", "click", "prometheus_client", "ssl", "urllib.request",
+           "http.client", "email")
 
-AGENT_SCRIPT = r"""
-import json, sys
-from edge_agent.__main__ import agent  # what `python -m edge_agent run` imports
-from edge_agent.config import load_config
-from edge_agent.service import AgentService
+# `edgefleet agent run --config FILE` as the systemd unit starts it, in a fresh interpreter; a
+# thread (socket and json only) predicts, scrapes /metrics, lists the loaded modules and stops
+# the agent with SIGTERM. argv: config, HTTP port, one input row.
+AGENT_RUN_SCRIPT = r"""
+import json, os, signal, socket, sys, threading, time
 
-service = AgentService(load_config(sys.argv[1])).start()
-try:
-    answer = service.agent.predict([json.loads(sys.argv[2])])
-    service.agent.tick()
-    print(json.dumps({
-        "modules": sorted(m for m in sys.modules if m.split(".")[0] in ("psutil", "bcrypt")
-                          or m.startswith("cryptography.hazmat.primitives.serialization")),
-        "version": answer.version,
-    }))
-finally:
-    service.stop()
+config, port, row = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+AVOIDED = json.loads(sys.argv[4])
+
+def http(sock, request):
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")][0].split(b":")[1])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head.split(b" ")[1], body
+
+def probe():
+    deadline = time.time() + 120
+    while True:
+        try:
+            sock = socket.create_connection(("127.0.0.1", port))
+            break
+        except OSError:
+            if time.time() > deadline:
+                os._exit(3)
+            time.sleep(0.05)
+    body = json.dumps({"rows": [row]}).encode()
+    status, answer = http(sock, b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    mstatus, metrics = http(sock, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in AVOIDED or m in AVOIDED)
+    print(json.dumps({"status": int(status), "answer": json.loads(answer), "metrics_status": int(mstatus),
+                      "metrics": metrics.decode(), "loaded": loaded}), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=probe, daemon=True).start()
+sys.argv = ["edgefleet", "agent", "run", "--config", config, "--log-level", "WARNING"]
+from edge_agent.launch import main
+main()
 """
 
 
-def test_agent_process_loads_neither_psutil_nor_serialization(tmp_path):
-    """A started agent (HTTP, trusted key from [trust] public_keys_pem, verified model) in a fresh interpreter."""
-    config = make_config(tmp_path)
+@pytest.mark.broker
+def test_agent_run_serves_scraped_and_connected_without_the_heavy_modules(tmp_path, broker):
+    """`edgefleet agent run` over mqtt:// with a verified model, one prediction and one scrape."""
+    port = free_port()
+    config = make_config(tmp_path, broker, listen=f"127.0.0.1:{port}")
     install_active(config.path, bundle_bytes("lr", "1.0.0"))
     path = tmp_path / "agent.toml"
     path.write_text(config_toml(config))
     X, _ = dataset()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(
-        [sys.executable, "-c", AGENT_SCRIPT, str(path), json.dumps([float(v) for v in X[0]])],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", AGENT_RUN_SCRIPT, str(path), str(port), json.dumps([float(v) for v in X[0]]),
+         json.dumps(AVOIDED)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["loaded"] == [], f"the agent imported {result['loaded']}; avoid {AVOIDED}"
+    # The model was verified at start (with the key from [trust] public_keys_pem, in a child
+    # process) and serves; the scrape answered.
+    assert result["status"] == 200 and result["answer"]["version"] == "1.0.0"
+    assert result["metrics_status"] == 200 and "edgefleet_predictions_total 1.0" in result["metrics"]
+
+
+CHILD_CHECK_SCRIPT = r"""
+import json, sys
+from edge_agent.signatures import TrustedKey
+key, good, bad, data = (bytes.fromhex(x) for x in sys.argv[1:5])
+k = TrustedKey(key)
+print(json.dumps({"good": k.verifies(good, data), "bad": k.verifies(bad, data),
+                  "other data": k.verifies(good, data + b"x"),
+                  "loaded": sorted(m for m in sys.modules if m.startswith("cryptography"))}))
+"""
+
+
+def test_signatures_are_checked_in_a_child_process_like_cryptography_does():
+    private, public = generate_keypair()
+    data = b'{"name": "demo"}'
+    good = private.sign(data)
+    bad = bytes([good[0] ^ 1]) + good[1:]
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD_CHECK_SCRIPT, public.public_bytes_raw().hex(), good.hex(), bad.hex(), data.hex()],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.splitlines()[-1])
-    assert result["modules"] == [], f"the agent imported {result['modules']}; avoid {AVOIDED}"
-    assert result["version"] == "1.0.0"  # verified with the key from [trust] public_keys_pem
+    assert json.loads(out.stdout) == {"good": True, "bad": False, "other data": False, "loaded": []}
+    # In a process that has cryptography already, the same answers without a child.
+    key = TrustedKey(public.public_bytes_raw())
+    assert (key.verifies(good, data), key.verifies(bad, data)) == (True, False)
+    assert key_id(key) == key_id(public)
+
+
+def test_metrics_text_is_what_prometheus_client_writes(tmp_path):
+    from prometheus_client import generate_latest
+
+    from edge_agent import Agent
+    from edge_agent.metrics import render
+
+    config = make_config(tmp_path)
+    install_active(config.path, bundle_bytes("lr", "1.0.0"))
+    agent = Agent(config, link_mode="none").start()
+    try:
+        X, _ = dataset()
+        agent.predict([[float(v) for v in r] for r in X[:3]])
+        with pytest.raises(RequestError):
+            agent.predict([[1.0]])
+        assert render(agent).decode() == generate_latest(agent.registry).decode()
+    finally:
+        agent.close()
 
 
 # ---------------------------------------------------------------- resources
