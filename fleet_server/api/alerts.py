@@ -8,7 +8,8 @@ from urllib.parse import urlsplit
 from flask import Blueprint, g, jsonify, request
 
 from fleet_server import alerts_service
-from fleet_server.api.common import ApiError, arg_int, json_body, require, services
+from fleet_server.api.common import ApiError, arg_int, require, services
+from fleet_server.api.schemas import WebhookCreate, body
 from fleet_server.auth import Role
 
 bp = Blueprint("alerts", __name__, url_prefix="/api/v1")
@@ -55,12 +56,16 @@ def list_webhooks():
 @bp.post("/webhooks")
 @require(Role.OPERATOR)
 def add_webhook():
-    body = json_body()
-    url = body.get("url")
-    parts = urlsplit(url) if isinstance(url, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+    req = body(WebhookCreate)
+    url = req.url
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. a bad IPv6 literal or port
+        valid = False
+    if not valid:
         raise ApiError('"url" must be an http:// or https:// URL')
-    secret = body.get("secret") or secrets.token_urlsafe(32)
+    secret = req.secret or secrets.token_urlsafe(32)
     hook_id = services().storage.add_webhook(url, secret, services().clock())
     # The secret is shown once: receivers verify X-Edgefleet-Signature with it.
     return jsonify(id=hook_id, url=url, secret=secret), 201

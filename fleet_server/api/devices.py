@@ -10,10 +10,10 @@ from fleet_server.api.common import (
     arg_bool,
     arg_float,
     arg_int,
-    json_body,
     require,
     services,
 )
+from fleet_server.api.schemas import DeviceCreate, body, to_dict
 from fleet_server.auth import Role
 
 bp = Blueprint("devices", __name__, url_prefix="/api/v1")
@@ -46,15 +46,9 @@ def list_devices():
 @bp.post("/devices")
 @require(Role.OPERATOR)
 def add_device():
-    body = json_body()
-    device_id = body.get("id")
-    if not isinstance(device_id, str):
-        raise ApiError('the body needs "id": a device id string')
-    tags = body.get("tags") or {}
-    if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
-        raise ApiError('"tags" must be an object of string values, e.g. {"site": "berlin"}')
-    options = {k: body[k] for k in ("data_dir", "listen", "window_s") if k in body}
-    p = devices.provision_device(services(), device_id, tags, **options)
+    req = body(DeviceCreate)
+    options = {k: v for k, v in to_dict(req).items() if k in ("data_dir", "listen", "window_s")}
+    p = devices.provision_device(services(), req.id, dict(req.tags), **options)
     return jsonify(device=p.device, password=p.password, agent_config=p.agent_config), 201
 
 

@@ -10,11 +10,11 @@ from fleet_server.api.common import (
     ApiError,
     basic_device,
     bearer_identity,
-    json_body,
     refused,
     require,
     services,
 )
+from fleet_server.api.schemas import KeyCreate, PolicyUpdate, body, to_dict
 from fleet_server.auth import Role
 
 bp = Blueprint("models", __name__, url_prefix="/api/v1")
@@ -50,8 +50,9 @@ def get_model(name: str, version: str):
 @bp.put("/models/<name>/<version>/policy")
 @require(Role.OPERATOR)
 def set_policy(name: str, version: str):
-    body = json_body()
-    return jsonify(model=registry.set_policy(services(), name, version, body.get("policy")))
+    req = body(PolicyUpdate)
+    overrides = to_dict(req.policy) if req.policy is not None else None
+    return jsonify(model=registry.set_policy(services(), name, version, overrides))
 
 
 @bp.get("/models/<name>/<version>/bundle")
@@ -90,9 +91,6 @@ def list_keys():
 @bp.post("/keys")
 @require(Role.OPERATOR)
 def add_key():
-    body = json_body()
-    pem = body.get("pem")
-    if not isinstance(pem, str):
-        raise ApiError('the body needs "pem": the Ed25519 public key in PEM form')
-    key_id = registry.trust_key(services(), pem, str(body.get("comment", "")))
+    req = body(KeyCreate)
+    key_id = registry.trust_key(services(), req.pem, req.comment)
     return jsonify(key_id=key_id), 201

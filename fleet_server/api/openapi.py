@@ -6,6 +6,8 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
+from fleet_server.api.schemas import OPTIONAL_BODY, REQUEST_BODIES, json_schemas
+
 bp = Blueprint("openapi", __name__, url_prefix="/api/v1")
 
 Q = "query"
@@ -196,9 +198,11 @@ def document() -> dict[str, Any]:
             op["x-role"] = role
         else:
             op["security"] = []
-        if body:
-            op["requestBody"] = {"required": True, "content": {body: {"schema": {"type": "object"}
-                                 if body == "application/json" else {"type": "string", "format": "binary"}}}}
+        schema = REQUEST_BODIES.get((method, path))
+        if body or schema:
+            op["requestBody"] = {"required": schema not in OPTIONAL_BODY, "content": {
+                body or "application/json": {"schema": {"$ref": f"#/components/schemas/{schema.__name__}"}
+                                             if schema is not None else {"type": "string", "format": "binary"}}}}
         paths.setdefault(path, {})[method] = op
     return {
         "openapi": "3.0.3",
@@ -210,7 +214,8 @@ def document() -> dict[str, Any]:
                 "device": {"type": "http", "scheme": "basic"},
             },
             "schemas": {
-                "Error": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+                "Error": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]},
+                **json_schemas(),
             },
         },
         "security": [{"token": []}],

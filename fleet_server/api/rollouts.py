@@ -5,7 +5,8 @@ from __future__ import annotations
 from flask import Blueprint, g, jsonify, request
 
 from fleet_server import rollouts
-from fleet_server.api.common import ApiError, arg_int, json_body, require, services
+from fleet_server.api.common import ApiError, arg_int, require, services
+from fleet_server.api.schemas import RolloutAction, RolloutCreate, body, to_dict
 from fleet_server.auth import Role
 from fleet_server.rollout_model import RolloutState
 
@@ -35,7 +36,7 @@ def list_rollouts():
 @bp.post("/rollouts")
 @require(Role.OPERATOR)
 def create_rollout():
-    status = rollouts.create_rollout(services(), json_body(), _actor())
+    status = rollouts.create_rollout(services(), to_dict(body(RolloutCreate)), _actor())
     _kick()
     return jsonify(rollout=rollouts.rollout_status(services(), status["id"])), 201
 
@@ -48,8 +49,7 @@ def show_rollout(rollout_id: str):
 
 
 def _operate(rollout_id: str, action: str):
-    body = request.get_json(silent=True) or {}
-    reason = str(body.get("reason", "")) if isinstance(body, dict) else ""
+    reason = body(RolloutAction).reason
     svc = services()
     if action == "pause":
         rollouts.pause(svc, rollout_id, _actor(), reason)

@@ -53,6 +53,26 @@ class DeviceCreate(Body):
     window_s: Annotated[float, Meta(gt=0, le=86400)] | UnsetType = UNSET  # telemetry window
 
 
+class DeviceTags(Body):
+    """PUT /devices/{id}/tags: the device's tags, replaced as a whole (keys are checked by
+    fleet_server.device_groups)."""
+
+    tags: Annotated[dict[Annotated[str, Meta(min_length=1, max_length=64)], TagValue], Meta(max_length=64)]
+
+
+class GroupPut(Body):
+    """PUT /groups/{name}: a saved tag query (docs/api.md for the query language)."""
+
+    query: Annotated[str, Meta(pattern=PLAIN, min_length=1, max_length=4000)]
+    description: Text = ""
+
+
+class RotationRef(Body):
+    """POST /device/credentials and /device/credentials/confirm (the device itself)."""
+
+    rotation_id: Annotated[str, Meta(pattern=PLAIN, min_length=1, max_length=64)]
+
+
 # ------------------------------------------------------------------ models
 
 
@@ -146,6 +166,10 @@ S = TypeVar("S", bound=Body)
 # published in the OpenAPI document.
 REQUEST_BODIES: dict[tuple[str, str], type[Body]] = {
     ("post", "/api/v1/devices"): DeviceCreate,
+    ("put", "/api/v1/devices/{device_id}/tags"): DeviceTags,
+    ("put", "/api/v1/groups/{name}"): GroupPut,
+    ("post", "/api/v1/device/credentials"): RotationRef,
+    ("post", "/api/v1/device/credentials/confirm"): RotationRef,
     ("put", "/api/v1/models/{name}/{version}/policy"): PolicyUpdate,
     ("post", "/api/v1/keys"): KeyCreate,
     ("post", "/api/v1/webhooks"): WebhookCreate,
