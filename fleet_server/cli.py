@@ -149,6 +149,12 @@ def add_device(data_dir: Path, device_id: str, tags: tuple[str, ...], output: Pa
         click.echo(f"device {device_id} provisioned; agent config written to {output}", err=True)
     else:
         click.echo(p.agent_config, nl=False)
+    from fleet_server.device_install import install_command
+
+    # On stderr, as TOML comments: stdout stays the config (`add-device pi-1 > agent.toml`).
+    click.echo("# install the agent on the device, once agent.toml (and, with TLS, edgefleet-ca.pem) "
+               "are in /etc/edgefleet:", err=True)
+    click.echo(f"# {install_command(svc.config, device_id, p.password)}", err=True)
 
 
 @server.command("revoke-device")

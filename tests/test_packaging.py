@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -13,6 +14,7 @@ from pathlib import Path
 from zipfile import ZipFile
 
 import pytest
+import requests
 from packaging.requirements import Requirement
 
 from edge_release import install as installer
@@ -24,6 +26,8 @@ from edge_release.wheelhouse import (
     wheel_requirements,
     write_checksums,
 )
+
+pytest_plugins = ["tests.server_fixtures"]
 
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN_ON_DEVICE = {"scikit-learn", "skl2onnx", "flask", "onnx", "scipy", "werkzeug"}
@@ -159,21 +163,118 @@ def test_installer_reads_server_and_credentials_from_the_agent_config(tmp_path):
         installer.read_config(str(tmp_path / "missing.toml"))
 
 
-@pytest.mark.slow
-def test_install_offline_from_the_x86_64_wheelhouse(tmp_path):
-    """The installer as a device runs it (`--from` a copied wheelhouse): venv, pip --no-index, a
-    working `edgefleet agent` without scikit-learn, Flask or the tools."""
-    from tests.arm64_fixtures import agent_wheelhouse
+# ---------------------------------------------------------------- the fleet server serves the wheelhouse
 
+
+def _serve_wheelhouse(fleet, house: Path) -> Path:
+    from fleet_server.device_install import wheelhouse_dir
+
+    target = wheelhouse_dir(fleet.config) / house.name
+    shutil.copytree(house, target)
+    return target
+
+
+@pytest.mark.broker
+def test_server_serves_wheelhouse_to_devices_only(fleet, tmp_path):
+    house = _serve_wheelhouse(fleet, _fake_wheelhouse(tmp_path / "cp311-aarch64"))
+    password = fleet.provision("pi-7")
+    base = f"{fleet.url}/api/v1/wheelhouse"
+    device = ("pi-7", password)
+    assert requests.get(f"{base}/cp311-aarch64/SHA256SUMS", timeout=10).status_code == 401
+    assert requests.get(f"{base}/cp311-aarch64/SHA256SUMS", auth=("pi-7", "wrong"), timeout=10).status_code == 401
+    sums = requests.get(f"{base}/cp311-aarch64/SHA256SUMS", auth=device, timeout=10)
+    assert sums.status_code == 200 and sums.text == (house / "SHA256SUMS").read_text()
+    name = "numpy-2.4.6-cp311-cp311-manylinux_2_28_aarch64.whl"
+    whole = requests.get(f"{base}/cp311-aarch64/{name}", auth=device, timeout=10)
+    assert whole.content == b"numpy" and whole.headers["ETag"].strip('"') == hashlib.sha256(b"numpy").hexdigest()
+    part = requests.get(f"{base}/cp311-aarch64/{name}", auth=device, headers={"Range": "bytes=2-"}, timeout=10)
+    assert part.status_code == 206 and part.content == b"mpy"
+    same = requests.get(f"{base}/cp311-aarch64/{name}", auth=device, timeout=10,
+                        headers={"If-None-Match": whole.headers["ETag"]})
+    assert same.status_code == 304
+    # Only what SHA256SUMS lists is served; unknown wheelhouses say how to build one.
+    (house / "stray.whl").write_bytes(b"x")
+    assert requests.get(f"{base}/cp311-aarch64/stray.whl", auth=device, timeout=10).status_code == 404
+    assert requests.get(f"{base}/cp311-aarch64/..%2Ffleet.db", auth=device, timeout=10).status_code == 404
+    missing = requests.get(f"{base}/cp311-armv7l/SHA256SUMS", auth=device, timeout=10)
+    assert missing.status_code == 404 and "edgefleet release build" in missing.json()["error"]
+    listing = requests.get(base, headers={"Authorization": f"Bearer {fleet.token('viewer')}"}, timeout=10).json()
+    assert listing["wheelhouses"][0]["name"] == "cp311-aarch64" and name in listing["wheelhouses"][0]["files"]
+    script = requests.get(f"{base}/install.py", auth=device, timeout=10)
+    assert script.status_code == 200 and script.text == (ROOT / "edge_release" / "install.py").read_text()
+    # A revoked device is refused.
+    fleet.api("post", "/api/v1/devices/pi-7/revoke")
+    assert requests.get(f"{base}/install.py", auth=device, timeout=10).status_code == 401
+
+
+def test_install_command_names_the_server_ca_and_device(tmp_path):
+    from fleet_server.config import ServerConfig
+    from fleet_server.device_install import install_command
+
+    tls = install_command(ServerConfig(data_dir=tmp_path, listen="10.0.0.5:8443", tls=True), "pi-1", "p4ss-w_rd")
+    assert tls == ("curl -fsS --cacert /etc/edgefleet/edgefleet-ca.pem -u pi-1:p4ss-w_rd "
+                   "https://10.0.0.5:8443/api/v1/wheelhouse/install.py "
+                   "| sudo python3 - --config /etc/edgefleet/agent.toml")
+    plain = install_command(ServerConfig(data_dir=tmp_path, listen="10.0.0.5:8080"), "pi-1", "p4ss-w_rd")
+    assert "--cacert" not in plain and "http://10.0.0.5:8080/api/v1/wheelhouse/install.py" in plain
+
+
+@pytest.mark.slow
+@pytest.mark.broker
+def test_install_from_the_server_over_https_on_x86_64(tmp_path):
+    """The device's path natively: provisioned agent.toml and CA, the installer fetched from and
+    downloading from a TLS fleet server, offline pip into a venv, a working `edgefleet agent`."""
+    from fleet_server.device_install import install_command
+    from fleet_server.service import FleetServer
+    from fleet_server.tls import init_tls
+    from tests.arm64_fixtures import agent_wheelhouse
+    from tests.brokers import free_port, wait_until
+    from tests.server_fixtures import ServerHandle
+    from tests.server_fixtures import make_config as server_config
+
+    server_dir = tmp_path / "server"
+    init_tls(server_dir)
     house = agent_wheelhouse(tmp_path / "dist", machine="x86_64")
-    venv = tmp_path / "venv"
-    proc = subprocess.run([sys.executable, str(ROOT / "edge_release" / "install.py"), "--from", str(house),
-                           "--venv", str(venv)], capture_output=True, text=True, timeout=600,
-                          env={"PATH": "/usr/bin:/bin", "PIP_NO_INDEX": "1"})
-    assert proc.returncode == 0, proc.stderr
-    assert "sha256 checked" in proc.stdout and f"installed: {venv}/bin/edgefleet" in proc.stdout
+    server = FleetServer(server_config(server_dir, tls=True, broker_tls_listen=f"127.0.0.1:{free_port()}")).start()
+    try:
+        fleet = ServerHandle(server)
+        wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
+        _serve_wheelhouse(fleet, house)
+        password = fleet.provision("pi-x86")
+        etc = tmp_path / "etc"
+        etc.mkdir()
+        from fleet_server.devices import agent_config_toml
+
+        (etc / "agent.toml").write_text(agent_config_toml(server.config, "pi-x86", password, []))
+        shutil.copyfile(server.config.tls_files[2], etc / "edgefleet-ca.pem")
+        command = install_command(server.config, "pi-x86", password, config_dir=str(etc))
+        venv = tmp_path / "venv"
+        # As printed, except sudo (the test runs as the user it is) and the venv's place.
+        command = command.replace("| sudo python3 -", f"| {sys.executable} -") + f" --venv {venv}"
+        proc = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=600,
+                              env={"PATH": "/usr/bin:/bin", "PIP_NO_INDEX": "1"})
+        assert proc.returncode == 0, proc.stderr
+        assert f"wheels for cp311-x86_64 from {server.url}" in proc.stdout and "sha256 checked" in proc.stdout
+    finally:
+        server.stop()
     keys = subprocess.run([str(venv / "bin" / "edgefleet"), "agent", "config-keys"], capture_output=True, text=True)
     assert keys.returncode == 0 and "mqtt.url" in keys.stdout, keys.stderr
     listed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"],
                             capture_output=True, text=True).stdout.lower()
     assert "onnxruntime==" in listed and "scikit-learn" not in listed and "flask" not in listed
+
+
+def test_add_device_prints_the_install_command_beside_the_config(tmp_path):
+    from click.testing import CliRunner
+
+    from fleet_server.cli import server
+
+    result = CliRunner().invoke(server, ["add-device", "--data-dir", str(tmp_path / "data"), "pi-9"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    config = tomllib.loads(result.stdout)  # stdout stays the config alone
+    assert config["device_id"] == "pi-9"
+    password = config["mqtt"]["password"]
+    assert (f"# curl -fsS -u pi-9:{password} {config['server']['url']}/api/v1/wheelhouse/install.py "
+            "| sudo python3 - --config /etc/edgefleet/agent.toml") in result.stderr
+    assert tomllib.loads(result.output)["device_id"] == "pi-9"  # the notes are TOML comments

@@ -15,6 +15,7 @@ from fleet_server.api import (
     openapi,
     performance,
     rollouts,
+    wheelhouse,
 )
 
 BLUEPRINTS: list[Blueprint] = [
@@ -28,6 +29,7 @@ BLUEPRINTS: list[Blueprint] = [
     openapi.bp,
     cluster.bp,
     groups.bp,
+    wheelhouse.bp,
 ]
 
 __all__ = ["BLUEPRINTS"]
