@@ -116,6 +116,8 @@ class TargetBody(Body):
     tags: Annotated[dict[Annotated[str, Meta(pattern=PLAIN, min_length=1, max_length=64)], TagValue],
                     Meta(max_length=64)] | UnsetType = UNSET
     group: TagValue | None = None
+    device_group: Annotated[str, Meta(pattern=PLAIN, min_length=1, max_length=64)] | None = None  # a saved group
+    query: Annotated[str, Meta(pattern=PLAIN, min_length=1, max_length=4000)] | None = None
     devices: Annotated[list[Id], Meta(max_length=1_000_000)] | UnsetType = UNSET
 
 
