@@ -7,9 +7,10 @@ its URL, version or `allow_downgrade`. `issued_at` orders the documents: a devic
 issued before the last it accepted, so an old signed document (e.g. one allowing a downgrade)
 cannot be replayed.
 
-Everything here takes and returns plain data (dicts, bytes, floats), and only `verify_desired`
-and `sign_desired` touch `cryptography`, importing it when called: the check can run in a
-short-lived child process, keeping the library out of the long-lived agent.
+Everything here takes and returns plain data (dicts, bytes, floats). `verify_desired` checks the
+signature through `edge_agent.signatures` (in a short-lived child process unless cryptography is
+loaded already), so the long-lived agent never maps `cryptography`; only `sign_desired` (the
+server's side) uses it directly.
 """
 
 from __future__ import annotations
@@ -98,15 +99,19 @@ def verify_desired(doc: Mapping[str, Any], keys: Sequence[bytes]) -> None:
         data = signed_bytes(doc)
     except (TypeError, ValueError) as exc:  # NaN or a value JSON cannot hold
         raise DesiredTrustError(f"desired cannot be canonicalised: {exc}") from exc
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    if len(signature) != 64:
+        raise DesiredTrustError(f"desired signature is {len(signature)} bytes, not 64")
+    # In a short-lived child process unless cryptography is loaded here already (the server,
+    # tests): the long-lived agent never maps it.
+    from edge_agent.signatures import TrustedKey
+    from model_tools.errors import SignatureError
 
     for raw in keys:
         try:
-            Ed25519PublicKey.from_public_bytes(raw).verify(signature, data)
-        except (InvalidSignature, ValueError):
-            continue
-        return
+            if TrustedKey(raw).verifies(signature, data):
+                return
+        except SignatureError as exc:
+            raise DesiredTrustError(f"desired signature cannot be checked: {exc}") from exc
     ids = ", ".join(raw_key_id(k) for k in keys)
     raise DesiredTrustError(
         f"desired signature does not verify with any trusted desired-state key ({ids}): "

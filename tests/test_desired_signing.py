@@ -253,3 +253,30 @@ def test_the_server_signs_with_the_key_add_device_prints(fleet):
             verify_desired(doc, keys)
     finally:
         device.close()
+
+
+def test_the_check_keeps_cryptography_out_of_the_agent_process():
+    """In a process without cryptography (the long-lived agent) the signature is checked in a
+    short-lived child: the answers are the same and the library is never imported."""
+    import subprocess
+    import sys
+
+    from tests.agent_fixtures import ROOT
+
+    doc = sign_desired(desired_doc(), keypair("server")[0])
+    code = (
+        "import json, sys\n"
+        "from edge_agent.trust import DesiredTrustError, raw_public_key, verify_desired\n"
+        "doc, keys = json.loads(sys.argv[1]), [raw_public_key(sys.argv[2])]\n"
+        "verify_desired(doc, keys)\n"
+        "doc['version'] = '9.9.9'\n"
+        "try:\n"
+        "    verify_desired(doc, keys)\n"
+        "    print('forged accepted')\n"
+        "except DesiredTrustError:\n"
+        "    print('forged refused')\n"
+        "print(sorted(m for m in sys.modules if m.startswith('cryptography')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(doc), public_pem("server")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()
+    assert out == ["forged refused", "[]"]
