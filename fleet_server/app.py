@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fleet_server.api import BLUEPRINTS
 from fleet_server.api.common import register_error_handlers
+from fleet_server.body_gate import limit_app_bodies
 from fleet_server.config import ServerConfig
 from fleet_server.context import Services
 from fleet_server.metrics import make_registry, tls_certificates
@@ -24,7 +25,7 @@ def create_app(
     """Build the WSGI app over `services`, which the composition root (`fleet_server.service`) built.
     `console` adds the web console (its pages, static files and security headers)."""
     app = Flask(__name__, static_folder=None)
-    app.config["MAX_CONTENT_LENGTH"] = 300 * 1024 * 1024  # bundles; anything larger is a 413
+    limit_app_bodies(app)  # a body limit per route: bundle uploads large, everything else small
     app.json.sort_keys = False  # type: ignore[attr-defined]
     svc = services
     app.extensions["edgefleet"] = svc

@@ -216,9 +216,8 @@ class FleetServer:
         self.loops.append(heartbeat)
 
     def _start_http(self) -> None:
-        from waitress import create_server
-
         from fleet_server.app import create_app
+        from fleet_server.body_gate import BodyGate, gated_server
 
         self.app = create_app(self.config, services=self.svc)
         host, port = self.config.listen_host_port
@@ -230,8 +229,9 @@ class FleetServer:
             return
         # poll(), not select(): a process with more than 1024 open files (a simulated fleet, a busy
         # server) would hand select() descriptors it cannot watch.
-        self.wsgi = create_server(self.app, host=host, port=port, threads=self.config.threads, ident="edgefleet",
-                                  asyncore_use_poll=True)
+        # The body gate answers 413/401 from a request's headers, before waitress buffers its body.
+        self.wsgi = gated_server(self.app, BodyGate(self.svc.storage, self.svc.clock), host=host, port=port,
+                                 threads=self.config.threads, ident="edgefleet", asyncore_use_poll=True)
         self._wsgi_thread = threading.Thread(target=self.wsgi.run, name="waitress", daemon=True)
         self._wsgi_thread.start()
 

@@ -265,6 +265,8 @@ class HttpsServer:
         from cheroot import wsgi
         from cheroot.ssl.builtin import BuiltinSSLAdapter
 
+        from fleet_server.body_gate import MAX_REQUEST_BODY_BYTES
+
         for path in (cert_file, key_file):
             if not Path(path).is_file():
                 raise TlsError(f"TLS file {path} is missing; run 'edgefleet server tls-init' or fix the path")
@@ -273,6 +275,9 @@ class HttpsServer:
         self.server = wsgi.Server((host, port), app, numthreads=threads, server_name="edgefleet",
                                   shutdown_timeout=5)
         self.server.ssl_adapter = adapter
+        # cheroot streams bodies to the app, which checks credentials and each route's limit
+        # before reading; this caps what any request may send at all.
+        self.server.max_request_body_size = MAX_REQUEST_BODY_BYTES
         self.server.prepare()  # binds and listens
         self._thread: threading.Thread | None = None
 
