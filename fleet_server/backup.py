@@ -232,7 +232,7 @@ def restore_backup(archive: str | Path, data_dir: str | Path) -> BackupInfo:
                 if member.name not in info.files:
                     raise BackupError(f"{archive} holds {member.name!r}, which its manifest does not list")
                 dest = staging / member.name
-                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 src = tar.extractfile(member)
                 assert src is not None
                 h = hashlib.sha256()
@@ -247,13 +247,11 @@ def restore_backup(archive: str | Path, data_dir: str | Path) -> BackupInfo:
         bad = sorted(n for n, digest in info.files.items() if seen.get(n) != digest)
         if bad:
             raise BackupError(f"{archive} is damaged: {bad[:3]} missing or not as backed up; use another backup")
-        for name in (*PRIVATE, "broker"):
-            if (staging / name).is_dir():
-                (staging / name).chmod(stat.S_IRWXU)
-        for name in seen:  # bundles are public (devices download them); the rest stays 0600
-            if PurePosixPath(name).parts[0] == "bundles":
-                (staging / name).chmod(0o644)
-        staging.chmod(stat.S_IRWXU)
+        # Everything private to the server's user, bundles too (devices download them through
+        # the server, never from the file system): dirs 0700, files 0600 (written so above).
+        for path in [staging, *staging.rglob("*")]:
+            if path.is_dir():
+                path.chmod(stat.S_IRWXU)
         if data_dir.exists():
             data_dir.rmdir()  # empty, checked above
         os.replace(staging, data_dir)

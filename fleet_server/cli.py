@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -14,7 +15,7 @@ from typing import Any
 
 import click
 
-from fleet_server.config import ConfigError, ServerConfig, load_config
+from fleet_server.config import PRIVATE_UMASK, ConfigError, ServerConfig, load_config
 from fleet_server.storage import StorageError
 from fleet_server.storage.open import check_storage
 
@@ -55,6 +56,9 @@ def _services(data_dir: Path, **overrides: Any):
 @click.group()
 def server() -> None:
     """Run and administer the fleet server."""
+    # Whatever a server command creates (database, WAL, bundles, secrets, backups, the managed
+    # broker's files) is for the server's user only, whatever the shell's umask.
+    os.umask(PRIVATE_UMASK)
 
 
 def _serve(config: ServerConfig, **kwargs: Any) -> None:
@@ -135,14 +139,20 @@ def ingest(data_dir: Path, mqtt_url: str | None, worker_id: str, storage_url: st
               help="Write the agent config here (mode 0600) instead of printing it.")
 @click.option("--agent-data-dir", default="/var/lib/edgefleet", show_default=True,
               help="data_dir written into the agent config.")
+@click.option("--agent-listen", default="127.0.0.1:8470", show_default=True, metavar="HOST:PORT",
+              help="The agent's local HTTP API ([http] listen); one port per agent on a shared host.")
+@click.option("--window-s", type=click.FloatRange(0, 86400, min_open=True), default=60.0, show_default=True,
+              metavar="SECONDS", help="The agent's telemetry window ([telemetry] window_s).")
 @user_errors
 def add_device(data_dir: Path, device_id: str, tags: tuple[str, ...], output: Path | None,
-               agent_data_dir: str) -> None:
-    """Provision a device and print its ready agent config (the password is shown only now)."""
+               agent_data_dir: str, agent_listen: str, window_s: float) -> None:
+    """Provision a device and print its ready agent config (the password is shown only now).
+    The options are those of POST /api/v1/devices."""
     from fleet_server.devices import parse_tags, provision_device
 
     svc = _services(data_dir)
-    p = provision_device(svc, device_id, parse_tags(tags), data_dir=agent_data_dir)
+    p = provision_device(svc, device_id, parse_tags(tags), data_dir=agent_data_dir, listen=agent_listen,
+                         window_s=window_s)
     if output:
         output.touch(mode=0o600)
         output.write_text(p.agent_config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -94,15 +95,36 @@ def agent_config_toml(
     )
 
 
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})$")
+_PLAIN = re.compile(r"^[^\x00-\x1f\x7f]+$")
+
+
+def check_agent_options(*, data_dir: str | None = None, listen: str | None = None,
+                        window_s: float | None = None) -> None:
+    """The agent config options a device is provisioned with (CLI and API alike): DeviceError
+    naming the bad one, before anything is stored."""
+    if data_dir is not None and not (isinstance(data_dir, str) and _PLAIN.match(data_dir) and len(data_dir) <= 4096):
+        raise DeviceError(f"agent data_dir {data_dir!r} must be a path without control characters")
+    if listen is not None:
+        m = _HOST_PORT.match(listen) if isinstance(listen, str) else None
+        if m is None or not 0 < int(m.group(2)) < 65536:
+            raise DeviceError(f"agent listen {listen!r} must be HOST:PORT, e.g. 127.0.0.1:8471")
+    if window_s is not None and (isinstance(window_s, bool) or not isinstance(window_s, int | float)
+                                 or not 0 < window_s <= 86400):
+        raise DeviceError(f"telemetry window_s {window_s!r} must be more than 0 and at most 86400 seconds")
+
+
 def provision_device(
     svc: Services, device_id: str, tags: dict[str, str] | None = None, **config_options: Any
 ) -> Provisioned:
-    """Create a device with fresh credentials and return its agent config (password shown once)."""
+    """Create a device with fresh credentials and return its agent config (password shown once).
+    `config_options` are those of `agent_config_toml` (data_dir, listen, window_s)."""
     if not valid_id(device_id):
         raise DeviceError(
             f"device id {device_id!r} is not valid: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
+    check_agent_options(**config_options)
     password = new_device_password()
     try:
         svc.storage.insert_device(
