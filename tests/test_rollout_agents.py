@@ -376,7 +376,7 @@ def test_api_refuses_bad_and_conflicting_rollouts(tmp_path):
         assert clash.status_code == 409 and rid in clash.json()["error"]
         paused = handle.api("post", f"/api/v1/rollouts/{rid}/pause", json={"reason": "lunch"})
         assert paused.json()["rollout"]["state"] == "paused"
-        assert handle.api("post", f"/api/v1/rollouts/{rid}/pause").status_code == 400  # already paused
+        assert handle.api("post", f"/api/v1/rollouts/{rid}/pause").status_code == 409  # already paused
         assert handle.api("get", "/api/v1/rollouts/nope", "viewer").status_code == 404
         listed = handle.api("get", "/api/v1/rollouts", "viewer").json()["rollouts"]
         assert [r["id"] for r in listed] == [rid]

@@ -10,7 +10,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from fleet_server.device_groups import DeviceGroupError, resolve_target
-from fleet_server.rollout_model import RolloutError, RolloutState, parse_spec
+from fleet_server.rollout_model import RolloutError, RolloutState, RolloutStateError, parse_spec
 from fleet_server.rollouts.records import (
     ACTIVE,
     RolloutConflict,
@@ -20,7 +20,7 @@ from fleet_server.rollouts.records import (
     spec_of,
 )
 from fleet_server.rollouts.stages import must, next_stage, stage_entry, transition
-from fleet_server.rollouts.status import rollout_status
+from fleet_server.rollouts.status import actions, rollout_status
 
 if TYPE_CHECKING:
     from fleet_server.context import Services
@@ -105,7 +105,7 @@ def advance(svc: Services, rollout_id: str, actor: str = "") -> dict[str, Any]:
         row = get_row(svc, rollout_id)
         spec = spec_of(row)
         if row["state"] not in (RolloutState.RUNNING.value, RolloutState.PAUSED.value):
-            raise RolloutError(f"cannot advance a rollout that is {row['state']}")
+            raise RolloutStateError(f"cannot advance a rollout that is {row['state']}")
         next_stage(svc, row, spec, actor or "api", "advance", ended_by=f"advanced by {actor or 'an operator'}")
     return rollout_status(svc, rollout_id)
 
@@ -115,6 +115,12 @@ def abort(svc: Services, rollout_id: str, actor: str = "", reason: str = "") -> 
     completed blue-green switch: the instant way back)."""
     with svc.rollouts_lock:
         row = get_row(svc, rollout_id)
+        if row["state"] == RolloutState.COMPLETED.value and "abort" not in actions(svc, row):
+            raise RolloutStateError(
+                f"rollout {rollout_id} is completed and its version is the fleet's now: only a blue-green "
+                "rollout can be aborted after it completed, and only while no later rollout replaced it; to "
+                "go back, create a rollout of the previous version"
+            )
         why = reason or f"aborted by {actor or 'an operator'}"
         must(transition(svc, row, "abort", actor, {"reason": why}, reason=why), rollout_id)
     return rollout_status(svc, rollout_id)

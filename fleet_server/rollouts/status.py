@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fleet_server.rollout_model import RolloutState, allowed_actions, is_blue_green
 from fleet_server.rollouts.device_status import failed_devices
 from fleet_server.rollouts.records import ACTIVE, get_row, spec_of
 
@@ -26,6 +27,18 @@ def _summary(row: dict[str, Any]) -> dict[str, Any]:
         "created_at": row["created_at"], "created_by": row["created_by"], "updated_at": row["updated_at"],
         "finished_at": row["finished_at"],
     }
+
+
+def actions(svc: Services, row: dict[str, Any]) -> list[str]:
+    """The operator actions that apply to the rollout now (see rollout_model.allowed_actions)."""
+    spec = spec_of(row)
+    still_current = False
+    if row["state"] == RolloutState.COMPLETED.value:
+        target = spec.to_dict()["target"]
+        still_current = any(t["rollout_id"] == row["id"] for t in svc.storage.fleet_targets()
+                            if t["model"] == spec.model and t["target"] == target)
+    return allowed_actions(RolloutState(row["state"]), blue_green=is_blue_green(spec.stages),
+                           still_current=still_current)
 
 
 def rollout_status(svc: Services, rollout_id: str, *, audit_limit: int = 1000) -> dict[str, Any]:
@@ -69,6 +82,7 @@ def rollout_status(svc: Services, rollout_id: str, *, audit_limit: int = 1000) -
         **_summary(row),
         "target": spec.to_dict()["target"],
         "on_failure": spec.on_failure,
+        "actions": actions(svc, row),
         "device_timeout_s": spec.device_timeout_s,
         "population": population,
         "stage_started_at": row["stage_started_at"],

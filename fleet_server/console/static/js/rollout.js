@@ -41,13 +41,12 @@ function stageCard(r, s) {
     s.verdict ? el("div", {}, "verdict ", pill(s.verdict)) : null);
 }
 
+// The server says which actions apply now (r.actions); the API refuses the others with 409.
 function setButtons(r) {
   if (!canAct) return;
-  const state = r.state;
-  document.getElementById("pause").disabled = state !== "running";
-  document.getElementById("resume").disabled = state !== "paused";
-  document.getElementById("advance").disabled = !["running", "paused"].includes(state);
-  document.getElementById("abort").disabled = !["running", "paused", "completed"].includes(state);
+  for (const action of ["pause", "resume", "advance", "abort"]) {
+    document.getElementById(action).disabled = !(r.actions || []).includes(action);
+  }
 }
 
 async function refresh() {
