@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from fleet_server.api import BLUEPRINTS
 from fleet_server.api.common import register_error_handlers
 from fleet_server.body_gate import limit_app_bodies
+from fleet_server.broker import BrokerCollector
 from fleet_server.config import ServerConfig
 from fleet_server.context import Services
 from fleet_server.metrics import make_registry, tls_certificates
@@ -37,6 +38,7 @@ def create_app(
         init_console(app)
     register_error_handlers(app)
     registry = make_registry(svc.storage, tls_certificates(svc.config))
+    registry.register(BrokerCollector(svc))  # this process's managed broker: up, restarts
 
     @app.get("/metrics")
     def metrics() -> Response:

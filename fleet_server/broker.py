@@ -239,7 +239,7 @@ class ManagedBroker:
         self.dir = config.broker_dir
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None
-        self.restarts = 0  # times `supervise` found it dead and started it again
+        self.restarts = 0  # times `supervise` found it dead and it listened again
         if accounts is None and config.broker_accounts == "dynsec":
             accounts = DynsecAccounts(config)
         self.accounts = accounts
@@ -309,14 +309,27 @@ class ManagedBroker:
             return True
         return bool(result.removed)
 
-    def _adoptable_pid(self) -> int | None:
-        pid_file = self.dir / "mosquitto.pid"
+    def _runs_our_conf(self, pid: int) -> bool:
         try:
-            pid = int(pid_file.read_text().strip())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return str(self.conf_path).encode() in cmdline and _pid_alive(pid)
+
+    def _adoptable_pid(self) -> int | None:
+        """A running Mosquitto on this broker's configuration: the pid file's, or found in /proc (a
+        second `mosquitto -c` on the same file that failed to bind deletes the pid file on its way
+        out, while the first one keeps running)."""
+        try:
+            pid = int((self.dir / "mosquitto.pid").read_text().strip())
+            if self._runs_our_conf(pid):
+                return pid
         except (OSError, ValueError):
-            return None
-        return pid if str(self.conf_path).encode() in cmdline and _pid_alive(pid) else None
+            pass
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid() and self._runs_our_conf(int(entry.name)):
+                return int(entry.name)
+        return None
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -377,7 +390,6 @@ class ManagedBroker:
             return False
         self._backoff = min(self._backoff * 2, MAX_RESTART_BACKOFF_S)
         self._dead_since = None
-        self.restarts += 1
         try:
             adopted = self._adoptable_pid()  # someone else started it meanwhile
             if adopted is not None:
@@ -386,8 +398,12 @@ class ManagedBroker:
                 self._spawn()
             self._wait_listening()
         except BrokerError as exc:
-            log.error("the managed broker did not start again: %s", exc)
-            return False
+            adopted = self._adoptable_pid()  # it lost the port to one started at the same moment
+            if adopted is None:
+                log.error("the managed broker did not start again: %s", exc)
+                return False
+            self.pid, self.proc = adopted, None
+        self.restarts += 1  # counted once it listens again
         log.warning("the managed broker runs again (pid %d, restart %d)", self.pid, self.restarts)
         return True
 
@@ -530,7 +546,35 @@ class BrokerSync:
         if self._connects_seen is None:
             self._connects_seen = connects  # the first connection: the rollouts publish as usual
         elif connects != self._connects_seen and publisher.connected:
-            count = republish_desired(self.svc)
-            log.info("broker connection %d: republished %d desired states from the database", connects, count)
-            self.republished += 1
+            # Desired states are the leader's to publish: another node's pass does it there.
+            with self.svc.leadership.leading_pass() as leading:
+                if leading:
+                    count = republish_desired(self.svc)
+                    log.info("broker connection %d: republished %d desired states from the database",
+                             connects, count)
+                    self.republished += 1
             self._connects_seen = connects
+        if publisher.connected:
+            from fleet_server.rotation import announce_pending
+
+            announce_pending(self.svc)  # rotations opened by a CLI process or while the broker was away
+
+
+class BrokerCollector:
+    """Prometheus metrics of this process's managed broker: up, and restarts by its supervisor."""
+
+    def __init__(self, svc: Services) -> None:
+        self.svc = svc
+
+    def collect(self):  # -> Iterator[Metric]
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        broker = self.svc.broker
+        if broker is None:
+            return
+        up = GaugeMetricFamily("edgefleet_broker_up", "Whether the managed broker process runs")
+        up.add_metric([], 1.0 if broker.alive() else 0.0)
+        yield up
+        restarts = CounterMetricFamily("edgefleet_broker_restarts", "Times the managed broker died and was started again")
+        restarts.add_metric([], broker.restarts)
+        yield restarts

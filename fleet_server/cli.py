@@ -179,6 +179,20 @@ def revoke_device(data_dir: Path, device_id: str) -> None:
     click.echo(f"device {device_id} revoked")
 
 
+@server.command("rotate-device-password")
+@data_dir_option
+@click.argument("device_id")
+@user_errors
+def rotate_device_password(data_dir: Path, device_id: str) -> None:
+    """Give a device a new password over its own channel; the old one works until it confirms."""
+    from fleet_server.rotation import request_rotation
+
+    status = request_rotation(_services(data_dir), device_id, "cli")
+    click.echo(f"password rotation {status['rotation_id']} of {device_id} {status['state']}: the device takes its "
+               "new password when it is online (a running server announces it); GET "
+               f"/api/v1/devices/{device_id} and the console's device page show when it confirmed")
+
+
 @server.command("list-devices")
 @data_dir_option
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Only devices with this tag; repeatable.")
@@ -307,12 +321,15 @@ def create_operator(data_dir: Path, name: str, role: str, password: str | None, 
 
 @server.command("broker-config")
 @data_dir_option
+@click.option("--mode", type=click.Choice(["dynsec", "password_file"]), default=None,
+              help="Account mode (default: broker_accounts of server.toml, dynsec unless set).")
 @user_errors
-def broker_config(data_dir: Path) -> None:
-    """Print the password file and ACL for an external Mosquitto."""
+def broker_config(data_dir: Path, mode: str | None) -> None:
+    """Print what an external Mosquitto needs for the device accounts: its dynamic-security file
+    (and plugin lines), or the password file and ACL."""
     from fleet_server.broker import broker_material
 
-    svc = _services(data_dir)
+    svc = _services(data_dir, broker_accounts=mode)
     click.echo(broker_material(svc.config, svc.storage).render(), nl=False)
     click.echo(f"# server account password: {svc.config.secrets_dir / 'mqtt-server-password'}", err=True)
 

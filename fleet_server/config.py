@@ -57,8 +57,10 @@ class ServerConfig:
     broker_sync_interval_s: float = 2.0
     # How the broker knows device accounts (docs/deployment.md): "dynsec" (Mosquitto's dynamic-security
     # plugin: changes apply at once, each device bound to its own client id) or "password_file".
-    broker_accounts: str = "password_file"
+    broker_accounts: str = "dynsec"
     broker_restart_backoff_s: float = 1.0  # a dead managed broker is restarted after this, doubling to 60 s
+    # A password rotation the device has not confirmed within this expires; the old password stays.
+    rotation_grace_s: float = 7 * 24 * 3600.0
     ingest_batch_s: float = 0.1
     ingest_batch_max: int = 2000
     stats_interval_s: float = 2.0

@@ -21,6 +21,7 @@ from fleet_server.storage import Storage
 
 if TYPE_CHECKING:
     from fleet_server.broker import ManagedBroker
+    from fleet_server.broker_accounts import DynsecAccounts
     from fleet_server.cluster import Node
     from fleet_server.mqtt_link import Publisher
 
@@ -36,6 +37,9 @@ class Services:
     clock: Callable[[], float] = time.time
     publisher: Publisher | None = None
     broker: ManagedBroker | None = None
+    # Device accounts on the broker's dynamic-security plugin (None in password-file mode): every
+    # process pushes its own registry changes (fleet_server.broker_accounts).
+    accounts: DynsecAccounts | None = None
     passwords: PasswordChecker = field(default_factory=PasswordChecker)
     # One rollout decision at a time: operator actions and the reconcile loop share this lock.
     rollouts_lock: threading.RLock = field(default_factory=threading.RLock)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from edge_agent.protocol import valid_id
 from fleet_server.auth import hash_password, mosquitto_hash, new_device_password
+from fleet_server.broker_accounts import device_added, device_removed
 from fleet_server.config import ServerConfig
 from fleet_server.storage import Conflict
 
@@ -134,7 +135,7 @@ def provision_device(
         raise DeviceError(
             f"device {device_id!r} already exists; revoke it first or pick another id", 409
         ) from exc
-    svc.devices_changed()
+    device_added(svc, device_id, password)  # on the broker at once (this process holds the password)
     pems = [k["pem"] for k in svc.storage.trusted_keys()]
     return Provisioned(
         device=svc.storage.get_device(device_id) or {},
@@ -150,7 +151,7 @@ def revoke_device(svc: Services, device_id: str) -> dict[str, Any]:
         raise DeviceError(f"no device {device_id!r}; list devices with 'edgefleet server list-devices'", 404)
     if device["revoked_at"] is None:
         svc.storage.revoke_device(device_id, svc.clock())
-        svc.devices_changed()
+        device_removed(svc, device_id)  # the broker disconnects it at once
     return svc.storage.get_device(device_id) or {}
 
 
@@ -160,6 +161,9 @@ def get_device(svc: Services, device_id: str) -> dict[str, Any]:
         raise DeviceError(f"no device {device_id!r}", 404)
     stats = svc.storage.seq_stats(device_id)
     device["delivery"] = loss_summary(stats[0]) if stats else None
+    from fleet_server.rotation import rotation_status  # rotation imports this module
+
+    device["rotation"] = rotation_status(svc, device_id)
     return device
 
 

@@ -20,7 +20,8 @@ from dataclasses import replace
 from typing import Any
 
 from fleet_server.auth import PasswordChecker
-from fleet_server.broker import ManagedBroker
+from fleet_server.broker import BrokerSync, ManagedBroker
+from fleet_server.broker_accounts import make_accounts
 from fleet_server.config import ServerConfig
 from fleet_server.context import Services
 from fleet_server.leadership import AdvisoryLockLeadership, FencedPublisher, Leadership, SoleLeader
@@ -57,6 +58,7 @@ def bootstrap(config: ServerConfig, *, clock: Callable[[], float] = time.time) -
         rollouts_lock=threading.RLock(),
         login_limiter=LoginLimiter(),
         leadership=make_leadership(config),
+        accounts=make_accounts(config),
     )
 
 
@@ -165,7 +167,7 @@ class FleetServer:
         gc.freeze()
         gc.set_threshold(100_000, 50, 100)
         if self.mqtt and self.config.managed_broker:
-            svc.broker = ManagedBroker(self.config, svc.storage)
+            svc.broker = ManagedBroker(self.config, svc.storage, accounts=svc.accounts)
             svc.broker.start()
         if self.mqtt:
             publisher = Publisher(self.config)
@@ -188,10 +190,10 @@ class FleetServer:
 
                 loops.append(Loop("rollouts", self.config.rollout_interval_s, lambda: reconcile(svc),
                                   leadership=lead))
-            if svc.broker is not None:
-                # Not a singleton: the managed broker is this node's own process, and only this node
-                # can rewrite its password file.
-                loops.append(Loop("broker-sync", self.config.broker_sync_interval_s, svc.broker.reload_if_changed))
+            if svc.broker is not None or svc.publisher is not None:
+                # Not a singleton: the managed broker is this node's own process (supervised, its
+                # accounts in step); republishing desired states after a broker restart is fenced.
+                loops.append(Loop("broker-sync", self.config.broker_sync_interval_s, BrokerSync(svc)))
             for loop in loops:
                 loop.start()
             self.loops.extend(loops)
@@ -267,6 +269,8 @@ class FleetServer:
             self.svc.publisher.stop()
         if self.svc.broker is not None:
             self.svc.broker.stop()
+        if self.svc.accounts is not None:
+            self.svc.accounts.close()
         self.svc.storage.close()
 
     def wait(self) -> None:

@@ -139,7 +139,7 @@ class DeviceClient:
         self.connected = threading.Event()
         self.refused: list[str] = []
         self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"dev-{device_id}", protocol=mqtt.MQTTv5
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5
         )
         self.client.username_pw_set(device_id, password)
         self.client.on_connect = self._on_connect

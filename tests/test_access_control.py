@@ -70,6 +70,8 @@ def test_a_revoked_device_loses_broker_and_download_access(fleet, signing_key, c
     fleet.api("post", "/api/v1/keys", json={"pem": pub.read_text()})
     assert fleet.api("post", "/api/v1/models", data=make_bundle(private)).status_code == 201
     pw = fleet.provision("acl-r")
+    fleet.svc.storage.put_device_desired("acl-r", {  # told to take it: a device downloads nothing else
+        "model": "pump", "version": "1.0.0", "mode": "live", "rollout_id": None, "published_at": 0.0})
     url = fleet.url + "/api/v1/models/pump/1.0.0/bundle"
     assert requests.get(url, auth=("acl-r", pw), timeout=10).status_code == 200
     dev = DeviceClient(fleet.config, "acl-r", pw).wait_connected()

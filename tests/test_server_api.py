@@ -137,6 +137,8 @@ def test_bundle_download_auth_range_and_etag(client, signing_key):
     bundle = make_bundle(private)
     client.post("/api/v1/models", data=bundle, headers=client.tokens["operator"])
     password = provision_device(client.svc, "dev-1").password
+    client.svc.storage.put_device_desired("dev-1", {  # told to take it: a device downloads nothing else
+        "model": "pump", "version": "1.0.0", "mode": "live", "rollout_id": None, "published_at": 0.0})
     url = "/api/v1/models/pump/1.0.0/bundle"
     assert client.get(url).status_code == 401
     basic = {"Authorization": "Basic " + __import__("base64").b64encode(f"dev-1:{password}".encode()).decode()}
@@ -155,7 +157,8 @@ def test_bundle_download_auth_range_and_etag(client, signing_key):
     r = client.get(url, headers={**basic, "Range": f"bytes={len(bundle) + 5}-"})
     assert r.status_code == 416
     assert client.get(url, headers=client.tokens["viewer"]).status_code == 200
-    assert client.get("/api/v1/models/pump/2.0/bundle", headers=basic).status_code == 404
+    assert client.get("/api/v1/models/pump/2.0/bundle", headers=basic).status_code == 403  # not assigned
+    assert client.get("/api/v1/models/pump/2.0/bundle", headers=client.tokens["viewer"]).status_code == 404
     client.post("/api/v1/devices/dev-1/revoke", headers=client.tokens["operator"])
     assert client.get(url, headers=basic).status_code == 401
 

@@ -37,8 +37,11 @@ def test_cli_provisions_devices_tokens_models_and_broker_material(tmp_path):
     bundle.write_bytes(make_bundle(private))
     assert "registered pump 1.0.0" in run("add-model", "--data-dir", d, str(bundle))
     assert "pump" in run("list-models", "--data-dir", d)
-    material = run("broker-config", "--data-dir", d)
+    material = run("broker-config", "--data-dir", d, "--mode", "password_file")
     assert "pump-1:$7$101$" in material and "pattern write ef/default/d/%u/telemetry" in material
     assert "allow_anonymous" not in material  # that goes in the operator's mosquitto.conf
+    dynsec = run("broker-config", "--data-dir", d)  # the default: the dynamic-security plugin's file
+    assert '"username": "pump-1"' in dynsec and '"clientid": "pump-1"' in dynsec and "plugin_opt_config_file" in dynsec
     assert "revoked" in run("revoke-device", "--data-dir", d, "pump-1")
-    assert "pump-1:" not in run("broker-config", "--data-dir", d)
+    assert "pump-1:" not in run("broker-config", "--data-dir", d, "--mode", "password_file")
+    assert '"pump-1"' not in run("broker-config", "--data-dir", d)

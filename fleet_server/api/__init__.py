@@ -8,6 +8,7 @@ from fleet_server.api import (
     admin,
     alerts,
     cluster,
+    credentials,
     devices,
     drift,
     groups,
@@ -20,6 +21,7 @@ from fleet_server.api import (
 
 BLUEPRINTS: list[Blueprint] = [
     devices.bp,
+    credentials.bp,
     models.bp,
     drift.bp,
     alerts.bp,

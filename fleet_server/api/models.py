@@ -8,6 +8,7 @@ from edge_agent.protocol import valid_id
 from fleet_server import registry
 from fleet_server.api.common import (
     ApiError,
+    audit,
     basic_device,
     bearer_identity,
     refused,
@@ -16,6 +17,7 @@ from fleet_server.api.common import (
 )
 from fleet_server.api.schemas import KeyCreate, PolicyUpdate, body, to_dict
 from fleet_server.auth import Role
+from fleet_server.download_access import may_download
 
 bp = Blueprint("models", __name__, url_prefix="/api/v1")
 
@@ -58,7 +60,8 @@ def set_policy(name: str, version: str):
 @bp.get("/models/<name>/<version>/bundle")
 def download_bundle(name: str, version: str):
     """Devices authenticate with HTTP Basic (device id, MQTT password); people with a token."""
-    if basic_device() is None and bearer_identity() is None:
+    device_id = basic_device()
+    if device_id is None and bearer_identity() is None:
         message = "authenticate as a device (HTTP Basic) or with an API token"
         refused(401, f"{message} (unknown, wrong or revoked credentials)")
         response = jsonify(error=message)
@@ -69,6 +72,14 @@ def download_bundle(name: str, version: str):
         # here, before any lookup; bundles are stored by sha256, never by these names anyway.
         refused(404, f"not a model name/version: {name[:80]!r} {version[:80]!r}")
         raise ApiError("no such model: names and versions are 1-64 letters, digits, '.', '_' or '-'", 404)
+    if device_id is not None and not may_download(services(), device_id, name, version):
+        # A device gets only what it was told to take (fleet_server.download_access); the same
+        # answer whether or not the version exists.
+        message = (f"{name} {version} is not assigned to device {device_id}: a device downloads only "
+                   "the versions its desired state, its rollouts or its fleet target name")
+        refused(403, message)
+        audit("models.download_bundle", "denied", {"name": device_id, "role": "device"}, reason="not assigned")
+        raise ApiError(message, 403)
     path, row = registry.bundle_file(services(), name, version)
     # conditional=True gives Range (206 + Content-Range, 416) and If-None-Match handling.
     return send_file(

@@ -12,6 +12,7 @@ from fleet_server.storage.sqlite.alerts import AlertsMixin
 from fleet_server.storage.sqlite.backup import BackupMixin
 from fleet_server.storage.sqlite.buckets import BucketsMixin
 from fleet_server.storage.sqlite.console import ConsoleMixin
+from fleet_server.storage.sqlite.credentials import CredentialsMixin
 from fleet_server.storage.sqlite.groups import GroupsMixin
 from fleet_server.storage.sqlite.ingest import IngestMixin
 from fleet_server.storage.sqlite.models import ModelsMixin
@@ -30,6 +31,7 @@ class SqliteStorage(
     ModelsMixin,
     AlertsMixin,
     RolloutsMixin,
+    CredentialsMixin,
     NodesMixin,
     GroupsMixin,
     BackupMixin,

@@ -414,6 +414,23 @@ SCRIPTS.append(("0009_reinstalls_retention", """
         ALTER TABLE seq_stats ADD COLUMN purged_upto INTEGER;
 """))
 
+# Device password rotations (fleet_server.rotation): one row per device, its latest rotation. The
+# issued password's hashes wait here until the device confirms it, then move to `devices`.
+SCRIPTS.append(("0010_device_rotations", """
+        CREATE TABLE device_rotations (
+            device TEXT PRIMARY KEY,
+            rotation_id TEXT NOT NULL,
+            requested_by TEXT NOT NULL DEFAULT '',
+            requested_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            notified_at REAL,
+            issued_at REAL,
+            confirmed_at REAL,
+            password_hash TEXT,                   -- argon2id of the issued password, until confirmed
+            broker_hash TEXT                      -- its Mosquitto $7$ hash, until confirmed
+        ) WITHOUT ROWID;
+"""))
+
 # Server nodes (fleet_server.cluster): each `server run` upserts its row on every heartbeat; a
 # row whose heartbeat is older than three of its intervals is a node that is gone.
 SCRIPTS.append(("0011_nodes", """

@@ -1,0 +1,270 @@
+"""Broker accounts through Mosquitto's dynamic-security plugin, on the managed broker and on an
+external one, with real Mosquitto, real paho clients and the real server: a device added by
+another process connects within seconds without a reload; a revoked device is disconnected at
+once; a device's credentials with another client id (another device's, or the server's ingest
+session's) are refused while the victim stays connected; the password-file mode still works."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fleet_server.broker import DYNSEC_FILE, broker_material
+from fleet_server.broker_accounts import find_plugin
+from fleet_server.devices import provision_device, revoke_device
+from fleet_server.service import FleetServer, bootstrap
+from tests.brokers import Broker
+from tests.server_fixtures import DeviceClient, make_config, shifted_window, wait_until
+
+pytest_plugins = ["tests.server_fixtures"]
+pytestmark = [pytest.mark.broker]
+
+EDGES = [[-1.0, 0.0, 1.0]] * 3
+
+
+class Probe:
+    """A paho MQTT 5 client that records how its connection attempts end and every disconnect."""
+
+    def __init__(self, host: str, port: int, username: str, password: str, client_id: str) -> None:
+        self.results: list[str] = []
+        self.disconnects: list[str] = []
+        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv5)
+        self.client.username_pw_set(username, password)
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.on_connect = lambda c, u, f, rc, p: self.results.append(str(rc))
+        self.client.on_disconnect = lambda c, u, f, rc, p: self.disconnects.append(str(rc))
+        self.client.connect_async(host, port)
+        self.client.loop_start()
+
+    def wait_result(self, timeout: float = 5.0) -> str:
+        return wait_until(lambda: self.results and self.results[0], timeout, message="a CONNACK")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def stored_seqs(svc, device: str) -> set[int]:
+    return {r["seq"] for r in svc.storage.db.query("SELECT seq FROM windows WHERE device = ?", [device])}
+
+
+def test_foreign_client_ids_are_refused_and_the_victims_stay_connected(fleet):
+    """Device A's credentials with device B's client id, or with the server's ingest or publisher
+    client id: refused, while B, ingest and the publisher keep their sessions and every one of B's
+    windows is stored."""
+    svc, config = fleet.svc, fleet.config
+    pw_a, pw_b = fleet.provision("take-a"), fleet.provision("take-b")
+    victim = Probe(config.broker_host, config.broker_port, "take-b", pw_b, "take-b")
+    assert victim.wait_result() == "Success"
+    ingest = fleet.server.ingest
+    ingest_drops: list[str] = []
+    on_disconnect = ingest.client.on_disconnect
+
+    def counting(client, userdata, flags, reason_code, properties):
+        ingest_drops.append(str(reason_code))
+        on_disconnect(client, userdata, flags, reason_code, properties)
+
+    ingest.client.on_disconnect = counting
+    publisher_connects = svc.publisher.connects
+    foreign_ids = ["take-b", f"ef-ingest-{config.worker_id}", f"ef-server-pub-{config.worker_id}"]
+    try:
+        for seq in range(24):  # the attack from outside: B's windows interleaved with takeovers
+            b_info = victim.client.publish(f"ef/{config.fleet}/d/take-b/telemetry",
+                                           _encode(shifted_window("take-b", seq, EDGES)), qos=1)
+            if seq % 4 == 0:
+                attacker = Probe(config.broker_host, config.broker_port, "take-a", pw_a,
+                                 foreign_ids[(seq // 4) % len(foreign_ids)])
+                try:
+                    assert attacker.wait_result() == "Not authorized"
+                finally:
+                    attacker.close()
+            b_info.wait_for_publish(5)
+        wait_until(lambda: stored_seqs(svc, "take-b") == set(range(24)), 20,
+                   message=lambda: f"B's windows stored: {sorted(stored_seqs(svc, 'take-b'))}")
+        assert victim.disconnects == [] and victim.results == ["Success"]
+        assert ingest_drops == [] and ingest.connected.is_set()
+        assert svc.publisher.connects == publisher_connects and svc.publisher.connected
+        # A's own id still works: the binding refuses only other ids.
+        own = Probe(config.broker_host, config.broker_port, "take-a", pw_a, "take-a")
+        assert own.wait_result() == "Success"
+        own.close()
+    finally:
+        ingest.client.on_disconnect = on_disconnect
+        victim.close()
+
+
+def _encode(window) -> bytes:
+    from edge_agent.protocol import encode
+
+    return encode(window)
+
+
+def test_revoke_disconnects_the_device_at_once_and_refuses_it_after(fleet):
+    pw = fleet.provision("gone-1")
+    dev = Probe(fleet.config.broker_host, fleet.config.broker_port, "gone-1", pw, "gone-1")
+    assert dev.wait_result() == "Success"
+    try:
+        revoke_device(fleet.svc, "gone-1")
+        wait_until(lambda: dev.disconnects, 5, message="the revoked device disconnected by the broker")
+        wait_until(lambda: len(dev.results) >= 2, 5, message="its reconnect answered")
+        assert dev.results[1:] and all(r == "Not authorized" for r in dev.results[1:]), dev.results
+    finally:
+        dev.close()
+
+
+def test_a_device_added_by_another_process_connects_within_seconds(fleet, tmp_path):
+    """`edgefleet server add-device` in its own process, while the server runs: no reload, no
+    restart of the broker; the device connects at once."""
+    broker_pid = fleet.svc.broker.pid
+    # What `server run` would have read: the same server.toml (the test's server was configured in code).
+    (fleet.config.data_dir / "server.toml").write_text(f"broker_port = {fleet.config.broker_port}\n")
+    started = time.monotonic()
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("edgefleet")), "server", "add-device", "--data-dir",
+         str(fleet.config.data_dir), "other-proc-1"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    password = tomllib.loads(out)["mqtt"]["password"]
+    dev = DeviceClient(fleet.config, "other-proc-1", password).wait_connected(5)
+    took = time.monotonic() - started
+    try:
+        assert not dev.refused and dev.connected.is_set()
+        assert fleet.svc.broker.pid == broker_pid and fleet.svc.broker.restarts == 0
+        print(f"add-device in another process -> device connected after {took:.2f}s")
+    finally:
+        dev.close()
+
+
+def test_a_device_whose_account_never_reached_the_broker_gets_it_from_the_registry(fleet):
+    """The plugin takes only plaintext passwords: a device registered while its creator could
+    not reach the broker is given its account by a restart of the managed broker from the
+    registry's hashes (after a short grace for the creator's own push)."""
+    from fleet_server.auth import hash_password, mosquitto_hash, new_device_password
+
+    password = new_device_password()
+    fleet.svc.storage.insert_device("late-1", fleet.config.fleet, {}, hash_password(password),
+                                    mosquitto_hash(password), time.time())  # registered, never pushed
+    pid = fleet.svc.broker.pid
+    assert not _connects(fleet, "late-1", password)
+    wait_until(lambda: _connects(fleet, "late-1", password), 20, message="the managed broker to take late-1's account")
+    assert fleet.svc.broker.pid != pid  # started again from the registry
+
+
+def _connects(fleet, device: str, password: str) -> bool:
+    probe = Probe(fleet.config.broker_host, fleet.config.broker_port, device, password, device)
+    try:
+        return probe.wait_result() == "Success"
+    finally:
+        probe.close()
+
+
+def test_password_file_mode_provisions_and_revokes(tmp_path):
+    """The other account mode, for brokers without the plugin: the password file and ACL re-read
+    on SIGHUP."""
+    server = FleetServer(make_config(tmp_path / "server", broker_accounts="password_file")).start()
+    try:
+        svc = server.svc
+        assert "password_file" in server.svc.broker.conf_path.read_text()
+        password = provision_device(svc, "pf-1").password
+        dev = DeviceClient(server.config, "pf-1", password).wait_connected(5)
+        assert dev.connected.is_set()
+        dev.close()
+        revoke_device(svc, "pf-1")
+        again = DeviceClient(server.config, "pf-1", password).wait_connected(5)
+        assert again.refused
+        again.close()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def external_dynsec(tmp_path):
+    """An external Mosquitto with the plugin, seeded with `broker-config`'s file, and a server
+    pointed at it (no managed broker)."""
+    data_dir = tmp_path / "server"
+    broker_dir = tmp_path / "external"
+    broker_dir.mkdir()
+    port = _free_port()
+    config = make_config(data_dir, mqtt_url=f"mqtt://127.0.0.1:{port}")
+    svc = bootstrap(config)
+    pre = provision_device(svc, "ext-pre")  # registered before the broker existed
+    material = broker_material(config, svc.storage)
+    svc.storage.close()
+    dynsec_file = broker_dir / DYNSEC_FILE
+    dynsec_file.write_text(material.dynsec_file)
+    os.chmod(dynsec_file, 0o600)
+    broker = Broker(broker_dir, port=port, extra_config=(
+        f"user {getpass.getuser()}\nallow_anonymous false\nplugin {find_plugin()}\n"
+        f"plugin_opt_config_file {dynsec_file}\n"
+    )).start()
+    server = FleetServer(config).start()
+    try:
+        wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected to the external broker")
+        yield server, broker, pre.password
+    finally:
+        server.stop()
+        broker.stop()
+
+
+def test_an_external_broker_with_the_plugin_follows_the_registry(external_dynsec):
+    server, broker, pre_password = external_dynsec
+    svc = server.svc
+    assert svc.broker is None  # nothing managed: the accounts go over $CONTROL
+    pre = Probe("127.0.0.1", broker.port, "ext-pre", pre_password, "ext-pre")  # seeded from broker-config
+    assert pre.wait_result() == "Success"
+    pw = provision_device(svc, "ext-1").password
+    dev = Probe("127.0.0.1", broker.port, "ext-1", pw, "ext-1")
+    assert dev.wait_result() == "Success"
+    thief = Probe("127.0.0.1", broker.port, "ext-1", pw, "ext-pre")
+    assert thief.wait_result() == "Not authorized"
+    thief.close()
+    dev.client.publish(f"ef/{server.config.fleet}/d/ext-1/telemetry", _encode(shifted_window("ext-1", 0, EDGES)), qos=1)
+    wait_until(lambda: stored_seqs(svc, "ext-1") == {0}, 10, message="ext-1's window stored")
+    revoke_device(svc, "ext-1")
+    wait_until(lambda: dev.disconnects, 5, message="the revoked device disconnected")
+    dev.close()
+    assert pre.disconnects == [] and pre.results == ["Success"]
+    pre.close()
+
+
+def _free_port() -> int:
+    from tests.brokers import free_port
+
+    return free_port()
+
+
+def test_no_disconnect_race_between_reconcile_and_a_fresh_account(fleet):
+    """Many devices added at once while the sync loop reconciles: none is reported missing long
+    enough to restart the broker, and all connect."""
+    pid = fleet.svc.broker.pid
+    passwords = {f"burst-{i}": fleet.provision(f"burst-{i}") for i in range(20)}
+    clients = []
+    errors: list[str] = []
+
+    def connect(device: str, password: str) -> None:
+        probe = Probe(fleet.config.broker_host, fleet.config.broker_port, device, password, device)
+        clients.append(probe)
+        if probe.wait_result() != "Success":
+            errors.append(device)
+
+    threads = [threading.Thread(target=connect, args=item) for item in passwords.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    try:
+        assert errors == [] and fleet.svc.broker.pid == pid
+    finally:
+        for c in clients:
+            c.close()
