@@ -67,6 +67,11 @@ class ServerConfig:
     ack_interval_s: float = 10.0  # a device's delivery acknowledgement goes out at most this often
     samples_per_device: int = 200  # newest sampled rows kept per device; 0 keeps none
     telemetry_retention_days: float = 14.0  # windows (and their seqs) kept this long; 0 keeps them forever
+    # Drift buckets and feedback rows (docs/fleet-server.md#retention-and-disk-use): per bucket for
+    # history_rollup_days, then one row per device and day, deleted after history_retention_days.
+    history_rollup_days: float = 7.0  # 0: never roll up
+    history_retention_days: float = 400.0  # 0: keep forever
+    audit_retention_days: float = 400.0  # audit log rows; 0: keep forever
     max_queued_messages: int = 1_000_000
     trusted_key_files: list[str] = field(default_factory=list)
     # Default drift policy; per-model overrides live in the registry.
@@ -98,6 +103,11 @@ class ServerConfig:
             raise ConfigError("telemetry_retention_days must be 0 (keep telemetry windows forever) or more days")
         if self.samples_per_device < 0:
             raise ConfigError("samples_per_device must be 0 (keep no sampled rows) or more")
+        for name in ("history_rollup_days", "history_retention_days", "audit_retention_days"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 (keep forever) or more days")
+        if 0 < self.history_retention_days <= self.history_rollup_days:
+            raise ConfigError("history_retention_days must exceed history_rollup_days (or be 0: keep forever)")
         if self.broker_accounts not in ("dynsec", "password_file"):
             raise ConfigError(f"broker_accounts {self.broker_accounts!r} must be \"dynsec\" or \"password_file\"")
         if ":" not in self.listen:

@@ -42,6 +42,7 @@ from edge_agent.protocol import (
 from fleet_server.acks import AckBuffer
 from fleet_server.config import ServerConfig
 from fleet_server.mqtt_link import ack_all, make_client, publish_all
+from fleet_server.retention import Retention
 from fleet_server.storage import IngestBatch, Reject, Storage
 
 log = logging.getLogger(__name__)
@@ -261,6 +262,7 @@ class IngestWorker:
         self.shapes = ProfileShapes(storage)
         self.topics = TopicParser(config.fleet)
         self.acks = AckBuffer(config.ack_interval_s)
+        self.retention = Retention(storage, config)
         # SimpleQueue: put() is one C call, so paho's network thread spends little on each message.
         self.queue: queue.SimpleQueue[Incoming | None] = queue.SimpleQueue()
         self.connected = threading.Event()
@@ -347,6 +349,7 @@ class IngestWorker:
                 self._flush_stats()
                 self._compact()
                 self._purge()
+                self._retention()
                 with self.stats.lock:
                     self.stats.counters["maintenance_passes"] += 1
                 last_stats = time.monotonic()
@@ -441,6 +444,15 @@ class IngestWorker:
                     break
         except Exception:
             log.exception("purging old telemetry failed; it is retried")
+
+    def _retention(self) -> None:
+        """Bounded growth of feedback, drift history, audit log and sessions (fleet_server.retention)."""
+        try:
+            done = self.retention.run(self.clock())
+            with self.stats.lock:
+                self.stats.counters.update({k: v for k, v in done.items() if v})
+        except Exception:
+            log.exception("the retention pass failed; it is retried")
 
     def _flush_stats(self) -> None:
         try:

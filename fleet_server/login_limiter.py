@@ -1,11 +1,11 @@
-"""Failed-login counting for the console: a sliding window per operator name and per client address."""
+"""Failed-login counting for the console: a sliding window per operator name and per client
+address, kept in the database so that every server process sees the same counts and a restart
+does not reset them (a guesser cannot spread attempts over processes or wait for a restart)."""
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import deque
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 # Failed logins allowed per window, per operator name and per client address.
 MAX_FAILURES_PER_NAME = 5
@@ -13,44 +13,52 @@ MAX_FAILURES_PER_ADDRESS = 20
 FAILURE_WINDOW_S = 300.0
 
 
+def name_key(name: str) -> str:
+    return f"n:{name.lower()}"
+
+
+def address_key(address: str) -> str:
+    return f"a:{address}"
+
+
+@dataclass(frozen=True)
 class LoginLimiter:
-    """Counts failed logins in a sliding window per operator name and per client address.
+    """The policy; the failures themselves are rows in `Storage` (`add_login_failure`, ...).
 
-    In memory, per server process: enough to stop password guessing against one console (a
-    guesser gets 5 tries per name per 5 minutes); successes do not reset the address counter.
-    """
+    A guesser gets 5 tries per name and 20 per address per 5 minutes, whichever process they
+    reach; a success clears its name's count but not the address's (one right password must not
+    buy another 20 guesses at other names)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._failures: dict[str, deque[float]] = {}
-        self._lock = threading.Lock()
-        self._clock = clock
+    max_per_name: int = MAX_FAILURES_PER_NAME
+    max_per_address: int = MAX_FAILURES_PER_ADDRESS
+    window_s: float = FAILURE_WINDOW_S
 
-    def _recent(self, key: str, now: float) -> deque[float]:
-        q = self._failures.setdefault(key, deque())
-        while q and q[0] <= now - FAILURE_WINDOW_S:
-            q.popleft()
-        return q
+    def limit(self, key: str) -> int:
+        return self.max_per_name if key.startswith("n:") else self.max_per_address
 
-    def retry_after(self, name: str, address: str) -> int | None:
+    def retry_after(self, storage: Any, name: str, address: str, now: float) -> int | None:
         """Seconds until another attempt is allowed, or None when it is allowed now."""
-        now = self._clock()
-        with self._lock:
-            waits = []
-            for key, limit in ((f"n:{name.lower()}", MAX_FAILURES_PER_NAME), (f"a:{address}", MAX_FAILURES_PER_ADDRESS)):
-                q = self._recent(key, now)
-                if len(q) >= limit:
-                    waits.append(int(q[0] + FAILURE_WINDOW_S - now) + 1)
-            return max(waits) if waits else None
+        keys = [name_key(name), address_key(address)]
+        recent = storage.login_failures(keys, now - self.window_s)
+        waits = [int(times[-self.limit(key)] + self.window_s - now) + 1
+                 for key, times in recent.items() if len(times) >= self.limit(key)]
+        return max(waits) if waits else None
 
-    def failed(self, name: str, address: str) -> None:
-        now = self._clock()
-        with self._lock:
-            for key in (f"n:{name.lower()}", f"a:{address}"):
-                self._recent(key, now).append(now)
-            if len(self._failures) > 10_000:  # forget quiet keys so memory stays bounded
-                for key in [k for k, q in self._failures.items() if not q]:
-                    del self._failures[key]
+    def failed(self, storage: Any, name: str, address: str, now: float) -> None:
+        storage.add_login_failure([name_key(name), address_key(address)], now, forget_before=now - self.window_s)
 
-    def succeeded(self, name: str) -> None:
-        with self._lock:
-            self._failures.pop(f"n:{name.lower()}", None)
+    def succeeded(self, storage: Any, name: str) -> None:
+        storage.clear_login_failures(name_key(name))
+
+    def locked(self, storage: Any, now: float) -> list[dict[str, Any]]:
+        """Operator names and client addresses locked out now, with their failures and until when."""
+        out = []
+        for row in storage.recent_login_failures(now - self.window_s):
+            kind, _, value = row["key"].partition(":")
+            times = row["times"]
+            limit = self.limit(row["key"])
+            if len(times) >= limit:
+                out.append({"kind": "operator" if kind == "n" else "address", "value": value,
+                            "failures": len(times), "last_at": times[-1],
+                            "until": times[-limit] + self.window_s})
+        return sorted(out, key=lambda r: -r["until"])

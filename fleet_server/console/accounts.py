@@ -89,8 +89,8 @@ def create_operator(svc: Services, name: str, role: str, password: str, *, updat
 
 def login(svc: Services, name: str, password: str, remote_addr: str) -> Session:
     """Check the credentials (rate limited) and open a session; every attempt is audited."""
-    lim = svc.login_limiter
-    wait = lim.retry_after(name, remote_addr)
+    lim, now = svc.login_limiter, svc.clock()
+    wait = lim.retry_after(svc.storage, name, remote_addr, now)
     if wait is not None:
         record_audit(svc, action="login", outcome="denied", actor=name, role=None, target=f"operator:{name}",
                      remote_addr=remote_addr, detail={"reason": "rate limited"})
@@ -98,18 +98,22 @@ def login(svc: Services, name: str, password: str, remote_addr: str) -> Session:
     row = svc.storage.get_operator(name) if valid_id(name) else None
     ok = verify_password(row["password_hash"] if row else None, password)
     if not ok or row is None or row["disabled_at"] is not None:
-        lim.failed(name, remote_addr)
+        lim.failed(svc.storage, name, remote_addr, now)
         record_audit(svc, action="login", outcome="failed", actor=name, role=None, target=f"operator:{name}",
                      remote_addr=remote_addr, detail={})
         raise AccountError("wrong operator name or password", 401)
-    lim.succeeded(name)
-    now = svc.clock()
+    lim.succeeded(svc.storage, name)
     svc.storage.delete_expired_sessions(now)
     session = Session(new_session_id(), row["name"], row["role"], new_csrf_token(), now + SESSION_LIFETIME_S)
     svc.storage.insert_session(token_hash(session.id), session.operator, session.csrf_token, now, session.expires_at)
     record_audit(svc, action="login", outcome="ok", actor=row["name"], role=row["role"],
                  target=f"operator:{row['name']}", remote_addr=remote_addr, detail={})
     return session
+
+
+def locked_logins(svc: Services) -> list[dict[str, Any]]:
+    """Operator names and client addresses that may not log in now (too many failures)."""
+    return svc.login_limiter.locked(svc.storage, svc.clock())
 
 
 def logout(svc: Services, session_id: str, identity: dict[str, Any] | None, remote_addr: str | None) -> None:

@@ -23,3 +23,10 @@ def audit_page():
 def audit_log():
     return jsonify(audit=accounts.audit_log(services(), request.args.get("target") or None,
                                             min(arg_int("limit", 200), 1000)))
+
+
+@bp.get("/api/locked-logins")
+@require(Role.OPERATOR)
+def locked_logins():
+    """Operator names and client addresses locked out by too many failed logins (all processes)."""
+    return jsonify(locked=accounts.locked_logins(services()))

@@ -45,7 +45,9 @@ def ingest_health(svc: Services) -> dict[str, Any]:
             {
                 "worker_id": w["worker_id"],
                 "age_s": now - w["updated_at"],
-                "lag_s": stats.get("lag_s", {}),
+                "lag_s": stats.get("lag_s", {}),  # received off the broker -> stored (this host's clock)
+                "delivery_s": stats.get("delivery_s", {}),  # device sent_at -> stored (outages included)
+                "late_windows": stats.get("late_windows", 0),
                 "queue": stats.get("queue_depth", stats.get("queue")),
                 "stored_windows": stats.get("stored_windows", stats.get("windows")),
                 "received": stats.get("received"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -77,6 +78,36 @@ class ConsoleMixin(DevicesMixin):
     def delete_expired_sessions(self, now: float) -> int:
         with self._transaction() as conn:
             return conn.execute("DELETE FROM console_sessions WHERE expires_at <= %s", (now,)).rowcount
+
+    # ---- failed console logins (rate limiting shared by every server process)
+    def add_login_failure(self, keys: Sequence[str], at: float, forget_before: float) -> None:
+        with self._transaction() as conn:
+            conn.cursor().executemany("INSERT INTO login_failures(key, at) VALUES (%s, %s)", [(k, at) for k in keys])
+            conn.execute("DELETE FROM login_failures WHERE at <= %s", (forget_before,))  # keeps the table small
+
+    def login_failures(self, keys: Sequence[str], since: float) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {k: [] for k in keys}
+        for r in self._rows("SELECT key, at FROM login_failures WHERE key = ANY(%s) AND at > %s ORDER BY at",
+                            [list(keys), since]):
+            out[r["key"]].append(r["at"])
+        return out
+
+    def clear_login_failures(self, key: str) -> None:
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM login_failures WHERE key = %s", (key,))
+
+    def recent_login_failures(self, since: float) -> list[dict[str, Any]]:
+        grouped: dict[str, list[float]] = {}
+        for r in self._rows("SELECT key, at FROM login_failures WHERE at > %s ORDER BY key, at LIMIT 100000", [since]):
+            grouped.setdefault(r["key"], []).append(r["at"])
+        return [{"key": k, "times": v} for k, v in grouped.items()]
+
+    def purge_audit(self, before: float, limit: int = 5000) -> int:
+        with self._transaction() as conn:
+            return conn.execute(
+                "DELETE FROM audit_log WHERE id IN (SELECT id FROM audit_log WHERE at < %s ORDER BY id LIMIT %s)",
+                (before, limit),
+            ).rowcount
 
     def insert_audit(self, row: dict[str, Any]) -> int:
         with self._transaction() as conn:

@@ -397,6 +397,20 @@ CREATE INDEX monitoring_key ON monitoring(model, model_version, bucket_start, de
 CREATE INDEX monitoring_stored ON monitoring(model, stored_at);
 """))
 
+# Failed console logins, one row per failure and key (`n:NAME` or `a:ADDRESS`), shared by every
+# node; rows older than the rate limit's window are deleted as new failures come in. Audit rows
+# get an index on time for their retention.
+SCRIPTS.append(("0007_login_failures", """
+CREATE TABLE login_failures (
+    key TEXT NOT NULL,
+    at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX login_failures_key ON login_failures(key, at);
+CREATE INDEX login_failures_at ON login_failures(at);
+CREATE INDEX audit_log_at ON audit_log(at);
+"""))
+
+
 
 def _number(name: str) -> int:
     return int(name.split("_", 1)[0])

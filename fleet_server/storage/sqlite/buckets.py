@@ -5,8 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fleet_server.performance import FeedbackMismatch, sum_feedback_rows
 from fleet_server.storage.sqlite.connection import SqliteConnection, decode, loads, where, within
-from fleet_server.storage.sqlite.ingest import INSERT_BUCKET, bucket_params
+from fleet_server.storage.sqlite.ingest import (
+    INSERT_BUCKET,
+    INSERT_FEEDBACK,
+    bucket_params,
+    feedback_params,
+)
 from fleet_server.telemetry import ShapeMismatch, sum_rows
 
 _BUCKET_JSON = ("errors", "latency", "features", "prediction")
@@ -15,6 +21,7 @@ _BUCKET_COLUMNS = (
     "latency", "latency_sum_ms", "features", "prediction",
 )
 _BUCKET_KEY = "model = ? AND model_version = ? AND bucket_start = ? AND device = ?"
+_PERIOD_KEY = "model = ? AND model_version = ? AND device = ? AND bucket_start >= ? AND bucket_start < ?"
 
 
 def _feedback_dicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -106,6 +113,85 @@ class BucketsMixin(SqliteConnection):
             within("device", devices),
         )
         return _feedback_dicts(self._rows(f"SELECT * FROM feedback{clause} ORDER BY bucket_start, device, id", params))
+
+    # ---- bounded growth: merge feedback like buckets, roll old rows up, delete the oldest
+    def compact_feedback(self, before: float, settled_before: float, limit: int = 2000) -> int:
+        """Merge the partial feedback rows of each (model, version, bucket, device) whose bucket
+        started before `before` and whose rows were all stored before `settled_before` (so gates
+        reading recent feedback by stored_at see it as it came); returns rows removed."""
+        with self._immediate() as conn:
+            keys = conn.execute(
+                "SELECT model, model_version, bucket_start, device FROM feedback WHERE bucket_start < ? "
+                "GROUP BY model, model_version, bucket_start, device HAVING count(*) > 1 AND max(stored_at) < ? "
+                "LIMIT ?", (before, settled_before, limit),
+            ).fetchall()
+            return sum(self._merge_feedback(conn, _BUCKET_KEY, key, key) for key in keys)
+
+    def rollup_history(self, before: float, period_s: float, now: float, limit: int = 2000) -> int:
+        """Roll drift-bucket and feedback rows that started before `before` up into one row per
+        (model, version, device, `period_s` period, e.g. a UTC day); returns the period rows
+        written (0 when nothing is left to roll up)."""
+        written = 0
+        for table in ("buckets", "feedback"):
+            with self._immediate() as conn:
+                groups = conn.execute(
+                    f"SELECT model, model_version, device, CAST(bucket_start / ?1 AS INTEGER) * ?1 AS period, "
+                    f"count(*) AS n, min(bucket_start) AS first FROM {table} WHERE bucket_start < ?2 "
+                    "GROUP BY 1, 2, 3, 4 HAVING n > 1 OR first != period LIMIT ?3",
+                    (period_s, before, limit),
+                ).fetchall()
+                for model, version, device, period, _, _ in groups:
+                    params = (model, version, device, float(period), float(period) + period_s)
+                    if table == "feedback":
+                        self._merge_feedback(conn, _PERIOD_KEY, params, (model, version, float(period), device))
+                    else:
+                        self._merge_buckets(conn, params, (model, version, device, float(period)), now)
+                written += len(groups)
+        return written
+
+    def purge_history(self, before: float, limit: int = 5000) -> int:
+        """Delete drift-bucket and feedback rows of buckets that started before `before`."""
+        removed = 0
+        with self._immediate() as conn:
+            for table in ("buckets", "feedback"):
+                removed += conn.execute(
+                    f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE bucket_start < ? LIMIT ?)",
+                    (before, limit),
+                ).rowcount
+        return removed
+
+    def _merge_feedback(self, conn: Any, key_sql: str, params: Sequence[Any], into: tuple[str, str, float, str]) -> int:
+        """Replace the feedback rows matching `key_sql` by their sum, one row at `into` (model,
+        version, bucket start, device) stored at the newest of their times."""
+        cur = conn.execute(f"SELECT * FROM feedback WHERE {key_sql}", params)
+        names = [c[0] for c in cur.description]
+        rows = _feedback_dicts([dict(zip(names, r, strict=True)) for r in cur.fetchall()])
+        if not rows:
+            return 0
+        try:
+            total = sum_feedback_rows(rows)
+        except FeedbackMismatch:  # counts that do not line up stay as they are
+            return 0
+        conn.execute(f"DELETE FROM feedback WHERE {key_sql}", params)
+        model, version, start, device = into
+        conn.execute(INSERT_FEEDBACK, feedback_params(model, version, start, device, total,
+                                                      max(r["stored_at"] for r in rows)))
+        return len(rows) - 1
+
+    def _merge_buckets(self, conn: Any, params: Sequence[Any], key: tuple, now: float) -> int:
+        rows = decode([dict(zip(_BUCKET_COLUMNS, r, strict=True)) for r in conn.execute(
+            f"SELECT {', '.join(_BUCKET_COLUMNS)} FROM buckets WHERE {_PERIOD_KEY}", params).fetchall()],
+            *_BUCKET_JSON)
+        if not rows:
+            return 0
+        try:
+            total = sum_rows(rows)
+        except ShapeMismatch:
+            return 0
+        conn.execute(f"DELETE FROM buckets WHERE {_PERIOD_KEY}", params)
+        model, version, device, start = key
+        conn.execute(INSERT_BUCKET, bucket_params(model, version, device, start, total, now, 1))
+        return len(rows) - 1
 
     def feedback_since(self, model: str, since: float) -> list[dict[str, Any]]:
         return _feedback_dicts(self._rows("SELECT * FROM feedback WHERE model = ? AND stored_at >= ?", [model, since]))

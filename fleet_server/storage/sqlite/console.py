@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fleet_server.storage.base import Conflict
@@ -74,6 +75,40 @@ class ConsoleMixin(DevicesMixin):
     def delete_expired_sessions(self, now: float) -> int:
         with self._immediate() as conn:
             return conn.execute("DELETE FROM console_sessions WHERE expires_at <= ?", (now,)).rowcount
+
+    # ---- failed console logins (rate limiting shared by every server process)
+    def add_login_failure(self, keys: Sequence[str], at: float, forget_before: float) -> None:
+        with self._immediate() as conn:
+            conn.executemany("INSERT INTO login_failures(key, at) VALUES (?, ?)", [(k, at) for k in keys])
+            conn.execute("DELETE FROM login_failures WHERE at <= ?", (forget_before,))  # keeps the table small
+
+    def login_failures(self, keys: Sequence[str], since: float) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {k: [] for k in keys}
+        marks = ",".join("?" * len(keys))
+        for key, at in self.db.conn.execute(
+            f"SELECT key, at FROM login_failures WHERE key IN ({marks}) AND at > ? ORDER BY at", [*keys, since]
+        ).fetchall():
+            out[key].append(at)
+        return out
+
+    def clear_login_failures(self, key: str) -> None:
+        with self._immediate() as conn:
+            conn.execute("DELETE FROM login_failures WHERE key = ?", (key,))
+
+    def recent_login_failures(self, since: float) -> list[dict[str, Any]]:
+        grouped: dict[str, list[float]] = {}
+        for key, at in self.db.conn.execute(
+            "SELECT key, at FROM login_failures WHERE at > ? ORDER BY key, at LIMIT 100000", (since,)
+        ).fetchall():
+            grouped.setdefault(key, []).append(at)
+        return [{"key": k, "times": v} for k, v in grouped.items()]
+
+    def purge_audit(self, before: float, limit: int = 5000) -> int:
+        with self._immediate() as conn:
+            return conn.execute(
+                "DELETE FROM audit_log WHERE id IN (SELECT id FROM audit_log WHERE at < ? ORDER BY id LIMIT ?)",
+                (before, limit),
+            ).rowcount
 
     def insert_audit(self, row: dict[str, Any]) -> int:
         with self._immediate() as conn:

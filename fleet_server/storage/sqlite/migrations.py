@@ -480,6 +480,20 @@ SCRIPTS.append(("0013_monitoring", """
 """))
 
 
+# Failed console logins, one row per failure and key (`n:NAME` or `a:ADDRESS`), so every server
+# process shares the rate limit and a restart does not reset it; rows older than the limit's
+# window are deleted as new failures come in. Audit rows get an index on time for retention.
+SCRIPTS.append(("0014_login_failures", """
+        CREATE TABLE login_failures (
+            key TEXT NOT NULL,
+            at REAL NOT NULL
+        );
+        CREATE INDEX login_failures_key ON login_failures(key, at);
+        CREATE INDEX login_failures_at ON login_failures(at);
+        CREATE INDEX audit_log_at ON audit_log(at);
+"""))
+
+
 def _runner(script: str) -> Callable[[Database], None]:
     def run(db: Database) -> None:
         db.executescript(script)

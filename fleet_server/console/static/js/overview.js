@@ -36,6 +36,8 @@ async function refresh() {
   kv("ingest", [
     ["Ingest processes", ing.workers.length ? ing.workers.map((w) => `#${w.worker_id}`).join(", ") : "none reporting"],
     ["Lag p50 / p99", ing.workers.length ? `${fmtNum(lagP50 * 1000)} ms / ${fmtNum(lagP99 * 1000)} ms` : "–"],
+    // Windows a device held back (offline, resent) are not ingest lag: counted apart.
+    ["Late deliveries (over 2 min)", fmtNum(ing.workers.reduce((s, w) => s + (w.late_windows || 0), 0))],
     ["Queue depth", fmtNum(ing.workers.reduce((s, w) => s + (w.queue || 0), 0))],
     ["Windows stored", fmtNum(ing.workers.reduce((s, w) => s + (w.stored_windows || 0), 0))],
     ["Rejected messages", ing.rejected ? el("span", { class: "bad-text" }, `${fmtNum(ing.rejected)} (${Object.entries(ing.rejects_by_reason).map(([k, n]) => `${k}: ${n}`).join(", ")})`) : "0"],
