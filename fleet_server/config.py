@@ -12,11 +12,14 @@ import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from edge_agent.config_file import ConfigError, field_names, read_toml, unknown_keys
 from edge_agent.protocol import valid_id
+
+if TYPE_CHECKING:
+    from fleet_server.oidc import OidcConfig
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +89,15 @@ class ServerConfig:
     webhook_timeout_s: float = 5.0
     webhook_retries: int = 3
     threads: int = 8  # waitress worker threads
+    # Console single sign-on (docs/console.md#single-sign-on-openid-connect): the [oidc] table.
+    oidc: OidcConfig | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        if isinstance(self.oidc, dict):
+            from fleet_server.oidc import OidcConfig
+
+            self.oidc = OidcConfig.from_table(self.oidc)
         if not valid_id(self.fleet):
             raise ConfigError(f"fleet {self.fleet!r} is not valid: use letters, digits, '.', '_' or '-'")
         if self.mqtt_url and urlsplit(self.mqtt_url).scheme not in ("mqtt", "mqtts"):

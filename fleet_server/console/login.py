@@ -51,10 +51,12 @@ def _secure() -> bool:
 
 def _login_form(error: str = "", status: int = 200, name: str = "") -> Response:
     token = secrets.token_urlsafe(24)
+    oidc = services().config.oidc  # single sign-on offered beside the local accounts
     response = make_response(
         render_template(
             "console/login.html", error=error, login_token=token, name=name,
             next=safe_next(request.values.get("next")), fleet=services().config.fleet,
+            sso_label=oidc.label if oidc is not None else "",
         ),
         status,
     )

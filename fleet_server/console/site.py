@@ -12,6 +12,7 @@ from fleet_server.console import (
     drift,
     login,
     models,
+    oidc,
     overview,
     performance,
     rollouts,
@@ -19,6 +20,7 @@ from fleet_server.console import (
 
 BLUEPRINTS: list[Blueprint] = [
     login.bp,
+    oidc.bp,
     overview.bp,
     devices.bp,
     models.bp,
