@@ -13,6 +13,7 @@ from edge_agent.protocol import Feedback
 from fleet_server.performance import sum_feedback_rows
 from fleet_server.retention import DAY_S, Retention
 from fleet_server.storage import IngestBatch
+from tests.postgres_fixtures import db_rows, every_backend, server_storage_url  # noqa: F401 - every_backend: SQLite and PostgreSQL
 from tests.server_fixtures import make_config, shifted_window
 
 EDGES = [[-1.0, 0.0, 1.0]] * 3
@@ -54,15 +55,13 @@ def used_bytes(storage) -> int:
 
 
 def counts(storage) -> dict[str, int]:
-    conn = storage.db.conn
-    return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # noqa: S608 - fixed names
+    return {t: db_rows(storage, f"SELECT count(*) FROM {t}")[0][0]  # noqa: S608 - fixed names
             for t in ("windows", "buckets", "feedback", "audit_log", "console_sessions", "seqs")}
 
 
 def totals(storage) -> tuple[int, int, int]:
     """Predictions in drift buckets, labels and correct answers in feedback, over all history."""
-    conn = storage.db.conn
-    predictions = conn.execute("SELECT coalesce(sum(predictions), 0) FROM buckets").fetchone()[0]
+    predictions = db_rows(storage, "SELECT coalesce(sum(predictions), 0) FROM buckets")[0][0]
     rows = storage.feedback_rows("pump")
     sums = sum_feedback_rows(rows)
     return predictions, sums.joined, sums.correct
@@ -125,11 +124,12 @@ def test_eight_days_stay_within_the_documented_bounds(tmp_path):
         storage.close()
 
 
-def test_compaction_and_roll_up_keep_every_count(tmp_path):
+def test_compaction_and_roll_up_keep_every_count(tmp_path, request, backend):
     from fleet_server.service import bootstrap
 
     clock = Clock()
-    cfg = make_config(tmp_path / "server", **{**SETTINGS, "history_retention_days": 0.0})
+    cfg = make_config(tmp_path / "server", storage_url=server_storage_url(request, backend),
+                      **{**SETTINGS, "history_retention_days": 0.0})
     svc = bootstrap(cfg, clock=clock)
     storage = svc.storage
     try:

@@ -149,6 +149,86 @@ class BucketsMixin(PostgresConnection):
         conn.execute(INSERT_BUCKET, bucket_params(model, version, device, start, total, now, 1))
         return len(rows) - 1
 
+    # ---- bounded growth: merge feedback like buckets, roll old rows up, delete the oldest
+    def compact_feedback(self, before: float, settled_before: float, limit: int = 2000) -> int:
+        """Merge the partial feedback rows of each (model, version, bucket, device) whose bucket
+        started before `before` and whose rows were all stored before `settled_before`; returns
+        rows removed."""
+        with self._transaction() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s::int, 1)", (COMPACTION_LOCK,))
+            keys = tuples(
+                conn,
+                "SELECT model, model_version, bucket_start, device FROM feedback WHERE bucket_start < %s "
+                "GROUP BY model, model_version, bucket_start, device HAVING count(*) > 1 AND max(stored_at) < %s "
+                "LIMIT %s", (before, settled_before, limit),
+            )
+            return sum(self._merge_feedback(conn, _BUCKET_KEY, key, key) for key in keys)
+
+    def rollup_history(self, before: float, period_s: float, now: float, limit: int = 2000) -> int:
+        """Roll drift-bucket and feedback rows that started before `before` up into one row per
+        (model, version, device, `period_s` period, e.g. a UTC day); returns the period rows
+        written (0 when nothing is left to roll up)."""
+        written = 0
+        for table in ("buckets", "feedback"):
+            with self._transaction() as conn:
+                conn.execute("SELECT pg_advisory_xact_lock(%s::int, 2)", (COMPACTION_LOCK,))
+                groups = tuples(
+                    conn,
+                    f"SELECT model, model_version, device, floor(bucket_start / %s) * %s AS period FROM {table} "
+                    "WHERE bucket_start < %s GROUP BY 1, 2, 3, 4 "
+                    "HAVING count(*) > 1 OR min(bucket_start) <> floor(min(bucket_start) / %s) * %s LIMIT %s",
+                    (period_s, period_s, before, period_s, period_s, limit),
+                )
+                for model, version, device, period in groups:
+                    params = (model, version, device, float(period), float(period) + period_s)
+                    if table == "feedback":
+                        self._merge_feedback(conn, _PERIOD_KEY, params, (model, version, float(period), device))
+                    else:
+                        self._merge_buckets(conn, params, (model, version, device, float(period)), now)
+                written += len(groups)
+        return written
+
+    def purge_history(self, before: float, limit: int = 5000) -> int:
+        """Delete drift-bucket and feedback rows of buckets that started before `before`."""
+        removed = 0
+        with self._transaction() as conn:
+            for table in ("buckets", "feedback"):
+                removed += conn.execute(
+                    f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE bucket_start < %s LIMIT %s)",
+                    (before, limit),
+                ).rowcount
+        return removed
+
+    def _merge_feedback(self, conn: Any, key_sql: str, params: Sequence[Any], into: tuple[str, str, float, str]) -> int:
+        """Replace the feedback rows matching `key_sql` by their sum, one row at `into` (model,
+        version, bucket start, device) stored at the newest of their times."""
+        rows = _feedback_dicts(conn.execute(f"SELECT * FROM feedback WHERE {key_sql}", params).fetchall())
+        if not rows:
+            return 0
+        try:
+            total = sum_feedback_rows(rows)
+        except FeedbackMismatch:  # counts that do not line up stay as they are
+            return 0
+        conn.execute(f"DELETE FROM feedback WHERE {key_sql}", params)
+        model, version, start, device = into
+        conn.execute(INSERT_FEEDBACK, feedback_params(model, version, start, device, total,
+                                                      max(r["stored_at"] for r in rows)))
+        return len(rows) - 1
+
+    def _merge_buckets(self, conn: Any, params: Sequence[Any], key: tuple, now: float) -> int:
+        rows = decode(conn.execute(f"SELECT {', '.join(_BUCKET_COLUMNS)} FROM buckets WHERE {_PERIOD_KEY}",
+                                   params).fetchall(), *_BUCKET_JSON)
+        if not rows:
+            return 0
+        try:
+            total = sum_rows(rows)
+        except ShapeMismatch:
+            return 0
+        conn.execute(f"DELETE FROM buckets WHERE {_PERIOD_KEY}", params)
+        model, version, device, start = key
+        conn.execute(INSERT_BUCKET, bucket_params(model, version, device, start, total, now, 1))
+        return len(rows) - 1
+
     def bucket_rows(
         self,
         model: str,
