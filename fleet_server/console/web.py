@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 from flask import Response, redirect, render_template, request, url_for
 
@@ -22,16 +21,6 @@ NAV = (
     ("audit", "Audit log", "console_audit.page"),
 )
 POLL_MS = 3000  # how often pages refresh their data
-
-
-def safe_next(target: str | None) -> str:
-    """Only same-site paths are followed after login (no open redirect)."""
-    if not target:
-        return url_for("console_overview.page")
-    parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
-        return url_for("console_overview.page")
-    return target
 
 
 def page(role: Role = Role.VIEWER) -> Callable:
