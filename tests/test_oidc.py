@@ -256,3 +256,11 @@ def test_no_sign_in_link_without_oidc(tmp_path):
         assert requests.get(server.url + "/console/login/oidc", timeout=10).status_code == 404
     finally:
         server.stop()
+
+
+def test_every_oidc_key_is_documented():
+    from tests.test_docs_config import section, table_keys
+
+    documented = table_keys(section((ROOT / "docs" / "console.md").read_text(), "## Single sign-on (OpenID Connect)"))
+    keys = {f.name for f in dataclasses.fields(OidcConfig)}
+    assert keys == documented, f"[oidc] keys and docs/console.md's table differ: {sorted(keys ^ documented)}"
