@@ -25,6 +25,7 @@ BENCHMARKS = [
     ("ingest.md", "bench/ingest.py", "Telemetry ingest"),
     ("sim.md", "bench/sim.py", "Simulated fleet"),
     ("rollout.md", "bench/rollout.py", "Rollout controller"),
+    ("cluster.md", "bench/cluster.py", "Several nodes: leader takeover and the controller pass on both backends"),
 ]
 
 

@@ -1,0 +1,188 @@
+"""Several nodes: leader takeover after kill -9, and the rollout controller's pass at fleet scale
+on SQLite and PostgreSQL. Prints a markdown table and writes bench/results/cluster.md.
+
+Takeover: two processes compete for leadership (`AdvisoryLockLeadership`, checked every 0.25 s,
+what a node with rollout_interval_s = 0.5 uses) on a PostgreSQL cluster of the benchmark's own;
+the leader is killed with SIGKILL and the time until the other one leads is measured, 5 times.
+
+Rollout pass: N devices registered straight through the storage interface, one model, a running
+rollout over all of them (stages 10 %, 50 %, 100 %); the controller's first pass (it assigns the
+first cohort and publishes its desired states to a recording publisher: no broker) and its
+steady-state passes (nothing to publish) in CPU ms of the server process (database server CPU
+not included) and wall ms.
+
+    .venv/bin/python bench/cluster.py            # 1,000 and 10,000 devices
+    .venv/bin/python bench/cluster.py --quick    # 1,000 devices, 3 takeovers
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "bench" / "results"
+CHECK_S = 0.25
+
+COMPETITOR = """
+import sys, time
+from fleet_server.leadership import AdvisoryLockLeadership
+lead = AdvisoryLockLeadership(sys.argv[1], check_s=float(sys.argv[2]), name=sys.argv[3])
+lead.start()
+was = None
+while True:
+    now = lead.is_leader()
+    if now != was:
+        print(("LEADS" if now else "FOLLOWS"), repr(time.time()), flush=True)
+        was = now
+    time.sleep(0.005)
+"""
+
+
+def takeover_times(url: str, runs: int) -> list[float]:
+    """Seconds from SIGKILL of the leader to the other process leading, `runs` times."""
+    out = []
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def spawn(name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", COMPETITOR, url, str(CHECK_S), name], stdout=subprocess.PIPE,
+                                text=True, env=env)
+
+    def first_line(proc: subprocess.Popen, word: str) -> float:
+        while True:
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError("a competitor exited")
+            if line.startswith(word):
+                return float(line.split()[1])
+
+    leader = spawn("a")
+    first_line(leader, "LEADS")
+    for _ in range(runs):
+        follower = spawn("b")
+        first_line(follower, "FOLLOWS")
+        killed = time.time()
+        leader.kill()
+        leader.wait()
+        out.append(first_line(follower, "LEADS") - killed)
+        leader = follower
+    leader.kill()
+    leader.wait()
+    return out
+
+
+class RecordingPublisher:
+    """Stands in for the MQTT publisher: the controller's CPU, not the broker's, is measured."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def publish_desired(self, device_id, desired) -> bool:
+        self.sent += 1
+        return True
+
+    def clear_desired(self, device_id) -> bool:
+        return True
+
+    def publish_alert(self, payload) -> bool:
+        return True
+
+
+def rollout_pass(storage_url: str, devices: int, work: Path) -> dict[str, float]:
+    from fleet_server import rollouts
+    from fleet_server.config import ServerConfig
+    from fleet_server.registry import trust_key, upload_bundle
+    from fleet_server.service import bootstrap
+    from model_tools.signing import generate_keypair, save_public_key
+    from tests.server_fixtures import make_bundle
+
+    svc = bootstrap(ServerConfig(data_dir=work, storage_url=storage_url))
+    try:
+        private, public = generate_keypair()
+        trust_key(svc, save_public_key(public, work / "signer.pub").read_text())
+        upload_bundle(svc, make_bundle(private, "pump", "1.0.0"))
+        upload_bundle(svc, make_bundle(private, "pump", "2.0.0"))
+        now = time.time()
+        from edge_agent.protocol import ReportedState
+        from fleet_server.storage import IngestBatch
+
+        for i in range(devices):
+            svc.storage.insert_device(f"dev-{i:05d}", "default", {"site": f"s{i % 7}"}, "x", "x", now)
+        # Every device has reported that it runs 1.0.0 (the controller tells only devices it knows).
+        for start in range(0, devices, 2000):
+            batch = IngestBatch(reported=[(ReportedState(device=f"dev-{i:05d}", ts=now, model="pump",
+                                                         active_version="1.0.0"), now)
+                                          for i in range(start, min(devices, start + 2000))])
+            svc.storage.store_batch(batch, 60.0, now)
+        svc.publisher = RecordingPublisher()  # type: ignore[assignment]
+        rollouts.create_rollout(svc, {"model": "pump", "version": "2.0.0", "target": {"all": True}, "stages": [
+            {"percent": 10, "min_soak_s": 3600}, {"percent": 50, "min_soak_s": 3600},
+            {"percent": 100, "min_soak_s": 3600}]}, actor="bench")
+        cpu, wall = time.process_time(), time.perf_counter()
+        rollouts.reconcile(svc)
+        first = ((time.process_time() - cpu) * 1000, (time.perf_counter() - wall) * 1000)
+        steady_cpu, steady_wall = [], []
+        for _ in range(5):
+            cpu, wall = time.process_time(), time.perf_counter()
+            rollouts.reconcile(svc)
+            steady_cpu.append((time.process_time() - cpu) * 1000)
+            steady_wall.append((time.perf_counter() - wall) * 1000)
+        return {"first_cpu": first[0], "first_wall": first[1], "cpu": statistics.median(steady_cpu),
+                "wall": statistics.median(steady_wall), "published": svc.publisher.sent}  # type: ignore[union-attr]
+    finally:
+        svc.storage.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1,000 devices and 3 takeovers")
+    parser.add_argument("--out", type=Path, default=RESULTS / "cluster.md")
+    args = parser.parse_args()
+    from tests.postgres import PostgresCluster
+
+    sizes = [1000] if args.quick else [1000, 10_000]
+    runs = 3 if args.quick else 5
+    cluster = PostgresCluster().start()
+    lines = []
+    try:
+        times = takeover_times(cluster.create_database("takeover"), runs)
+        lines += [
+            f"Machine: {os.cpu_count()} cores, Python {platform.python_version()}; PostgreSQL 15 of the benchmark's "
+            "own (initdb, fsync off).", "",
+            f"### Leader takeover after kill -9 (leadership checked every {CHECK_S} s)", "",
+            "| runs | median s | min s | max s |", "|---|---|---|---|",
+            f"| {len(times)} | {statistics.median(times):.3f} | {min(times):.3f} | {max(times):.3f} |", "",
+            "### Rollout controller pass (all devices in one rollout, 3 stages)", "",
+            "| backend | devices | first pass CPU ms (wall ms, desired published) | steady pass CPU ms | "
+            "steady pass wall ms |", "|---|---|---|---|---|",
+        ]
+        for devices in sizes:
+            for name in ("sqlite", "postgresql"):
+                with tempfile.TemporaryDirectory(prefix="ef-bench-") as tmp:
+                    work = Path(tmp)
+                    url = f"sqlite:///{(work / 'fleet.db').as_posix().lstrip('/')}" if name == "sqlite" else \
+                        cluster.create_database(f"rollout_{devices}")
+                    r = rollout_pass(url, devices, work / "data")
+                lines.append(f"| {name} | {devices:,} | {r['first_cpu']:.0f} ({r['first_wall']:.0f}, "
+                             f"{r['published']:.0f}) | {r['cpu']:.1f} | {r['wall']:.1f} |")
+                print(lines[-1], flush=True)
+    finally:
+        cluster.destroy()
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
