@@ -145,7 +145,7 @@ def publisher(port: int, fleet: str, creds: list[tuple[str, str]], schedule: lis
     """
     clients = []
     for device, password in creds:
-        c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"b-{device}",
+        c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=device if username is None else f"b-{device}",
                         protocol=mqtt.MQTTv5)
         c.username_pw_set(username or device, password)
         c.max_inflight_messages_set(0)  # unlimited: the broker paces nothing, the generator does

@@ -46,10 +46,13 @@ MOSQUITTO = next(
     (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/usr/bin/mosquitto") if os.path.exists(p)),
     "mosquitto",
 )
-# The largest payload a broker takes: what ingest and the agent accept (protocol.MAX_PAYLOAD_BYTES;
-# the largest legitimate message, a telemetry window with its sample, stays far below it:
-# docs/fleet-server.md). A larger one is dropped by the broker (PUBACK 0x95) before it reaches anyone.
-MESSAGE_SIZE_LIMIT = MAX_PAYLOAD_BYTES
+# The largest payload the managed broker takes: twice the protocol's own limit (MAX_PAYLOAD_BYTES,
+# 256 KiB, which ingest and the agent apply). The largest legitimate message, a telemetry window
+# with its sample, stays far below 256 KiB (docs/fleet-server.md); a payload a little over it
+# still reaches ingest, which counts it per device as `oversized` (a device whose windows
+# outgrew the limit shows in the ingest stats instead of vanishing at the broker), while anything
+# larger is dropped by the broker before it costs the server memory.
+MESSAGE_SIZE_LIMIT = 2 * MAX_PAYLOAD_BYTES
 DYNSEC_FILE = "dynamic-security.json"
 MAX_RESTART_BACKOFF_S = 60.0
 MISSING_GRACE_S = 5.0  # a registered device's account may lag its creator's push by this much
@@ -365,6 +368,18 @@ class ManagedBroker:
         self.pid = self.proc.pid
         self._last_start = time.monotonic()
 
+    def _keep_pid_file(self) -> None:
+        """A second `mosquitto -c` on this configuration that failed to bind (someone else starting
+        the broker at the same moment as the supervisor) deletes the pid file on its way out: write
+        it again, so that the next server start (and anyone else) finds the running broker."""
+        path = self.dir / "mosquitto.pid"
+        try:
+            if path.read_text().strip() == str(self.pid):
+                return
+        except (OSError, ValueError):
+            pass
+        _write_atomic(path, f"{self.pid}\n")
+
     def alive(self) -> bool:
         if self.pid is None:
             return False
@@ -379,6 +394,8 @@ class ManagedBroker:
         if self.pid is None or self.alive():
             if self._dead_since is None and time.monotonic() - self._last_start > MAX_RESTART_BACKOFF_S:
                 self._backoff = self.config.broker_restart_backoff_s
+            if self.pid is not None:
+                self._keep_pid_file()
             return False
         now = time.monotonic()
         if self._dead_since is None:

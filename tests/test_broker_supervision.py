@@ -107,9 +107,10 @@ def test_devices_log_in_to_a_restarted_broker(fleet):
 
 
 def test_a_message_over_the_size_limit_is_dropped_by_the_broker(fleet):
-    """A device's publish one byte over the limit reaches nobody; the next one, exactly at the
-    limit (the protocol's own payload limit, which ingest applies too), reaches the server."""
-    assert MESSAGE_SIZE_LIMIT == MAX_PAYLOAD_BYTES
+    """A device's publish one byte over the broker's limit (twice the protocol's payload limit)
+    reaches nobody; the next one, exactly at the limit, reaches the server, whose ingest counts it
+    as `oversized` for the device."""
+    assert MESSAGE_SIZE_LIMIT == 2 * MAX_PAYLOAD_BYTES
     assert f"message_size_limit {MESSAGE_SIZE_LIMIT}" in fleet.svc.broker.conf_path.read_text()
     config = fleet.config
     password = fleet.provision("big-1")
@@ -136,6 +137,8 @@ def test_a_message_over_the_size_limit_is_dropped_by_the_broker(fleet):
         dev.publish(topic_name, b"y" * MESSAGE_SIZE_LIMIT, qos=1).wait_for_publish(5)
         wait_until(lambda: received, 10, message="the message at the limit")
         assert received == [MESSAGE_SIZE_LIMIT]  # in order: the larger one, sent first, never came
+        wait_until(lambda: any(r["reason"] == "oversized" and r["device"] == "big-1"
+                               for r in fleet.svc.storage.reject_counts()), 10, message="ingest counted it")
     finally:
         dev.disconnect()
         dev.loop_stop()

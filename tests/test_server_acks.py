@@ -57,7 +57,9 @@ def test_ack_buffer_is_bounded_while_nothing_can_be_sent():
 @pytest.fixture
 def acking_fleet(request, tmp_path, backend):
     storage_url = server_storage_url(request, backend)
-    server = FleetServer(make_config(tmp_path / "server", ack_interval_s=0.2, storage_url=storage_url)).start()
+    # The broker-kill test below restarts the broker itself, at a moment it chooses: no supervisor.
+    server = FleetServer(make_config(tmp_path / "server", ack_interval_s=0.2, storage_url=storage_url,
+                                     broker_restart_backoff_s=3600)).start()
     wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
     yield server
     server.stop()

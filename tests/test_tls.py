@@ -48,9 +48,10 @@ def tls_fleet(tmp_path):
     server.stop()
 
 
-def _paho(**tls: object) -> tuple[mqtt.Client, list[str]]:
+def _paho(client_id: str = "", **tls: object) -> tuple[mqtt.Client, list[str]]:
     results: list[str] = []
-    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"probe-{time.monotonic_ns()}",
+    # A device's credentials connect only with its own client id (the broker binds them).
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id or f"probe-{time.monotonic_ns()}",
                          protocol=mqtt.MQTTv5)
     client.on_connect = lambda c, u, f, rc, p: results.append(str(rc))
     if tls:
@@ -173,7 +174,7 @@ def test_clients_without_the_ca_or_without_tls_are_refused(tls_fleet, tmp_path):
     with pytest.raises(ssl.SSLCertVerificationError):
         client.connect(host, port)
     # With the right CA the same credentials connect.
-    client, results = _paho(ca_certs=str(config.tls_files[2]))
+    client, results = _paho("tls-1", ca_certs=str(config.tls_files[2]))
     client.username_pw_set("tls-1", password)
     client.connect(host, port)
     client.loop_start()

@@ -1,6 +1,6 @@
 // Device detail: versions, hardware, telemetry series and bandwidth, drift, alerts, the newest
 // sampled rows and the update timeline.
-import { ago, api, chartDefaults, colors, el, fmtBytes, fmtClock, fmtNum, fmtTime, kv, levelPill, pill, poll, replace, upsertChart } from "./lib.js";
+import { act, ago, api, canAct, chartDefaults, colors, el, fmtBytes, fmtClock, fmtNum, fmtTime, kv, levelPill, pill, poll, replace, upsertChart } from "./lib.js";
 
 chartDefaults();
 const charts = {};
@@ -143,4 +143,30 @@ async function refresh() {
   replace("timeline", timeline(d.events));
 }
 
+const ROTATION_KIND = { pending: "info", issued: "info", confirmed: "ok", expired: "bad" };
+
+// The device's password rotation, from the REST API (the console session is accepted there).
+async function refreshCredentials() {
+  const r = (await api(`/api/v1/devices/${encodeURIComponent(deviceId)}`)).device.rotation;
+  kv("credentials", [
+    ["Password rotation", r ? pill(r.state, ROTATION_KIND[r.state] || "info") : "never rotated"],
+    ["Requested", r ? `${fmtTime(r.requested_at)}${r.requested_by ? ` by ${r.requested_by}` : ""}` : null],
+    ["New password taken", r && r.issued_at ? fmtTime(r.issued_at) : null],
+    ["Confirmed", r && r.confirmed_at ? fmtTime(r.confirmed_at) : null],
+    ["Expires", r && !r.confirmed_at ? fmtTime(r.expires_at) : null],
+  ]);
+}
+
+if (canAct) {
+  document.getElementById("rotate-password").addEventListener("click", () => act({
+    title: "Rotate the device's password",
+    text: `${deviceId} takes a new password over its own connection when it is online; its old password keeps working until the device confirms the new one.`,
+    label: "Rotate password",
+    done: "Rotation started: the device switches to its new password when it is online.",
+    call: () => api(`/api/v1/devices/${encodeURIComponent(deviceId)}/rotate-password`, { method: "POST" }),
+    refresh: refreshCredentials,
+  }));
+}
+
 poll(refresh);
+poll(refreshCredentials);
