@@ -40,7 +40,7 @@ def rows(n: int, offset: int = 0) -> list[list[float]]:
 
 def request(method: str, path: str, body: bytes | None = None, *, token: str | None = TOKEN,
             version: str = "HTTP/1.1", extra: str = "") -> bytes:
-    head = f"{method} {path} {version}\r\nHost: agent\r\n{extra}"
+    head = f"{method} {path} {version}\r\nHost: localhost\r\n{extra}"  # the agent answers only its own names
     if token:
         head += f"Authorization: Bearer {token}\r\n"
     if body is not None:

@@ -9,6 +9,7 @@ A check that applies to every request (Host and Origin, `origin.py`; the token) 
 from __future__ import annotations
 
 import hmac
+import socket
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -54,7 +55,8 @@ class AgentRoutes:
         self.browsers = BrowserPolicy(agent.config.http)
 
     def request(self, conn: Connection, method: str, path: str, headers: dict[str, str], version: str) -> None:
-        refused = self.browsers.refusal(headers)
+        # No browser reaches the Unix socket: its Host is whatever the client makes up.
+        refused = None if conn.sock.family == socket.AF_UNIX else self.browsers.refusal(headers)
         if refused is not None:  # before anything runs or the body is read
             kind, message = refused
             self.agent.telemetry.record_error(kind)
