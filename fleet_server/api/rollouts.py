@@ -18,10 +18,13 @@ def _actor() -> str:
 
 
 def _kick() -> None:
-    """Apply an operator's action at once instead of at the next reconcile pass."""
+    """Apply an operator's action at once instead of at the next reconcile pass (on the leading
+    node; another node's action is applied by the leader's next pass)."""
     svc = services()
     if svc.publisher is not None:
-        rollouts.reconcile(svc)
+        with svc.leadership.leading_pass() as leading:
+            if leading:
+                rollouts.reconcile(svc)
 
 
 @bp.get("/rollouts")
