@@ -3,8 +3,9 @@
 Per prediction: `Telemetry.record` with the bundle's calibration map and PCA (expected
 confusion sums, raw-score histogram, reconstruction error) against the same call with them
 left out, beside the model run itself (feeds + onnxruntime, what Agent.predict spends on the
-model). Per window: telemetry bytes with and without the new fields. Interleaved repeats, the
-median of each; prints a markdown table and writes bench/results/monitoring.md.
+model). Per window: telemetry bytes with and without the new fields. CPU time of the calling
+thread (`time.thread_time`: other processes on a busy machine move it far less than the wall
+clock), interleaved repeats, the median of each; prints a markdown table and writes bench/results/monitoring.md.
 """
 
 from __future__ import annotations
@@ -66,17 +67,17 @@ def time_record(manifest, rows, outs, batch: int) -> float:
     """µs per row of Telemetry.record over every row, `batch` rows a call."""
     t = Telemetry("d", clock=lambda: 0.0, sample_rows=16)
     t.set_model(manifest)
-    started = time.perf_counter()
+    started = time.thread_time()
     for part, out in zip(rows, outs, strict=True):
         t.record(part, out.primary, 1e-5, out.probabilities)
-    return (time.perf_counter() - started) / (len(rows) * batch) * 1e6
+    return (time.thread_time() - started) / (len(rows) * batch) * 1e6
 
 
 def time_model(rt, rows, batch: int) -> float:
-    started = time.perf_counter()
+    started = time.thread_time()
     for part in rows:
         rt.run(rt.feeds(part))
-    return (time.perf_counter() - started) / (len(rows) * batch) * 1e6
+    return (time.thread_time() - started) / (len(rows) * batch) * 1e6
 
 
 def window_bytes(manifest, rt, X, n: int) -> int:
@@ -119,10 +120,10 @@ def agent_predict(repeats: int, n: int) -> tuple[float, float]:
         times: list[list[float]] = [[], []]
         for _ in range(repeats):
             for k, agent in enumerate(agents):
-                started = time.perf_counter()
+                started = time.thread_time()
                 for i in range(n):
                     agent.predict([rows[i % 1000]])
-                times[k].append((time.perf_counter() - started) / n * 1e6)
+                times[k].append((time.thread_time() - started) / n * 1e6)
         for agent in agents:
             agent.close()
     return statistics.median(times[0]), statistics.median(times[1])
@@ -138,7 +139,8 @@ def main() -> None:
         "",
         "`Telemetry.record` with the bundle's calibration map and PCA (label-free performance sums, "
         "reconstruction error) vs without them, per row, beside the model run (feeds + onnxruntime) "
-        f"of the same rows. Median of {repeats} interleaved runs. Window bytes: one window of single-row "
+        f"of the same rows: CPU time of the calling thread (steadier than the wall clock on a shared "
+        f"machine), median of {repeats} interleaved runs. Window bytes: one window of single-row "
         "predictions encoded as the agent sends it.",
         "",
         "| model | rows per call | model run µs/row | record µs/row, without | with | added µs/row | "

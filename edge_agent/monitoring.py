@@ -219,14 +219,12 @@ class Monitor:
         rec = self.reconstruction
         assert rec is not None
         if len(rows) == 1:
-            row = rows[0]
-            values = [row[j] for j in rec.features]
+            values = rec.take(rows[0])
             filled = 0
-            for v in values:
-                if v != v:
-                    values = [f if v != v else v for v, f in zip(values, rec.fill_list, strict=True)]
-                    filled = 1
-                    break
+            total = sum(values)
+            if total != total:  # a NaN among them (or +inf and -inf): fill NaN with the medians
+                values = [f if v != v else v for v, f in zip(values, rec.fill_list, strict=True)]
+                filled = int(any(v != v for v in rec.take(rows[0])))
             e = rec.error(values)
             acc.rows += 1
             acc.filled += filled

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from operator import itemgetter, mul
 
 import numpy as np
 
@@ -45,16 +46,19 @@ class Reconstruction:
         # Small PCAs are cheaper per row in plain Python than through numpy's call overhead:
         # |z - zWᵀW|² = |z|² - |Wz|² (W's rows orthonormal), (k + 1)·d multiply-adds.
         self._small = (len(w) + 1) * len(self.features) <= SMALL_PCA
-        self._mean_inv = list(zip(profile.mean, (1.0 / self.scale).tolist(), strict=True))
+        self._mean = list(profile.mean)
+        self._inv = (1.0 / self.scale).tolist()
         self._w = w.tolist()
+        # One C call gathers a row's used features (itemgetter of one index returns a scalar).
+        self.take = itemgetter(*self.features) if len(self.features) > 1 else (lambda row: (row[self.features[0]],))
 
     def error(self, values: Sequence[float]) -> float:
         """One row's error; `values` are the used features, NaN already filled."""
         if self._small:
-            z = [(v - m) * s for v, (m, s) in zip(values, self._mean_inv, strict=True)]
-            e2 = math.fsum([t * t for t in z])
+            z = [(v - m) * s for v, m, s in zip(values, self._mean, self._inv)]  # noqa: B905 - same length
+            e2 = sum(map(mul, z, z))
             for w in self._w:
-                d = sum([a * b for a, b in zip(w, z, strict=True)])
+                d = sum(map(mul, w, z))
                 e2 -= d * d
             return math.sqrt(e2) if e2 > 0.0 else 0.0
         r = ((np.array(values, dtype=np.float64) - self.mean) * self.inv_scale) @ self.residual
