@@ -109,6 +109,8 @@ class Provider:
         self.user: dict[str, Any] = {"sub": "u-alice", "preferred_username": "alice", "groups": ["fleet-ops"]}
         self.mode = "normal"
         self.token_requests = 0
+        self.jwks_requests = 0
+        self.discovery_requests = 0
         self.lock = threading.Lock()
 
 
@@ -138,11 +140,11 @@ def create_app(provider: Provider) -> Flask:
         def resolve_client_private_key(self, client: Client) -> RSAKey:
             return provider.rogue_key if provider.mode == "forged" else provider.key
 
+        def get_encode_header(self, client: Client) -> dict[str, str]:
+            return {"alg": "RS256", "kid": provider.key.kid}
+
         def get_client_algorithm(self, client: Client) -> str:
             return "RS256"
-
-        def get_encode_header(self, client: Client) -> dict[str, str]:
-            return {"alg": "RS256", "kid": KID}
 
         def get_client_claims(self, client: Client) -> dict[str, Any]:
             return {"iss": provider.issuer, "aud": [client.get_client_id()]}
@@ -165,6 +167,7 @@ def create_app(provider: Provider) -> Flask:
 
     @app.get("/.well-known/openid-configuration")
     def discovery():
+        provider.discovery_requests += 1
         return jsonify({
             "issuer": provider.issuer,
             "authorization_endpoint": provider.issuer + "/authorize",
@@ -179,6 +182,7 @@ def create_app(provider: Provider) -> Flask:
 
     @app.get("/jwks")
     def jwks():
+        provider.jwks_requests += 1
         return jsonify(KeySet([provider.key]).as_dict(private=False))
 
     @app.get("/authorize")
@@ -202,6 +206,9 @@ def create_app(provider: Provider) -> Flask:
         provider.mode = mode
         if "user" in body:
             provider.user = dict(body["user"])
+        if body.get("rotate_key"):  # a new signing key with a new id; only it is published then
+            kid = f"test-key-{secrets.token_hex(4)}"
+            provider.key = RSAKey.generate_key(2048, parameters={"kid": kid, "use": "sig", "alg": "RS256"})
         if "redirect_uri" in body:
             provider.client.redirect_uri = str(body["redirect_uri"])
         return jsonify({"mode": provider.mode, "user": provider.user})
@@ -209,7 +216,8 @@ def create_app(provider: Provider) -> Flask:
     @app.get("/test/state")
     def state():
         return jsonify({"mode": provider.mode, "token_requests": provider.token_requests,
-                        "codes": len(provider.codes)})
+                        "jwks_requests": provider.jwks_requests, "discovery_requests": provider.discovery_requests,
+                        "kid": provider.key.kid, "codes": len(provider.codes)})
 
     return app
 

@@ -10,6 +10,7 @@ import dataclasses
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -47,8 +48,9 @@ class Provider:
             raise RuntimeError(f"the OIDC provider exited: {self.proc.stderr.read().decode()[-2000:]}")
         self.issuer = f"http://127.0.0.1:{int(port_file.read_text())}"
 
-    def configure(self, *, mode: str = "normal", user: dict | None = None, redirect_uri: str | None = None) -> None:
-        body: dict = {"mode": mode}
+    def configure(self, *, mode: str = "normal", user: dict | None = None, redirect_uri: str | None = None,
+                  rotate_key: bool = False) -> None:
+        body: dict = {"mode": mode, "rotate_key": rotate_key}
         if user is not None:
             body["user"] = user
         if redirect_uri is not None:
@@ -264,3 +266,32 @@ def test_every_oidc_key_is_documented():
     documented = table_keys(section((ROOT / "docs" / "console.md").read_text(), "## Single sign-on (OpenID Connect)"))
     keys = {f.name for f in dataclasses.fields(OidcConfig)}
     assert keys == documented, f"[oidc] keys and docs/console.md's table differ: {sorted(keys ^ documented)}"
+
+
+def test_provider_documents_are_cached_and_a_new_key_is_fetched(tmp_path, provider):
+    offset = [0.0]
+    oidc = OidcConfig(issuer=provider.issuer, client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
+                      roles=dict(ROLES), display_name="Test IdP")
+    server = FleetServer(make_config(tmp_path / "server", oidc=oidc), mqtt=False, ingest=False, loops=False,
+                         clock=lambda: time.time() + offset[0]).start()
+    try:
+        provider.configure(redirect_uri=server.url + "/console/login/oidc/callback",
+                           user={"sub": "u-erin", "preferred_username": "erin", "groups": ["fleet-ops"]})
+        before = provider.state()
+        for _ in range(3):
+            _, response = sign_in(server)
+            assert response.status_code == 200, response.text
+        after = provider.state()
+        assert after["discovery_requests"] - before["discovery_requests"] == 1
+        assert after["jwks_requests"] - before["jwks_requests"] == 1
+        # The provider rotates its key: a token with the new key id fetches the keys again, but at
+        # most once a minute (a flood of made-up key ids cannot make the server hammer the provider).
+        provider.configure(rotate_key=True)
+        _, response = sign_in(server)
+        assert response.status_code == 401 and provider.state()["jwks_requests"] == after["jwks_requests"]
+        offset[0] = 61.0
+        _, response = sign_in(server)
+        assert response.status_code == 200, response.text
+        assert provider.state()["jwks_requests"] == after["jwks_requests"] + 1
+    finally:
+        server.stop()
