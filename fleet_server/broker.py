@@ -248,6 +248,7 @@ class ManagedBroker:
         self.accounts = accounts
         self._generation = -1
         self._missing_since: dict[str, float] = {}
+        self._restarted_for: set[str] = set()  # devices the broker was restarted for once already
         self._server_hash: str | None = None
         self._backoff = config.broker_restart_backoff_s
         self._dead_since: float | None = None
@@ -300,13 +301,16 @@ class ManagedBroker:
         self._generation = generation
         now = time.monotonic()
         # A device registered a moment ago may be missing only until its creator's push arrives.
-        self._missing_since = {d: self._missing_since.get(d, now) for d in result.missing}
+        self._missing_since = {d: self._missing_since.get(d, now) for d in result.missing
+                               if d not in self._restarted_for}
         overdue = [d for d, since in self._missing_since.items() if now - since >= MISSING_GRACE_S]
         if overdue:
             # The process that made these accounts could not reach the broker, and the plugin takes
-            # only plaintext passwords: start the broker again from the registry's hashes.
+            # only plaintext passwords: start the broker again from the registry's hashes. Once per
+            # device: one whose hash the file cannot carry must not restart the broker for ever.
             log.warning("the managed broker lacks accounts for %s; restarting it from the registry",
                         ", ".join(overdue[:10]))
+            self._restarted_for.update(overdue)
             self._missing_since = {}
             self.restart()
             return True

@@ -115,9 +115,14 @@ def dynsec_config(fleet: str, server_hash: str, accounts: Iterable[tuple[str, st
     clients = [{"username": SERVER_USERNAME, "roles": [{"rolename": SERVER_ROLE}], **_hashed(server_hash)}]
     roles = [{"rolename": SERVER_ROLE, "acls": server_acls()}]
     for device_id, broker_hash in accounts:
+        try:
+            hashed = _hashed(broker_hash)
+        except ValueError:  # not a $7$ hash (edited by hand?): the device cannot log in until rotated
+            log.warning("device %s has no usable broker hash; it gets no broker account", device_id)
+            continue
         clients.append({
             "username": device_id, "clientid": device_id, "roles": [{"rolename": device_role(device_id)}],
-            **_hashed(broker_hash),
+            **hashed,
         })
         roles.append({"rolename": device_role(device_id), "acls": device_acls(fleet, device_id)})
     return {
