@@ -16,10 +16,8 @@ import base64
 import json
 import logging
 import os
-import ssl
 import threading
 import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -207,6 +205,11 @@ class Rotator:
     def _post(self, path: str, password: str, body: dict[str, str]) -> dict:
         if not self.server_url:
             raise RotationError("no [server] url configured to rotate the password with", final=True)
+        # Imported here: urllib.request brings http.client, email and ssl (~3 MiB) into an agent
+        # that otherwise never loads them (docs/device.md#memory).
+        import ssl
+        import urllib.request
+
         token = base64.b64encode(f"{self.device_id}:{password}".encode()).decode()
         req = urllib.request.Request(
             self.server_url + path, data=json.dumps(body).encode(), method="POST",
@@ -214,7 +217,7 @@ class Rotator:
         )
         context = ssl.create_default_context(cafile=self.ca_file or None) if self.server_url.startswith("https") else None
         # The password goes to the configured server only: no redirects are followed.
-        opener = urllib.request.build_opener(_NoRedirect, *([urllib.request.HTTPSHandler(context=context)]
+        opener = urllib.request.build_opener(_no_redirect(), *([urllib.request.HTTPSHandler(context=context)]
                                                              if context else []))
         try:
             with opener.open(req, timeout=self.timeout_s) as response:
@@ -227,9 +230,14 @@ class Rotator:
             raise RotationError(f"{path}: {exc}") from exc
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001
-        return None
+def _no_redirect():
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001
+            return None
+
+    return NoRedirect
 
 
 def _error_text(exc: urllib.error.HTTPError) -> str:

@@ -18,10 +18,10 @@ import psutil
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, x25519
-from edge_agent.signatures import TrustedKey
 
 from edge_agent.agent import trusted_keys_from_config
 from edge_agent.resources import detect_hardware, process_resources, rss_bytes, total_ram_bytes
+from edge_agent.signatures import TrustedKey
 from edge_agent.validation import RequestError
 from model_tools.errors import SignatureError
 from model_tools.signing import (
@@ -158,7 +158,14 @@ def test_metrics_text_is_what_prometheus_client_writes(tmp_path):
         agent.predict([[float(v) for v in r] for r in X[:3]])
         with pytest.raises(RequestError):
             agent.predict([[1.0]])
-        assert render(agent).decode() == generate_latest(agent.registry).decode()
+        agent.telemetry.total_lat_sum = 12345678.9  # a large value: written with an exponent, as Go does
+
+        def stable(text: str) -> list[str]:  # the process's RSS moves between two reads
+            return [line for line in text.splitlines() if not line.startswith("edgefleet_agent_resident_memory_bytes ")]
+
+        ours = render(agent).decode()
+        assert stable(ours) == stable(generate_latest(agent.registry).decode())
+        assert "edgefleet_predict_latency_seconds_sum 12345.6789" in ours and "edgefleet_predictions_total 3.0" in ours
     finally:
         agent.close()
 

@@ -100,10 +100,10 @@ class AgentRoutes:
         elif path == "/v1/model":
             conn.send(200, encode(agent.model_info()))
         else:  # /metrics
-            # Imported on the first scrape: most devices are never scraped.
-            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+            # Written by edge_agent.metrics itself: prometheus_client would stay imported (~4 MiB).
+            from edge_agent.metrics import CONTENT_TYPE, render
 
-            conn.send(200, generate_latest(agent.registry), CONTENT_TYPE_LATEST)
+            conn.send(200, render(agent), CONTENT_TYPE)
 
     def do_post(self, conn: Connection, path: str, headers: dict[str, str], version: str) -> None:
         if not self.authorized(conn, headers, "POST"):
