@@ -26,6 +26,8 @@ from fleet_server.service import FleetServer
 from tests.brokers import wait_until
 from tests.server_fixtures import make_config
 
+pytest_plugins = ["tests.console_fixtures"]  # the Chromium fixture
+
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_ID, CLIENT_SECRET = "edgefleet-console", "a-test-client-secret"
 ROLES = {"fleet-viewers": "viewer", "fleet-ops": "operator"}
@@ -293,5 +295,37 @@ def test_provider_documents_are_cached_and_a_new_key_is_fetched(tmp_path, provid
         _, response = sign_in(server)
         assert response.status_code == 200, response.text
         assert provider.state()["jwks_requests"] == after["jwks_requests"] + 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.browser
+def test_sign_in_in_chromium_keeps_the_strict_session_cookie(tmp_path, provider, browser):
+    """The provider (127.0.0.1) and the console (localhost) are different sites here, as in a real
+    deployment: the callback ends a redirect chain that crossed sites, and the console page after
+    it must still get the new SameSite=Strict session cookie (signed in as the provider's user)."""
+    from playwright.sync_api import expect
+
+    config = make_config(tmp_path / "server")
+    port = config.listen_host_port[1]
+    base = f"http://localhost:{port}"
+    config = dataclasses.replace(config, oidc=OidcConfig(
+        issuer=provider.issuer, client_id=CLIENT_ID, client_secret=CLIENT_SECRET, roles=dict(ROLES),
+        display_name="Test IdP", redirect_url=base + "/console/login/oidc/callback"))
+    server = FleetServer(config, mqtt=False, ingest=False, loops=False).start()
+    try:
+        provider.configure(redirect_uri=base + "/console/login/oidc/callback",
+                           user={"sub": "u-frank", "preferred_username": "frank", "groups": ["fleet-viewers"]})
+        context = browser.new_context()
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto(base + "/console/devices")
+        expect(page).to_have_url(f"{base}/console/login?next=/console/devices")
+        page.get_by_role("link", name="Sign in with Test IdP").click()
+        expect(page).to_have_url(re.compile(re.escape(f"{base}/console/devices") + r"(\?.*)?$"))
+        expect(page.locator(".whoami .user")).to_have_text("frank")
+        assert not errors, errors
+        context.close()
     finally:
         server.stop()

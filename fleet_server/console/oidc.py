@@ -102,8 +102,8 @@ def callback() -> Response:
         response.delete_cookie(PENDING_COOKIE, path=PENDING_PATH)
         return response
     target = safe_next(pending.next)
-    # A page, not a redirect: after a cross-site chain (provider -> here) the browser would not send
-    # the new SameSite=Strict cookie on a redirect; a navigation from this page is same-site.
+    # A page, not a redirect: a browser may withhold the new SameSite=Strict cookie from a navigation
+    # whose redirect chain crossed sites (provider -> here); one started by this page is same-site.
     response = make_response(render_template("console/signed_in.html", target=target))
     response.set_cookie(SESSION_COOKIE, session.id, max_age=accounts.SESSION_LIFETIME_S, httponly=True,
                         samesite="Strict", secure=_secure(), path="/")
