@@ -378,6 +378,7 @@ class Agent:
         if self.telemetry.due(now):
             self._flush_window(now)
         self.machine.check_probation(now)
+        self.machine.check_window(now)
         self.machine.check_disk(now)
         if self.link is not None:
             self._drain()

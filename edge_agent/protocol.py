@@ -126,6 +126,9 @@ class DesiredState(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     # A different input schema would break local apps; the rollout must say it means it.
     allow_schema_change: bool = False
     issued_at: float = 0.0
+    # Maintenance windows: [start, end) UTC epoch seconds inside which a live update may be
+    # activated; the device downloads, verifies and self-tests before. None: at once.
+    activate_windows: list[tuple[float, float]] | None = None
 
 
 class DeliveryAck(msgspec.Struct, kw_only=True):

@@ -169,6 +169,9 @@ class RolloutSpec:
     on_failure: str = "pause"  # or "rollback"
     device_timeout_s: float = 600.0  # a device that has not reported by then is timed out
     name: str = ""
+    # When it may act (fleet_server.rollouts.schedule, normalized): not_before, maintenance
+    # window, per-device windows. None: at once, any time.
+    schedule: dict[str, Any] | None = None
 
     def gate(self, name: str) -> dict[str, Any]:
         """A gate's settings: the defaults overlaid with this rollout's overrides."""
@@ -184,6 +187,8 @@ class RolloutSpec:
             if out["target"][key] is None:
                 del out["target"][key]
         out["stages"] = [asdict(s) for s in self.stages]
+        if self.schedule is None:  # absent, not null: specs stored before schedules compare equal
+            del out["schedule"]
         return out
 
 
@@ -192,7 +197,7 @@ def parse_spec(data: dict[str, Any]) -> RolloutSpec:
     if not isinstance(data, dict):
         raise RolloutError("a rollout is a JSON object with model, version, target and stages")
     known = {"model", "version", "target", "stages", "gates", "on_failure", "device_timeout_s",
-             "name", "blue_green"}
+             "name", "blue_green", "schedule"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise RolloutError(f"unknown rollout field(s) {unknown}; allowed: {sorted(known)}")
@@ -222,9 +227,14 @@ def parse_spec(data: dict[str, Any]) -> RolloutSpec:
     timeout = float(data.get("device_timeout_s", 600.0))
     if timeout <= 0:
         raise RolloutError("'device_timeout_s' must be positive")
+    # Imported here: the rollouts package imports this module.
+    from fleet_server.rollouts.schedule import parse_schedule
+
+    schedule = parse_schedule(data.get("schedule"))
     return RolloutSpec(
         model=data["model"], version=data["version"], target=target, stages=stages,
         gates=gates, on_failure=on_failure, device_timeout_s=timeout, name=str(data.get("name", "")),
+        schedule=schedule.to_dict() if schedule else None,
     )
 
 

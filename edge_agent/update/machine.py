@@ -29,7 +29,7 @@ from edge_agent.update.events import (
     next_state,
     reduce_outcome,
 )
-from edge_agent.update.states import HANDLERS, attempts_left, desired_key
+from edge_agent.update.states import HANDLERS, attempts_left, desired_key, window_open
 
 log = logging.getLogger("edge_agent.update")
 
@@ -308,8 +308,20 @@ class UpdateMachine:
             d, mine = self.host.desired(), self.ctx.desired
             if d is None or mine is None or d.version != mine.version or d.sha256 != mine.sha256:
                 self.post(Event.NOTHING_TO_DO)
-            elif d.mode == "live":
+            elif d.mode == "live" and window_open(d, self.host.clock()):
                 self.post(Event.SUCCESS)
+
+    def check_window(self, now: float) -> None:
+        """A live update ready in Shadow, held for its maintenance window: activate it once the
+        window is open (from tick)."""
+        if self.ctx.state is not State.SHADOW or self._pending is not None or self._running:
+            return
+        d = self.host.desired()
+        mine = self.ctx.desired
+        if d is None or mine is None or d.version != mine.version or d.sha256 != mine.sha256:
+            return
+        if d.mode == "live" and d.activate_windows is not None and window_open(d, now):
+            self.post(Event.SUCCESS)
 
     def check_probation(self, now: float) -> None:
         """Post the Probation verdict once enough predictions or time have passed."""

@@ -57,6 +57,12 @@ def schema_problem(active: Manifest, candidate: Manifest) -> str | None:
     return None
 
 
+def window_open(d: DesiredState, now: float) -> bool:
+    """Whether a live update may be activated now: the desired has no maintenance windows, or
+    `now` is inside one of them (UTC intervals the server computed for this device)."""
+    return d.activate_windows is None or any(a <= now < b for a, b in d.activate_windows)
+
+
 def refusal(m: UpdateRun, d: DesiredState) -> str | None:
     """Reasons to refuse a desired state without starting (checked in Idle)."""
     if not SAFE_VERSION.match(d.version):
@@ -200,6 +206,8 @@ def shadow(m: UpdateRun) -> Event | None:
     if d.mode == "live":
         m.host.set_shadow(None)
         m.ctx.desired = d
+        if not window_open(d, m.host.clock()):
+            return None  # ready; `UpdateMachine.check_window` activates when the window opens
         return Event.SUCCESS
     if m.candidate is None:
         return m.fail("shadow: the candidate is not loaded", final=False)

@@ -82,6 +82,37 @@ def _target_note(plan: dict[str, Any], shapes: list[DeviceShape]) -> tuple[dict[
     return plan, None
 
 
+# A scheduled rollout is rehearsed from a little before it may first act, not through the hours
+# (or days) until then: simulated time costs real time, every device ticks through it.
+SCHEDULE_LEAD_S = 300.0
+
+
+def _start_time(plan: dict[str, Any], now: float, notes: list[str]) -> float:
+    """When the simulated clock starts: now, or shortly before a schedule's first chance to act
+    (its not_before, then its first maintenance window), so the rehearsal shows the windows."""
+    from fleet_server.rollout_model import RolloutError
+    from fleet_server.rollouts.schedule import local_iso, parse_schedule
+
+    try:
+        schedule = parse_schedule(plan.get("schedule"))
+    except RolloutError:
+        return now  # create_rollout refuses the plan with the reason
+    if schedule is None:
+        return now
+    first = max(now, schedule.not_before or now)
+    if schedule.window is not None:
+        upcoming = schedule.window.upcoming(first, 1)
+        if upcoming:
+            first = max(first, upcoming[0][0])
+    if first - now <= SCHEDULE_LEAD_S:
+        return now
+    start = first - SCHEDULE_LEAD_S
+    tz = schedule.window.timezone if schedule.window else "UTC"
+    notes.append(f"schedule: the simulated clock starts at {local_iso(start, tz)}, "
+                 f"{SCHEDULE_LEAD_S / 60:g} min before the rollout may first act")
+    return start
+
+
 def rehearse(
     plan: dict[str, Any],
     *,
@@ -133,7 +164,7 @@ def rehearse(
 
     tmp = tempfile.TemporaryDirectory(prefix="edgefleet-rehearsal-") if workdir is None else None
     root = Path(tmp.name if tmp is not None else workdir)  # type: ignore[arg-type]
-    clock = SimClock(speed=0, start=float(int(time.time())))
+    clock = SimClock(speed=0, start=_start_time(plan, float(int(time.time())), notes))
     config = ServerConfig(data_dir=root / "server", listen=f"127.0.0.1:{free_port()}",
                           broker_port=free_port(), bucket_s=max(60.0, scenario.window_s),
                           bucket_grace_s=scenario.window_s, threads=8,

@@ -139,6 +139,26 @@ class GateSettings(Body):
     wait_s: Annotated[float, Meta(ge=0, le=366 * 86400.0)] | UnsetType = UNSET
 
 
+class WindowBody(Body):
+    """A recurring maintenance window (hawkBit's model): opens at each match of `cron` (5 fields,
+    wall clock in `timezone`) for `duration` ('2h', '90m' or seconds)."""
+
+    cron: Annotated[str, Meta(pattern=PLAIN, min_length=9, max_length=200, examples=["0 2 * * *"])]
+    duration: Annotated[str, Meta(pattern=PLAIN, min_length=1, max_length=40)] | Annotated[
+        float, Meta(gt=0, le=7 * 86400.0)]
+    timezone: Annotated[str, Meta(pattern=PLAIN, min_length=1, max_length=64, examples=["Europe/Madrid"])] = "UTC"
+
+
+class ScheduleBody(Body):
+    """When a rollout may act (docs/rollouts.md, schedules): not before a time (ISO 8601 with its
+    offset, or epoch seconds); stages take devices only inside `window`; with `device_windows`,
+    each device activates only inside its own window (tags maintenance_window, maintenance_tz)."""
+
+    not_before: Annotated[str, Meta(pattern=PLAIN, max_length=64)] | Annotated[float, Meta(ge=0)] | None = None
+    window: WindowBody | None = None
+    device_windows: bool = False
+
+
 class RolloutCreate(Body):
     """POST /rollouts (docs/rollouts.md); the controller checks the meaning (gate names, ...)."""
 
@@ -151,6 +171,7 @@ class RolloutCreate(Body):
     device_timeout_s: Seconds | UnsetType = UNSET
     name: Text = ""
     blue_green: bool = False
+    schedule: ScheduleBody | None = None
 
 
 class RolloutAction(Body):

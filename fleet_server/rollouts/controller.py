@@ -24,6 +24,7 @@ from fleet_server.rollout_stats import (
 )
 from fleet_server.rollouts.device_status import device_status, failed_devices, on_probation
 from fleet_server.rollouts.records import ACTIVE, CONTROLLER, all_devices, matching, spec_of
+from fleet_server.rollouts.schedule import Schedule, schedule_of
 from fleet_server.rollouts.stages import next_stage, transition
 
 if TYPE_CHECKING:
@@ -59,23 +60,43 @@ def reconcile(svc: Services) -> dict[str, int]:
 
 
 def _publish(svc: Services, p: _Pass, device: str, model: str, version: str, mode: str,
-             rollout_id: str | None, allow_downgrade: bool = False) -> bool:
-    """Publish a device's desired only when it differs from what it was last told."""
+             rollout_id: str | None, allow_downgrade: bool = False,
+             windows: tuple[Schedule, dict[str, str]] | None = None) -> bool:
+    """Publish a device's desired only when it differs from what it was last told.
+
+    `windows` (the rollout's schedule, the device's tags): a live desired carries the device's
+    activation windows; it is published again once the windows it was sent have all closed."""
+    import msgspec
+
     from fleet_server.registry import desired_state
 
     last = p.desired.get(device)
     if (last is not None and last["model"] == model and last["version"] == version and last["mode"] == mode
-            and last["rollout_id"] == rollout_id):
+            and last["rollout_id"] == rollout_id and not _windows_used_up(p, last, mode, windows)):
         return False
     if svc.publisher is None:
         return False
     desired = desired_state(svc, model, version, mode=mode, rollout_id=rollout_id,  # type: ignore[arg-type]
                             allow_downgrade=allow_downgrade)
+    if windows is not None and mode == "live":
+        intervals = windows[0].activate_windows(windows[1], p.now)
+        if intervals is not None:
+            desired = msgspec.structs.replace(desired, activate_windows=intervals)
     if publish_desired(svc, device, desired):
         p.desired[device] = {"model": model, "version": version, "mode": mode, "rollout_id": rollout_id}
         p.published += 1
         return True
     return False
+
+
+def _windows_used_up(p: _Pass, last: dict[str, Any], mode: str,
+                     windows: tuple[Schedule, dict[str, str]] | None) -> bool:
+    """Whether the activation windows a live desired published at `last["published_at"]` carried
+    have all closed (the device missed them: it is sent the next ones)."""
+    if windows is None or mode != "live":
+        return False
+    sent = windows[0].activate_windows(windows[1], last.get("published_at") or p.now)
+    return bool(sent) and sent[-1][1] <= p.now
 
 
 def _order(rollout_id: str, assigned: dict[str, dict[str, Any]], population: list[str]) -> list[str]:
@@ -99,11 +120,22 @@ def _reconcile_rollout(svc: Services, p: _Pass, row: dict[str, Any]) -> None:
         return
     stage_i = row["stage"]
     stage = spec.stages[stage_i]
+    schedule = schedule_of(spec)
+    if schedule is not None and not schedule.started(p.now):
+        _not_started(svc, p, row, schedule)
+        return
+    # Outside the maintenance window no device is taken into a stage nor moved to its mode; the
+    # devices already taken go on (and an abort, above, is never held).
+    in_window = schedule is None or schedule.window_open(p.now)
     everyone = set(population) | set(assigned)
     order = _order(rid, assigned, population)
     cohort = order[: stage.size(len(everyone))]
+    if not in_window:
+        cohort = [d for d in cohort if d in assigned]
+    elif schedule is not None and schedule.window is not None:
+        row = _open_stage(svc, p, row)
     changed: list[dict[str, Any]] = []
-    for device in cohort:
+    for device in cohort if in_window else ():
         m = assigned.get(device)
         if m is None:
             reported = p.devices.get(device, {})
@@ -128,7 +160,13 @@ def _reconcile_rollout(svc: Services, p: _Pass, row: dict[str, Any]) -> None:
         if m["previous_version"] is None and known.get("active_version") not in (None, spec.version):
             m["previous_version"] = known["active_version"]
             changed.append(m)
-        _publish(svc, p, device, spec.model, spec.version, m["mode"], rid)
+        windows = (schedule, p.devices.get(device, {}).get("tags") or {}) if schedule is not None else None
+        if _publish(svc, p, device, spec.model, spec.version, m["mode"], rid, windows=windows) and windows:
+            # A device that may activate only later is timed out from when its window opens.
+            intervals = schedule.activate_windows(windows[1], p.now) if m["mode"] == "live" else None  # type: ignore[union-attr]
+            if intervals and intervals[0][0] > (m["desired_at"] or 0):
+                m["desired_at"] = intervals[0][0]
+                changed.append(m)
     changed += _update_statuses(svc, p, row, spec, assigned, cohort)
     svc.storage.put_rollout_devices(_unique(changed))
 
@@ -137,6 +175,8 @@ def _reconcile_rollout(svc: Services, p: _Pass, row: dict[str, Any]) -> None:
     results = evaluate_gates(spec, stage.mode, canary, control)
     result = verdict(results)
     waiting = _waiting_for(p, row, spec, stage, assigned, cohort, results, result)
+    if not in_window and schedule is not None:
+        waiting.insert(0, f"schedule: {schedule.waiting(p.now)}")
     gates = {"evaluated_at": p.now, "verdict": result, "results": [r.to_dict() for r in results],
              "waiting_for": waiting, "population": len(everyone),
              "canary": _stats_view(canary, stage.mode), "control": _stats_view(control, "live")}
@@ -156,6 +196,26 @@ def _reconcile_rollout(svc: Services, p: _Pass, row: dict[str, Any]) -> None:
         return
     if not waiting:
         next_stage(svc, row, spec, CONTROLLER, "stage_passed", ended_by="gates passed")
+
+
+def _open_stage(svc: Services, p: _Pass, row: dict[str, Any]) -> dict[str, Any]:
+    """A stage that waited for its maintenance window starts when it first takes devices in
+    one: its soak and gate window count from then, not from the hours it waited."""
+    stages = list(row["stages"] or [])
+    if not stages or stages[-1].get("opened_at") is not None:
+        return row
+    stages[-1] = {**stages[-1], "opened_at": p.now, "started_at": p.now}
+    if svc.storage.update_rollout(row["id"], {"stages": stages, "stage_started_at": p.now}, p.now,
+                                  expect={"state": row["state"], "stage": row["stage"]}):
+        return {**row, "stages": stages, "stage_started_at": p.now}
+    return row
+
+
+def _not_started(svc: Services, p: _Pass, row: dict[str, Any], schedule: Schedule) -> None:
+    """Before `not_before` the rollout takes and tells no device; its status says when it starts."""
+    gates = {"evaluated_at": p.now, "verdict": None, "results": [], "population": None,
+             "waiting_for": [f"schedule: {schedule.waiting(p.now)}"], "canary": None, "control": None}
+    svc.storage.update_rollout(row["id"], {"gates": gates}, p.now, expect={"state": row["state"], "stage": row["stage"]})
 
 
 def _unique(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

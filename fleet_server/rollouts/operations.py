@@ -19,6 +19,7 @@ from fleet_server.rollouts.records import (
     matching,
     spec_of,
 )
+from fleet_server.rollouts.schedule import schedule_of
 from fleet_server.rollouts.stages import must, next_stage, stage_entry, transition
 from fleet_server.rollouts.status import actions, rollout_status
 
@@ -55,7 +56,10 @@ def create_rollout(svc: Services, data: dict[str, Any], actor: str = "") -> dict
                     f"targets {len(overlap)} of these devices ({sample}): a device is in one active rollout "
                     "at a time; wait for it to complete, abort it, or narrow this target"
                 )
-        now = svc.clock()
+        created = now = svc.clock()
+        schedule = schedule_of(spec)
+        if schedule is not None and schedule.not_before is not None:  # its first stage starts then
+            now = max(now, schedule.not_before)
         rollout_id = f"r-{uuid.uuid4().hex[:10]}"
         row = {
             "id": rollout_id,
@@ -66,9 +70,9 @@ def create_rollout(svc: Services, data: dict[str, Any], actor: str = "") -> dict
             "state": RolloutState.RUNNING.value,
             "stage": 0,
             "stage_started_at": now,
-            "created_at": now,
+            "created_at": created,
             "created_by": actor,
-            "updated_at": now,
+            "updated_at": created,
             "stages": [stage_entry(spec, 0, now)],
         }
         svc.storage.insert_rollout(row, (actor or "api", "create", {"spec": spec.to_dict(),

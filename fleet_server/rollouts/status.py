@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from fleet_server.rollout_model import RolloutState, allowed_actions, is_blue_green
 from fleet_server.rollouts.device_status import failed_devices
 from fleet_server.rollouts.records import ACTIVE, get_row, spec_of
+from fleet_server.rollouts.schedule import schedule_of
 
 if TYPE_CHECKING:
     from fleet_server.context import Services
@@ -97,6 +98,7 @@ def rollout_status(svc: Services, rollout_id: str, *, audit_limit: int = 1000) -
         },
         "gates": gates.get("results", []),
         "waiting_for": gates.get("waiting_for", []),
+        **_schedule_view(row, spec, now),
         "timeouts": {"devices": timed_out, "count": len(timed_out),
                      "limit": spec.gate("timeout_share").get("max"), "timeout_s": spec.device_timeout_s},
         "failures": {"devices": [{"device": d, "reason": why} for d, why in failed.items()], "count": len(failed),
@@ -107,6 +109,16 @@ def rollout_status(svc: Services, rollout_id: str, *, audit_limit: int = 1000) -
         "audit": svc.storage.rollout_audit(rollout_id, limit=audit_limit),
         "spec": spec.to_dict(),
     }
+
+
+def _schedule_view(row: dict[str, Any], spec: Any, now: float) -> dict[str, Any]:
+    """`schedule` (settings, window open or not, the current and next window in the window's
+    zone) and `waiting`: why a running rollout takes no new devices now, or null."""
+    schedule = schedule_of(spec)
+    if schedule is None:
+        return {"schedule": None, "waiting": None}
+    waiting = schedule.waiting(now) if row["state"] == RolloutState.RUNNING.value else None
+    return {"schedule": schedule.view(now), "waiting": waiting}
 
 
 def _disk_full_reasons(svc: Services, rollout_id: str, devices: list[str]) -> dict[str, str]:

@@ -41,6 +41,23 @@ function stageCard(r, s) {
     s.verdict ? el("div", {}, "verdict ", pill(s.verdict)) : null);
 }
 
+// The schedule in words: start, maintenance window, whether it is open, the next one (in the
+// window's time zone, as the server formats it) and why the rollout waits.
+function scheduleText(r) {
+  const sc = r.schedule;
+  if (!sc) return "";
+  const parts = [];
+  if (sc.not_before_iso) parts.push(`starts not before ${sc.not_before_iso}`);
+  if (sc.window) {
+    const w = sc.window;
+    parts.push(`maintenance window "${w.cron}" for ${fmtNum(w.duration_s / 60)} min (${w.timezone})`);
+    if (sc.current_window) parts.push(`open until ${sc.current_window.closes}`);
+    if (sc.next_window) parts.push(`next opens ${sc.next_window.opens}`);
+  }
+  if (sc.device_windows) parts.push("devices activate only inside their own windows");
+  return `Schedule: ${parts.join(" · ")}${r.waiting ? `. Waiting: ${r.waiting}` : ""}`;
+}
+
 // The server says which actions apply now (r.actions); the API refuses the others with 409.
 function setButtons(r) {
   if (!canAct) return;
@@ -61,6 +78,7 @@ async function refresh() {
   replace("subtitle", `${r.model} ${r.version} → ${targetText} · ${fmtNum(r.population)} target device(s) · on failure: ${r.on_failure} · created ${fmtTime(r.created_at)}${r.created_by ? ` by ${r.created_by}` : ""}`);
   replace("reason", r.reason ? `Reason: ${r.reason}` : "");
   setButtons(r);
+  replace("schedule", scheduleText(r));
   replace("stages", r.stages.map((s) => stageCard(r, s)));
   replace("waiting", ...(r.waiting_for || []).map((w) => el("li", {}, w)));
   rows("#gates-table tbody", r.gates, (g) => el("tr", { dataset: { gate: g.name } },

@@ -62,6 +62,17 @@ function spec() {
     device_timeout_s: Number(form.elements.device_timeout_s.value || 600),
     gates: {},
   };
+  const schedule = {};
+  const notBefore = form.elements.not_before.value.trim();
+  if (notBefore) schedule.not_before = notBefore;
+  const cron = form.elements.window_cron.value.trim();
+  if (cron) {
+    schedule.window = { cron, duration: form.elements.window_duration.value.trim() || "1h" };
+    const tz = form.elements.window_timezone.value.trim();
+    if (tz) schedule.window.timezone = tz;
+  }
+  if (form.elements.device_windows.checked) schedule.device_windows = true;
+  if (Object.keys(schedule).length) out.schedule = schedule;
   if (form.elements.blue_green.checked) out.blue_green = true;
   else {
     out.stages = [...tbody.rows].map((row) => {
