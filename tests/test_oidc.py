@@ -329,3 +329,34 @@ def test_sign_in_in_chromium_keeps_the_strict_session_cookie(tmp_path, provider,
         context.close()
     finally:
         server.stop()
+
+
+def test_a_wrong_client_secret_is_refused_by_the_provider(tmp_path, provider):
+    oidc = OidcConfig(issuer=provider.issuer, client_id=CLIENT_ID, client_secret="not-the-secret",
+                      roles=dict(ROLES), display_name="Test IdP")
+    server = FleetServer(make_config(tmp_path / "server", oidc=oidc), mqtt=False, ingest=False, loops=False).start()
+    try:
+        provider.configure(redirect_uri=server.url + "/console/login/oidc/callback")
+        web, response = sign_in(server)
+        assert response.status_code == 401 and "refused the code: invalid_client" in response.text
+        assert "ef_session" not in web.cookies
+    finally:
+        server.stop()
+
+
+def test_an_unreachable_provider_leaves_the_local_login(tmp_path):
+    from tests.brokers import free_port
+
+    oidc = OidcConfig(issuer=f"http://127.0.0.1:{free_port()}", client_id=CLIENT_ID, roles=dict(ROLES))
+    server = FleetServer(make_config(tmp_path / "server", oidc=oidc), mqtt=False, ingest=False, loops=False).start()
+    try:
+        create_operator(server.svc, "root-op", "operator", LOCAL_PASSWORD)
+        web = requests.Session()
+        response = web.get(server.url + "/console/login/oidc", timeout=30)
+        assert response.status_code == 502 and "identity provider cannot be reached" in response.text
+        token = re.search(r'name="login_token" value="([^"]+)"', response.text).group(1)
+        ok = web.post(server.url + "/console/login", timeout=10, allow_redirects=False,
+                      data={"login_token": token, "name": "root-op", "password": LOCAL_PASSWORD})
+        assert ok.status_code == 303 and "ef_session" in web.cookies  # break-glass
+    finally:
+        server.stop()
