@@ -159,6 +159,7 @@ class Publisher:
         self._connected = threading.Event()
         self.connects = 0  # successful connections: a new one after the first means the broker may have restarted
         self._desired_signer: Any = None  # the desired-state key, read (or created) on first use
+        self._issued: dict[str, float] = {}  # device -> issued_at of the last desired published
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda *a, **k: self._connected.clear()
 
@@ -199,6 +200,12 @@ class Publisher:
             from fleet_server.desired_signing import DesiredSigner
 
             self._desired_signer = DesiredSigner.for_secrets_dir(self.config.secrets_dir)
+        # Devices refuse a desired issued before (or, if different, at the same time as) the last
+        # they accepted: two publishes within one clock tick must still be ordered.
+        last = self._issued.get(device_id)
+        if last is not None and desired.issued_at <= last:
+            desired = msgspec.structs.replace(desired, issued_at=last + 0.001)
+        self._issued[device_id] = desired.issued_at
         payload = self._desired_signer.payload(desired)
         return self.publish(topic(self.config.fleet, device_id, "desired"), payload, retain=True)
 

@@ -251,6 +251,15 @@ def test_the_server_signs_with_the_key_add_device_prints(fleet):
         doc["url"] = "http://evil.example/b.efb"
         with pytest.raises(DesiredTrustError):
             verify_desired(doc, keys)
+        # A second desired within the same clock tick is still issued after the first, so the
+        # device does not refuse it as a replay.
+        second = msgspec.structs.replace(desired, version="2.0.1")
+        assert fleet.svc.publisher.publish_desired("sig-1", second)
+        both = wait_until(lambda: (m := [m for m in device.received if m.topic.endswith("/desired")])[1:] and m, 10)
+        first, later = parse_document(both[0].payload), parse_document(both[-1].payload)
+        verify_desired(later, keys)
+        assert later["version"] == "2.0.1" and later["issued_at"] > first["issued_at"]
+        check_fresh(later, check_fresh(first, None))  # what the device does: taken, not a replay
     finally:
         device.close()
 
