@@ -147,6 +147,9 @@ class Agent:
         # The server's desired-state keys (raw bytes: verification can run in another process).
         self._desired_keys = raw_keys(config.trust.desired_keys_pem)
         self._accepted: Accepted | None = None  # the last signed desired accepted (replay check)
+        # The last payload taken and what it decoded to: the broker hands the same retained
+        # message again at every reconnect, and its signature need not be checked again.
+        self._taken: tuple[bytes, DesiredState] | None = None
         self._probation = False
         self._prob_predictions = 0
         self._prob_errors = 0
@@ -487,6 +490,9 @@ class Agent:
         one accepted; raises DesiredTrustError (or ProtocolError for a malformed one) otherwise."""
         if len(payload) > MAX_PAYLOAD_BYTES:
             raise ProtocolError("oversized", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+        taken = self._taken
+        if taken is not None and taken[0] == payload:
+            return taken[1]
         doc = parse_document(payload)
         verify_desired(doc, self._desired_keys)
         accepted = check_fresh(doc, self._accepted)
@@ -500,6 +506,7 @@ class Agent:
                 atomic_write_bytes(self.data.desired_file, json.dumps(accepted.to_json()).encode())
             except OSError as exc:  # a full disk: the check holds in memory until the next restart
                 log.warning("cannot save %s: %s", self.data.desired_file, exc)
+        self._taken = (bytes(payload), desired)
         return desired
 
     def emit(self, **fields: Any) -> None:
