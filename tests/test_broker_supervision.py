@@ -149,3 +149,70 @@ def test_a_message_over_the_size_limit_is_dropped_by_the_broker(fleet):
         dev.loop_stop()
         watcher.disconnect()
         watcher.loop_stop()
+
+
+def worst_case_window(features: int, classes: int = 2, rows: int = 16, bins: int = 11):
+    """A telemetry window with every field filled and every number at its longest: counts of 13
+    digits, full-precision floats, 16 sampled rows, feedback for four versions, shadow counts, the
+    label-free estimate, reconstruction sums and refused rows."""
+    import random
+
+    from edge_agent.protocol import (
+        LATENCY_EDGES_MS,
+        FeatureCounts,
+        Feedback,
+        Histogram,
+        PerformanceEstimate,
+        QualityCounts,
+        ReconstructionSums,
+        RefusedRows,
+        Resources,
+        SampleRow,
+        ShadowCounts,
+        TelemetryWindow,
+    )
+
+    big = 2**40 + 12345
+    r = random.Random(0)
+
+    def counts(n: int) -> FeatureCounts:
+        return FeatureCounts(bins=[big] * n, nan=big, below_min=big, above_max=big, unseen=big)
+
+    def feedback() -> Feedback:
+        return Feedback(version="v" * 64, joined=big, unknown_label=big, late=big, unknown=big, duplicate=big,
+                        rejected=big, confusion=[[big] * classes for _ in range(classes)], abs_error_sum=1e300,
+                        sq_error_sum=1e300, error_bins=[big] * 9, calibration_counts=[big] * 10,
+                        calibration_hits=[big] * 10, calibration_prob_sum=[r.random() * 1e9 for _ in range(10)])
+
+    latency = Histogram(counts=[big] * (len(LATENCY_EDGES_MS) + 1), sum_ms=1e300)
+    return TelemetryWindow(
+        device="d" * 64, seq=2**53, model="m" * 64, model_version="v" * 64, window_start=1.7e9 + 0.123456789,
+        window_end=1.7e9 + 60.123456789, sent_at=1.7e9, predictions=big, requests=big,
+        errors={k: big for k in ("validation", "runtime", "too_many_rows", "schema")}, latency=latency,
+        features=[counts(bins) for _ in range(features)], prediction=counts(classes + 1),
+        shadow=ShadowCounts(version="v" * 64, compared=big, agreed=big, errors=big, latency=latency,
+                            prediction=counts(classes + 1)),
+        sample=[SampleRow(x=[r.random() * -1e-300 for _ in range(features)], y=r.random()) for _ in range(rows)],
+        feedback=feedback(), feedback_other=[feedback() for _ in range(3)],
+        resources=Resources(cpu_s=1e9, rss_bytes=big, disk_free_bytes=big), dropped_total=big,
+        estimate=PerformanceEstimate(rows=big, predicted=[big] * classes,
+                                     confusion=[[r.random() for _ in range(classes)] for _ in range(classes)],
+                                     confidence_sq_sum=1e300, score_counts=[big] * 20,
+                                     score_positive=[r.random() for _ in range(20)]),
+        multivariate=ReconstructionSums(rows=big, sum=1e300, sum_sq=1e300, bins=[big] * 11, filled=big),
+        refused=RefusedRows(rows=big, malformed=big, features=[
+            QualityCounts(nan=big, below_min=big, above_max=big, wrong_type=big, unseen=big) for _ in range(features)]),
+    )
+
+
+def test_the_largest_legitimate_message_fits_below_the_limits():
+    """The bound docs/fleet-server.md states: a worst-case window is about 9 KB plus 0.67 KB per
+    input feature, inside the protocol's 256 KiB up to some 370 features and far inside the broker's."""
+    from edge_agent.protocol import encode
+
+    sizes = {n: len(encode(worst_case_window(n))) for n in (3, 100, 370)}
+    print("worst-case telemetry window bytes by feature count:", sizes)
+    assert sizes[3] < 10_000 and sizes[100] < 80_000
+    assert sizes[370] < MAX_PAYLOAD_BYTES < MESSAGE_SIZE_LIMIT
+    per_feature = (sizes[370] - sizes[3]) / 367
+    assert 600 < per_feature < 700, per_feature
