@@ -129,6 +129,21 @@ def test_schedule_is_kept_in_the_spec_and_absent_without_one():
     assert parse_duration("1d") == 86400 and parse_duration(90) == 90
 
 
+def test_rehearsal_clock_starts_shortly_before_the_rollout_may_act():
+    from firmware_sim.rehearse.run import SCHEDULE_LEAD_S, _start_time
+
+    now = ts("2026-12-07T12:00:00+00:00")
+    notes: list[str] = []
+    plan = {"schedule": {"window": {"cron": "0 2 * * *", "duration": "2h", "timezone": MADRID}}}
+    assert _start_time(plan, now, notes) == ts("2026-12-08T02:00:00+01:00") - SCHEDULE_LEAD_S
+    assert notes == ["schedule: the simulated clock starts at 2026-12-08T01:55+01:00, 5 min before the rollout "
+                     "may first act"]
+    later = {"schedule": {"not_before": "2026-12-10T00:00:00Z"}}
+    assert _start_time(later, now, []) == ts("2026-12-10T00:00:00+00:00") - SCHEDULE_LEAD_S
+    assert _start_time({}, now, []) == now
+    assert _start_time({"schedule": {"window": {"cron": "* * * * *", "duration": 60}}}, now, []) == now
+
+
 # ---------------------------------------------------------------- the REST API, on every storage backend
 
 
@@ -257,11 +272,15 @@ def test_stages_take_devices_only_inside_the_window(sim_server):
         assert rollouts.resume(sim_server.svc, rid, "alice")["state"] == "running"
 
         # 08:15Z: the window opens again, the stage ends and the last one takes every device.
-        done = _pass_until(sim_server, fleet, rid, _at(sim_server, 19), stop=lambda s: s["state"] == "completed")
+        # The rollout completes inside a window too (this one or the next, once every device has
+        # committed after its probation).
+        done = _pass_until(sim_server, fleet, rid, _at(sim_server, 29), stop=lambda s: s["state"] == "completed")
         assert done["state"] == "completed", done["waiting_for"]
         passed = [a for a in done["audit"] if a["action"] == "stage_passed"]
         assert len(passed) == 1 and _at(sim_server, 15) <= passed[0]["ts"] < _at(sim_server, 18)
         assert done["stages"][1]["started_at"] >= _at(sim_server, 15)
+        window = Window("5-59/10 * * * *", 180, MADRID)
+        assert all(window.current(a["ts"]) for a in done["audit"] if a["action"] in ("stage_passed", "complete"))
         fleet.advance(30)
         sim_server.settle(fleet, judge=False)
         assert {s.active_version for s in fleet.states().values()} == {"2.0.0"}
