@@ -1,7 +1,8 @@
 """edge_agent: serve signed ONNX bundles on a device, report telemetry, apply updates safely.
 
-The agent imports numpy, onnxruntime, paho-mqtt, cryptography, prometheus-client and msgspec
-only: never scikit-learn, skl2onnx, Flask or the fleet server.
+The agent imports numpy, onnxruntime, paho-mqtt and msgspec only: never scikit-learn,
+skl2onnx, Flask or the fleet server. cryptography verifies signatures in a short-lived child
+process (edge_agent.signatures); prometheus-client only backs `Agent.registry`.
 """
 
 from edge_agent.agent import Agent, Prediction

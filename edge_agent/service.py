@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from edge_agent.agent import Agent
@@ -20,6 +21,19 @@ from edge_agent.http import HttpApi
 log = logging.getLogger("edge_agent.service")
 
 TICK_S = 0.25  # the longest the tick thread sleeps when nothing wakes it
+TRIM_S = 60.0  # how often freed heap goes back to the kernel
+
+
+def trim_heap() -> None:
+    """Give freed heap pages back to the kernel. glibc keeps them for reuse; start-up, model
+    loads and self-tests free memory the long-lived process does not need again (~0.4 MiB
+    measured after start). No-op where libc has no malloc_trim (musl, macOS)."""
+    try:
+        import ctypes  # numpy has imported it already
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def sd_notify(message: str) -> None:
@@ -57,11 +71,16 @@ class AgentService:
 
     def _ticker(self) -> None:
         wake = self.agent.wakeup_event
+        trimmed = 0.0
         while not self._stop.is_set():
             try:
                 self.agent.tick()
             except Exception:  # the ticker must outlive one bad tick
                 log.exception("tick failed")
+            now = time.monotonic()
+            if now - trimmed >= TRIM_S:
+                trim_heap()
+                trimmed = now
             wake.wait(TICK_S)
             wake.clear()
 
