@@ -132,9 +132,9 @@ class FleetServer:
         mqtt: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.config = config
         self.mqtt = mqtt
         self.svc = bootstrap(config, clock=clock)
+        self.config = self.svc.config  # as bootstrap settled it (a node's worker id on PostgreSQL)
         self.http, self.ingest_enabled, self.loops_enabled = http, ingest, loops
         self.ingest = None
         self.notifier = None

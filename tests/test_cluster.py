@@ -47,6 +47,9 @@ def test_the_cluster_api_lists_this_node_as_leader_and_it_is_ready(fleet, backen
     assert fleet.api("GET", "/api/v1/cluster", role="").status_code == 401
     overview = fleet.api("GET", "/console/api/overview", role="viewer").json()
     assert [n["node_id"] for n in overview["cluster"]] == [node["node_id"]]
+    if backend == "postgres":  # nodes on one database never share an MQTT client id
+        assert fleet.server.config.worker_id == node["node_id"]
+        assert fleet.server.ingest.client._client_id.decode() == f"ef-ingest-{node['node_id']}"
 
 
 def test_a_node_that_stops_heartbeating_is_shown_as_gone(tmp_path):
