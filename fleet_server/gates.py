@@ -173,7 +173,10 @@ def _accuracy_delta(add: Any, spec: RolloutSpec, shadow: bool, canary: CohortSta
     return delta is not None and sample >= int(settings.get("min_sample", 1))
 
 
-ESTIMATE_Z = 2.576  # an estimated difference must be this many standard errors below zero to fail
+# An estimated difference must be this many standard errors below zero to fail. The gate is
+# judged again at every controller pass, so a level fit for one look (2.576) fails identical
+# models now and then (seen: -0.030 at 360 predictions on a shared machine).
+ESTIMATE_Z = 3.0
 MULTIVARIATE_NOISE = "within the sampling noise of the canary's rows"
 
 
