@@ -14,7 +14,7 @@ from typing import Any
 
 from edge_agent.protocol import TelemetryWindow
 
-__all__ = ["MonitoringMismatch", "MonitoringSums", "sum_monitoring_rows"]
+__all__ = ["MonitoringMismatch", "MonitoringSums", "merge_monitoring_rows", "sum_monitoring_rows"]
 
 
 class MonitoringMismatch(ValueError):
@@ -133,4 +133,16 @@ def sum_monitoring_rows(rows: Iterable[Mapping[str, Any] | MonitoringSums]) -> M
             total.add(r if isinstance(r, MonitoringSums) else MonitoringSums.from_row(r))
         except MonitoringMismatch:
             continue
+    return total
+
+
+def merge_monitoring_rows(rows: Iterable[Mapping[str, Any]]) -> MonitoringSums | None:
+    """The exact sum of stored rows for a roll-up, or None when any row does not line up with the
+    others (those rows are kept as they are rather than losing one)."""
+    total = MonitoringSums()
+    try:
+        for r in rows:
+            total.add(MonitoringSums.from_row(r))
+    except MonitoringMismatch:
+        return None
     return total

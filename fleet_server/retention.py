@@ -3,8 +3,8 @@ their retention (docs/fleet-server.md#retention-and-disk-use). Any ingest proces
 
 - Feedback rows: the partial rows of a closed bucket are merged into one (as drift buckets are)
   once they have settled (FEEDBACK_SETTLE_S: rollout gates read recent feedback by arrival).
-- Drift buckets and feedback: after `history_rollup_days`, one row per device, model version and
-  UTC day; after `history_retention_days`, deleted.
+- Drift buckets, feedback and monitoring sums: after `history_rollup_days`, one row per device,
+  model version and UTC day; after `history_retention_days`, deleted.
 - Audit log: rows older than `audit_retention_days` are deleted. Console sessions: deleted once
   expired (they last 12 hours). Failed-login rows: deleted as new failures come in (5 minutes).
 
@@ -50,8 +50,12 @@ class Retention:
             if cfg.history_rollup_days > 0:
                 done["rolled_up_periods"] += self._batches(lambda: self.storage.rollup_history(
                     now - cfg.history_rollup_days * DAY_S, DAY_S, now, limit=BATCH))
+                done["rolled_up_monitoring"] += self._batches(lambda: self.storage.rollup_monitoring(
+                    now - cfg.history_rollup_days * DAY_S, DAY_S, limit=BATCH))
             if cfg.history_retention_days > 0:
                 done["purged_history_rows"] += self._batches(lambda: self.storage.purge_history(
+                    now - cfg.history_retention_days * DAY_S, limit=BATCH))
+                done["purged_monitoring_rows"] += self._batches(lambda: self.storage.purge_monitoring(
                     now - cfg.history_retention_days * DAY_S, limit=BATCH))
             if cfg.audit_retention_days > 0:
                 done["purged_audit_rows"] += self._batches(lambda: self.storage.purge_audit(

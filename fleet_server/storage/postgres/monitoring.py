@@ -8,14 +8,23 @@ from typing import Any
 
 import psycopg
 
-from fleet_server.monitoring_sums import MonitoringMismatch, MonitoringSums
+from fleet_server.monitoring_sums import MonitoringMismatch, MonitoringSums, merge_monitoring_rows
 from fleet_server.storage.base import Reject
-from fleet_server.storage.postgres.connection import PostgresConnection, dumps, loads, where, within
+from fleet_server.storage.postgres.connection import (
+    COMPACTION_LOCK,
+    PostgresConnection,
+    dumps,
+    loads,
+    tuples,
+    where,
+    within,
+)
 from fleet_server.telemetry import bucket_start
 
 INSERT_MONITORING = (
     "INSERT INTO monitoring(model, model_version, device, bucket_start, stored_at, sums) VALUES (%s,%s,%s,%s,%s,%s)"
 )
+_PERIOD_KEY = "model = %s AND model_version = %s AND device = %s AND bucket_start >= %s AND bucket_start < %s"
 
 
 def store_monitoring(conn: psycopg.Connection, windows: list, bucket_s: float, now: float) -> list[Reject]:
@@ -76,3 +85,39 @@ class MonitoringMixin(PostgresConnection):
             "count(DISTINCT device) AS devices FROM monitoring GROUP BY model, model_version "
             "ORDER BY model, model_version"
         )
+
+    # ---- bounded growth (fleet_server.retention), as feedback: old rows one per device and day
+    def rollup_monitoring(self, before: float, period_s: float, limit: int = 2000) -> int:
+        """Roll monitoring rows of buckets started before `before` up into one row per (model,
+        version, device, `period_s` period) at the period's start; returns the period rows written
+        (0 when nothing is left to roll up; rows that do not line up stay as they are)."""
+        with self._transaction() as conn:
+            # the same lock as rollup_history: one node rolls up at a time
+            conn.execute("SELECT pg_advisory_xact_lock(%s::int, 2)", (COMPACTION_LOCK,))
+            groups = tuples(
+                conn,
+                "SELECT model, model_version, device, floor(bucket_start / %s) * %s AS period FROM monitoring "
+                "WHERE bucket_start < %s GROUP BY 1, 2, 3, 4 "
+                "HAVING count(*) > 1 OR min(bucket_start) <> floor(min(bucket_start) / %s) * %s LIMIT %s",
+                (period_s, period_s, before, period_s, period_s, limit),
+            )
+            written = 0
+            for model, version, device, period in groups:
+                params = (model, version, device, float(period), float(period) + period_s)
+                rows = tuples(conn, f"SELECT stored_at, sums FROM monitoring WHERE {_PERIOD_KEY} ORDER BY bucket_start, id", params)
+                total = merge_monitoring_rows([loads(sums) or {} for _, sums in rows])
+                if total is None:
+                    continue
+                conn.execute(f"DELETE FROM monitoring WHERE {_PERIOD_KEY}", params)
+                conn.execute(INSERT_MONITORING, (model, version, device, float(period),
+                                                 max(at for at, _ in rows), dumps(total.to_row())))
+                written += 1
+        return written
+
+    def purge_monitoring(self, before: float, limit: int = 5000) -> int:
+        """Delete monitoring rows of buckets that started before `before`; returns rows deleted."""
+        with self._transaction() as conn:
+            return conn.execute(
+                "DELETE FROM monitoring WHERE id IN (SELECT id FROM monitoring WHERE bucket_start < %s LIMIT %s)",
+                (before, limit),
+            ).rowcount

@@ -7,7 +7,7 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
-from fleet_server.monitoring_sums import MonitoringMismatch, MonitoringSums
+from fleet_server.monitoring_sums import MonitoringMismatch, MonitoringSums, merge_monitoring_rows
 from fleet_server.storage.base import Reject
 from fleet_server.storage.sqlite.connection import SqliteConnection, dumps, loads, where, within
 from fleet_server.telemetry import bucket_start
@@ -15,6 +15,7 @@ from fleet_server.telemetry import bucket_start
 INSERT_MONITORING = (
     "INSERT INTO monitoring(model, model_version, device, bucket_start, stored_at, sums) VALUES (?,?,?,?,?,?)"
 )
+_PERIOD_KEY = "model = ? AND model_version = ? AND device = ? AND bucket_start >= ? AND bucket_start < ?"
 
 
 def store_monitoring(conn: sqlite3.Connection, windows: list, bucket_s: float, now: float) -> list[Reject]:
@@ -75,3 +76,36 @@ class MonitoringMixin(SqliteConnection):
             "count(DISTINCT device) AS devices FROM monitoring GROUP BY model, model_version "
             "ORDER BY model, model_version"
         )
+
+    # ---- bounded growth (fleet_server.retention), as feedback: old rows one per device and day
+    def rollup_monitoring(self, before: float, period_s: float, limit: int = 2000) -> int:
+        """Roll monitoring rows of buckets started before `before` up into one row per (model,
+        version, device, `period_s` period) at the period's start; returns the period rows written
+        (0 when nothing is left to roll up; rows that do not line up stay as they are)."""
+        with self._immediate() as conn:
+            groups = conn.execute(
+                "SELECT model, model_version, device, CAST(bucket_start / ?1 AS INTEGER) * ?1 AS period, "
+                "count(*) AS n, min(bucket_start) AS first FROM monitoring WHERE bucket_start < ?2 "
+                "GROUP BY 1, 2, 3, 4 HAVING n > 1 OR first != period LIMIT ?3",
+                (period_s, before, limit),
+            ).fetchall()
+            written = 0
+            for model, version, device, period, _, _ in groups:
+                params = (model, version, device, float(period), float(period) + period_s)
+                rows = conn.execute(f"SELECT stored_at, sums FROM monitoring WHERE {_PERIOD_KEY} ORDER BY bucket_start, id", params).fetchall()
+                total = merge_monitoring_rows([loads(sums) or {} for _, sums in rows])
+                if total is None:
+                    continue
+                conn.execute(f"DELETE FROM monitoring WHERE {_PERIOD_KEY}", params)
+                conn.execute(INSERT_MONITORING, (model, version, device, float(period),
+                                                 max(at for at, _ in rows), dumps(total.to_row())))
+                written += 1
+        return written
+
+    def purge_monitoring(self, before: float, limit: int = 5000) -> int:
+        """Delete monitoring rows of buckets that started before `before`; returns rows deleted."""
+        with self._immediate() as conn:
+            return conn.execute(
+                "DELETE FROM monitoring WHERE id IN (SELECT id FROM monitoring WHERE bucket_start < ? LIMIT ?)",
+                (before, limit),
+            ).rowcount
