@@ -86,6 +86,11 @@ class ServerConfig:
     perf_warn_drop: float = 0.02
     perf_alert_drop: float = 0.05
     perf_min_labels: int = 200
+    # Data-quality alert policy (docs/drift.md#data-quality-refused-rows-count-too): a rise of a
+    # feature's NaN or out-of-range share over the reference's, refused rows included.
+    quality_warn_share: float = 0.05
+    quality_alert_share: float = 0.20
+    quality_min_rows: int = 100
     webhook_timeout_s: float = 5.0
     webhook_retries: int = 3
     threads: int = 8  # waitress worker threads
@@ -117,6 +122,10 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be 0 (keep forever) or more days")
         if 0 < self.history_retention_days <= self.history_rollup_days:
             raise ConfigError("history_retention_days must exceed history_rollup_days (or be 0: keep forever)")
+        if not 0 < self.quality_warn_share <= self.quality_alert_share <= 1:
+            raise ConfigError("quality_warn_share and quality_alert_share must be shares with 0 < warn <= alert <= 1")
+        if self.quality_min_rows < 0:
+            raise ConfigError("quality_min_rows must be 0 or more rows")
         if self.broker_accounts not in ("dynsec", "password_file"):
             raise ConfigError(f"broker_accounts {self.broker_accounts!r} must be \"dynsec\" or \"password_file\"")
         if ":" not in self.listen:

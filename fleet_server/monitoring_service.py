@@ -211,9 +211,8 @@ def quality_entries(svc: Services, row: dict[str, Any], sums: BucketSums, mon: M
 
 def quality_policy(svc: Services) -> QualityPolicy:
     c = svc.config
-    return QualityPolicy(warn_share=getattr(c, "quality_warn_share", 0.05),
-                         alert_share=getattr(c, "quality_alert_share", 0.20),
-                         min_rows=getattr(c, "quality_min_rows", 100))
+    return QualityPolicy(warn_share=c.quality_warn_share, alert_share=c.quality_alert_share,
+                         min_rows=c.quality_min_rows)
 
 
 def drift_additions(svc: Services, model: str, version: str, scope: str | None,

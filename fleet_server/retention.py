@@ -1,8 +1,8 @@
 """Bounded growth: the maintenance pass that keeps the database's fast-growing tables within
 their retention (docs/fleet-server.md#retention-and-disk-use). Any ingest process runs it.
 
-- Feedback rows: the partial rows of a closed bucket are merged into one (as drift buckets are)
-  once they have settled (FEEDBACK_SETTLE_S: rollout gates read recent feedback by arrival).
+- Feedback and monitoring rows: the partial rows of a closed bucket are merged into one (as drift
+  buckets are) once they have settled (FEEDBACK_SETTLE_S: rollout gates read them by arrival).
 - Drift buckets, feedback and monitoring sums: after `history_rollup_days`, one row per device,
   model version and UTC day; after `history_retention_days`, deleted.
 - Audit log: rows older than `audit_retention_days` are deleted. Console sessions: deleted once
@@ -45,6 +45,8 @@ class Retention:
         closed = now - cfg.bucket_s - cfg.bucket_grace_s
         done["compacted_feedback"] += self._batches(
             lambda: self.storage.compact_feedback(closed, now - FEEDBACK_SETTLE_S, limit=BATCH))
+        done["compacted_monitoring"] += self._batches(
+            lambda: self.storage.compact_monitoring(closed, now - FEEDBACK_SETTLE_S, limit=BATCH))
         if self._monotonic() >= self._history_due:
             self._history_due = self._monotonic() + HISTORY_INTERVAL_S
             if cfg.history_rollup_days > 0:

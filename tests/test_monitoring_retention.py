@@ -1,5 +1,5 @@
-"""Monitoring sums under the retention pass, on every backend: rows older than
-`history_rollup_days` become one row per device, model version and UTC day whose sums equal
+"""Monitoring sums under the retention pass, on every backend: a closed bucket's partial rows
+are merged into one, rows older than `history_rollup_days` become one row per device, model version and UTC day whose sums equal
 those of the rows they replace, and rows older than `history_retention_days` are deleted."""
 
 from __future__ import annotations
@@ -95,12 +95,15 @@ def test_monitoring_rows_roll_up_exactly_and_are_purged(tmp_path, request, backe
             rolled = day(1, dev)
             assert [r["bucket_start"] for r in rolled] == [START + DAY_S]
             assert sum_monitoring_rows(rolled).to_row() == before[(1, dev)]
-        # Day 2 is left as it was.
-        assert monitoring_count(storage, START + 2 * DAY_S, START + 3 * DAY_S) == rows_before[2]
+        # Day 2: each closed bucket's two partial rows merged into one once both are an hour old
+        # (compaction ran over every day first); the newest two buckets keep their two.
+        buckets = int(DAY_S / cfg.bucket_s)
+        assert done["compacted_monitoring"] == len(DEVICES) * (DAYS * buckets - 2)
+        assert monitoring_count(storage, START + 2 * DAY_S, START + 3 * DAY_S) == len(DEVICES) * (buckets + 2)
         for dev in DEVICES:
             assert sum_monitoring_rows(day(2, dev)).to_row() == before[(2, dev)]
         # A second pass finds nothing left to do.
         again = Retention(storage, cfg, monotonic=lambda: math.inf).run_all(clock.now)
-        assert not again["rolled_up_monitoring"] and not again["purged_monitoring_rows"]
+        assert not (again["compacted_monitoring"] or again["rolled_up_monitoring"] or again["purged_monitoring_rows"])
     finally:
         storage.close()

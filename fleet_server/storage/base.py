@@ -208,6 +208,10 @@ class Storage(Protocol):
         ...
     def monitoring_versions(self) -> list[dict[str, Any]]: ...
     # Bounded growth (fleet_server.retention), with drift buckets and feedback.
+    def compact_monitoring(self, before: float, settled_before: float, limit: int = 2000) -> int:
+        """Merge the partial monitoring rows of buckets started before `before` whose rows were
+        all stored before `settled_before`; returns the buckets merged."""
+        ...
     def rollup_monitoring(self, before: float, period_s: float, limit: int = 2000) -> int:
         """Roll monitoring rows of buckets started before `before` up into one exact sum per
         (model, version, device, period); returns the period rows written."""

@@ -16,6 +16,7 @@ INSERT_MONITORING = (
     "INSERT INTO monitoring(model, model_version, device, bucket_start, stored_at, sums) VALUES (?,?,?,?,?,?)"
 )
 _PERIOD_KEY = "model = ? AND model_version = ? AND device = ? AND bucket_start >= ? AND bucket_start < ?"
+_BUCKET_KEY = "model = ? AND model_version = ? AND device = ? AND bucket_start = ?"
 
 
 def store_monitoring(conn: sqlite3.Connection, windows: list, bucket_s: float, now: float) -> list[Reject]:
@@ -39,6 +40,19 @@ def store_monitoring(conn: sqlite3.Connection, windows: list, bucket_s: float, n
             for (model, version, start, device), s in groups.items()
         ])
     return rejects
+
+
+def _merge(conn: sqlite3.Connection, key_sql: str, params: tuple, into: tuple[str, str, str, float]) -> int:
+    """Replace the rows matching `key_sql` by their exact sum, one row at `into` (model, version,
+    device, bucket start) stored at the newest of their times; 1 if merged, 0 when the rows do not
+    line up (kept as they are)."""
+    rows = conn.execute(f"SELECT stored_at, sums FROM monitoring WHERE {key_sql} ORDER BY bucket_start, id", params).fetchall()
+    total = merge_monitoring_rows([loads(sums) or {} for _, sums in rows])
+    if total is None or not rows:
+        return 0
+    conn.execute(f"DELETE FROM monitoring WHERE {key_sql}", params)
+    conn.execute(INSERT_MONITORING, (*into, max(at for at, _ in rows), dumps(total.to_row())))
+    return 1
 
 
 def _dicts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -78,6 +92,18 @@ class MonitoringMixin(SqliteConnection):
         )
 
     # ---- bounded growth (fleet_server.retention), as feedback: old rows one per device and day
+    def compact_monitoring(self, before: float, settled_before: float, limit: int = 2000) -> int:
+        """Merge the partial rows of each (model, version, bucket, device) whose bucket started
+        before `before` and whose rows were all stored before `settled_before` (rollout gates read
+        recent rows by stored_at); returns the buckets merged."""
+        with self._immediate() as conn:
+            keys = conn.execute(
+                "SELECT model, model_version, device, bucket_start FROM monitoring WHERE bucket_start < ? "
+                "GROUP BY model, model_version, bucket_start, device HAVING count(*) > 1 AND max(stored_at) < ? "
+                "LIMIT ?", (before, settled_before, limit),
+            ).fetchall()
+            return sum(_merge(conn, _BUCKET_KEY, tuple(key), tuple(key)) for key in keys)
+
     def rollup_monitoring(self, before: float, period_s: float, limit: int = 2000) -> int:
         """Roll monitoring rows of buckets started before `before` up into one row per (model,
         version, device, `period_s` period) at the period's start; returns the period rows written
@@ -89,18 +115,9 @@ class MonitoringMixin(SqliteConnection):
                 "GROUP BY 1, 2, 3, 4 HAVING n > 1 OR first != period LIMIT ?3",
                 (period_s, before, limit),
             ).fetchall()
-            written = 0
-            for model, version, device, period, _, _ in groups:
-                params = (model, version, device, float(period), float(period) + period_s)
-                rows = conn.execute(f"SELECT stored_at, sums FROM monitoring WHERE {_PERIOD_KEY} ORDER BY bucket_start, id", params).fetchall()
-                total = merge_monitoring_rows([loads(sums) or {} for _, sums in rows])
-                if total is None:
-                    continue
-                conn.execute(f"DELETE FROM monitoring WHERE {_PERIOD_KEY}", params)
-                conn.execute(INSERT_MONITORING, (model, version, device, float(period),
-                                                 max(at for at, _ in rows), dumps(total.to_row())))
-                written += 1
-        return written
+            return sum(_merge(conn, _PERIOD_KEY, (model, version, device, float(period), float(period) + period_s),
+                              (model, version, device, float(period)))
+                       for model, version, device, period, _, _ in groups)
 
     def purge_monitoring(self, before: float, limit: int = 5000) -> int:
         """Delete monitoring rows of buckets that started before `before`; returns rows deleted."""
