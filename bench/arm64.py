@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer timed calls")
     args = parser.parse_args()
     n = 300 if args.quick else 2000
+    load_start = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="edgefleet-bench-arm64-"))
     root = build_root()
     house = agent_wheelhouse(tmp / "wheelhouse")
@@ -152,14 +153,15 @@ def main() -> None:
         start_emulated = bare_start(["/usr/bin/python3"], on_device)
     finally:
         device.cleanup()
-    write(native, emulated, start_native, start_emulated, n)
+    write(native, emulated, start_native, start_emulated, n, (load_start, os.getloadavg()[0]))
 
 
 def _ratio(a: float, b: float) -> str:
     return f"{b / a:.1f}×" if a else "—"
 
 
-def write(native: dict, emulated: dict, start_native: float, start_emulated: float, n: int) -> None:
+def write(native: dict, emulated: dict, start_native: float, start_emulated: float, n: int,
+          load: tuple[float, float]) -> None:
     rows = []
     for key, label in (("numpy", "import numpy"), ("onnxruntime", "import onnxruntime"),
                        ("edge_agent", "import edge_agent (Agent, config, service)"),
@@ -185,7 +187,9 @@ def write(native: dict, emulated: dict, start_native: float, start_emulated: flo
         f"Native: {platform.machine()}, Python {sys.version.split()[0]}, this checkout. Emulated: aarch64 Debian "
         "(the host's release, from its mirror) under qemu-user-static through binfmt, Debian's python3, the agent "
         f"installed from the aarch64 wheelhouse (`edge_release`). Model: LogisticRegression pipeline; {n} timed "
-        "single-row calls after a warm-up, one intra-op thread.",
+        "single-row calls after a warm-up, one intra-op thread. 1-minute load average "
+        f"{load[0]:.1f} at the start and {load[1]:.1f} at the end, on {os.cpu_count()} cores: above the core count "
+        "other work competed with both runs, and the ratios mean little.",
         "",
         "**qemu-user timings are not Raspberry Pi timings.** Each aarch64 instruction is translated to x86 code "
         "on this machine's CPU; the ratio column is emulator overhead on this machine, and it differs by kind of "
