@@ -348,3 +348,29 @@ def test_devices_activate_only_inside_their_own_window(sim_server):
         assert all(_at(sim_server, 12) <= e["ts"] < _at(sim_server, 15) for e in events), events
     finally:
         fleet.stop()
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_rehearsal_honours_the_schedule():
+    from firmware_sim.rehearse import rehearse
+    from firmware_sim.rehearse.run import SCHEDULE_LEAD_S
+    from firmware_sim.scenario import parse_scenario
+    from tests.agent_fixtures import bundle_bytes, public_pem
+    from tests.test_rehearse import skewed_dataset
+    from tests.test_rollout_agents import plan, stage
+
+    schedule = {"window": {"cron": "0 2 * * *", "duration": "20m", "timezone": MADRID}}
+    report = rehearse(plan("2.0.0", [stage(50, soak=60), stage(100, soak=60)], schedule=schedule), devices=4,
+                      scenario=parse_scenario({"rate_per_s": 2.0, "window_s": 30.0}, "schedule-test"),
+                      current_bundle=bundle_bytes("lr", "1.0.0"), candidate_bundle=bundle_bytes("lr", "2.0.0"),
+                      trusted_keys=[public_pem("trusted")], dataset=skewed_dataset(), interval_s=30.0,
+                      max_sim_s=3600)
+    assert report.outcome == "completed", report.table()
+    # The clock started 5 minutes before 02:00 in Madrid (whatever the date and offset).
+    assert any(n.startswith("schedule: the simulated clock starts at ") and "T01:55+0" in n
+               for n in report.notes), report.notes
+    # The first stage took its devices when the window opened, 5 minutes after the rollout was
+    # created, and its soak counted from then.
+    assert report.stages[0].started_at >= SCHEDULE_LEAD_S - 60, report.table()
+    assert report.sim_s > SCHEDULE_LEAD_S
