@@ -401,9 +401,9 @@ class Device:
                           stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL)
         try:
             out, err = proc.communicate(input, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            stop(proc)
-            raise
+        finally:
+            if proc.poll() is None:  # a timeout (ours or the test's): leave nothing running
+                stop(proc)
         result = subprocess.CompletedProcess(argv, proc.returncode, out, err)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} exited {proc.returncode} on the arm64 device:\n"
