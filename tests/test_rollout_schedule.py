@@ -112,6 +112,8 @@ def test_device_windows_from_tags():
     ({"window": {"cron": "0 2 * * *", "duration": "2h", "timezone": "Mars/Olympus"}}, "IANA time zone"),
     ({"window": {"cron": "0 2 * * *"}}, "duration is required"),
     ({"not_before": "2026-12-08T02:00:00"}, "with its offset"),
+    ({"not_before": "9999-12-31T23:59:00+00:00"}, "between 1970 and 2100"),
+    ({"not_before": float("nan")}, "between 1970 and 2100"),
     ({"when": "soon"}, "unknown field"),
 ])
 def test_bad_schedules_are_refused(raw, message):

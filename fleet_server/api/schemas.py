@@ -154,7 +154,8 @@ class ScheduleBody(Body):
     offset, or epoch seconds); stages take devices only inside `window`; with `device_windows`,
     each device activates only inside its own window (tags maintenance_window, maintenance_tz)."""
 
-    not_before: Annotated[str, Meta(pattern=PLAIN, max_length=64)] | Annotated[float, Meta(ge=0)] | None = None
+    not_before: Annotated[str, Meta(pattern=PLAIN, max_length=64)] | Annotated[
+        float, Meta(ge=0, le=4_102_444_800.0)] | None = None  # up to 2100-01-01
     window: WindowBody | None = None
     device_windows: bool = False
 

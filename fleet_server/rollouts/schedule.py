@@ -33,6 +33,7 @@ WINDOW_TAG = "maintenance_window"  # a device's own window: "CRON; DURATION"
 TZ_TAG = "maintenance_tz"  # the time zone of a device's window
 DEVICE_WINDOWS_SENT = 7  # activation windows one desired state carries (republished when used up)
 MAX_DURATION_S = 7 * 86400.0
+LATEST_START = 4_102_444_800.0  # 2100-01-01T00:00:00Z
 _MAX_STEPS = 2_000  # cron matches examined per question (a per-minute cron over a day is 1440)
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*d)?\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?"
                        r"\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$")
@@ -263,15 +264,20 @@ def _split_window_tag(value: str) -> tuple[str, float]:
 def _parse_time(raw: Any) -> float:
     if isinstance(raw, bool):
         raise RolloutError("schedule.not_before is an ISO 8601 time with its offset or epoch seconds")
+    value: float | None = None
     if isinstance(raw, int | float):
-        return float(raw)
-    if isinstance(raw, str):
+        value = float(raw)
+    elif isinstance(raw, str):
         try:
             dt = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
         except ValueError:
             dt = None
         if dt is not None and dt.tzinfo is not None:
-            return dt.timestamp()
+            value = dt.timestamp()
+    if value is not None:
+        if not 0 <= value <= LATEST_START:  # also NaN; later years overflow the cron arithmetic
+            raise RolloutError("schedule.not_before must be between 1970 and 2100")
+        return value
     raise RolloutError(f"schedule.not_before {raw!r}: give an ISO 8601 time with its offset "
                        "(e.g. '2026-12-08T02:00:00+01:00' or '...Z') or epoch seconds")
 
