@@ -107,6 +107,7 @@ def test_device_windows_from_tags():
 @pytest.mark.parametrize("raw, message", [
     ({"window": {"cron": "0 2 * *", "duration": "2h"}}, "not a 5-field cron"),
     ({"window": {"cron": "0 25 * * *", "duration": "2h"}}, "not a 5-field cron"),
+    ({"window": {"cron": "0 2 31 2 *", "duration": "2h"}}, "not a 5-field cron"),  # never matches
     ({"window": {"cron": "0 2 * * *", "duration": "2 fortnights"}}, "window duration"),
     ({"window": {"cron": "0 2 * * *", "duration": 0}}, "more than 0"),
     ({"window": {"cron": "0 2 * * *", "duration": "2h", "timezone": "Mars/Olympus"}}, "IANA time zone"),

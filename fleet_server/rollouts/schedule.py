@@ -25,7 +25,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 
 from fleet_server.rollout_model import RolloutError
 
@@ -57,7 +57,10 @@ class Window:
         it = croniter(self.cron, first)
         out: list[tuple[float, float]] = []
         for _ in range(_MAX_STEPS):
-            local = it.get_next(datetime)
+            try:
+                local = it.get_next(datetime)
+            except CroniterError:  # no further match
+                break
             opens = local.replace(tzinfo=tz, fold=0).timestamp()
             if opens >= end:
                 break
@@ -98,7 +101,10 @@ def _upcoming(window: Window, now: float, count: int, horizon_s: float) -> tuple
     it = croniter(window.cron, first)
     out: list[tuple[float, float]] = []
     for _ in range(_MAX_STEPS):
-        opens = it.get_next(datetime).replace(tzinfo=tz, fold=0).timestamp()
+        try:
+            opens = it.get_next(datetime).replace(tzinfo=tz, fold=0).timestamp()
+        except CroniterError:  # no further match
+            break
         closes = opens + window.duration_s
         if closes <= now:
             continue
@@ -283,7 +289,14 @@ def _parse_time(raw: Any) -> float:
 
 
 def _cron_ok(expr: str) -> bool:
-    return len(expr.split()) == 5 and croniter.is_valid(expr)
+    """A 5-field expression croniter reads and that matches some day (not `0 2 31 2 *`)."""
+    if len(expr.split()) != 5 or not croniter.is_valid(expr):
+        return False
+    try:
+        croniter(expr, datetime(2026, 1, 1)).get_next(datetime)
+    except (CroniterError, ValueError):
+        return False
+    return True
 
 
 def _zone_ok(name: str) -> bool:
