@@ -41,7 +41,8 @@ from tests.brokers import free_port, wait_until
 from tests.server_fixtures import ServerHandle
 from tests.server_fixtures import make_config as server_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.broker]
+# The first run builds the Debian root under emulation (20+ minutes on 2 cores; cached after).
+pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.timeout(3600)]
 
 CAP_BYTES = 512 * 2**20
 # qemu-user runs a model 5-30x slower than the host: the latency floors keep SelfTest and
@@ -256,3 +257,46 @@ def _host_probabilities(rows: np.ndarray):
     sess = ort.InferenceSession(bundle.model_bytes, providers=["CPUExecutionProvider"])
     spec = bundle.manifest.onnx_inputs[0]
     return sess.run([bundle.manifest.outputs.probabilities], {spec.name: rows.astype(np.float32)})[0]
+
+
+@pytest.mark.timeout(1800)  # pip under emulation installs the 13 wheels in several minutes
+def test_install_command_from_add_device_installs_the_agent_on_arm64(arm64_root, arm64_wheelhouse, tmp_path):
+    """The line `edgefleet server add-device` prints, run on a fresh arm64 device: curl fetches
+    the installer over HTTPS with the pinned CA, the installer downloads and checks the aarch64
+    wheelhouse, creates /opt/edgefleet/venv and installs with pip --no-index under emulation."""
+    from fleet_server.device_install import install_command, wheelhouse_dir
+
+    server_dir = tmp_path / "server"
+    init_tls(server_dir)
+    shutil.copytree(arm64_wheelhouse, wheelhouse_dir(server_config(server_dir)) / arm64_wheelhouse.name)
+    server = FleetServer(server_config(server_dir, tls=True, broker_tls_listen=f"127.0.0.1:{free_port()}")).start()
+    device = Device.create(arm64_root, tmp_path)
+    try:
+        handle = ServerHandle(server)
+        wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
+        api = requests.Session()
+        api.trust_env = False
+        api.verify = str(server.config.tls_files[2])
+        api.headers["Authorization"] = f"Bearer {handle.token('operator')}"
+        r = api.post(f"{server.url}/api/v1/devices", json={"id": "pi-new"}, timeout=30)
+        assert r.status_code == 201, r.text
+        body = r.json()
+        etc = device.host("/etc/edgefleet")
+        etc.mkdir(parents=True)
+        (etc / "agent.toml").write_text(body["agent_config"])
+        shutil.copyfile(server.config.tls_files[2], etc / "edgefleet-ca.pem")
+        # The device's user is root here: sudo runs the command as it is.
+        sudo = device.host("/usr/local/bin/sudo")
+        sudo.write_text('#!/bin/sh\nexec "$@"\n')
+        sudo.chmod(0o755)
+        command = install_command(server.config, "pi-new", body["password"])
+        result = device.run(["/bin/sh", "-c", command], timeout=1800)
+        assert "sha256 checked" in result.stdout and "installed: /opt/edgefleet/venv/bin/edgefleet" in result.stdout
+        keys = device.run(["/opt/edgefleet/venv/bin/edgefleet", "agent", "config-keys"])
+        assert "mqtt.url" in keys.stdout
+        arch = device.run(["/opt/edgefleet/venv/bin/python", "-c",
+                           "import platform, onnxruntime; print(platform.machine(), onnxruntime.__version__)"])
+        assert arch.stdout.startswith("aarch64 ")
+    finally:
+        device.cleanup()
+        server.stop()
