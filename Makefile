@@ -72,7 +72,7 @@ lint: setup
 # The edgefleet wheel and one offline wheelhouse per device platform, with SHA256SUMS
 # (dist/wheelhouse/cp311-aarch64, cp311-x86_64): docs/device.md#install-on-a-raspberry-pi.
 dist: setup
-	$(PY) -m edge_release build --out dist
+	$(PY) -m edge_agent.release build --out dist
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info .demo test-artifacts

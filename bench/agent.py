@@ -300,7 +300,7 @@ def agent_http(kind: str, body: bytes, tmp: Path, broker: Broker) -> dict[str, o
 
 def install_device_venv(tmp: Path) -> Path:
     """A venv with the agent installed as a device installs it: the x86_64 wheelhouse built from
-    this checkout (edge_release), then the installer's `pip install --no-index`.
+    this checkout (edge_agent.release), then the installer's `pip install --no-index`.
 
     RSS is measured there: its library files are mapped by this agent alone, as on a device. In
     a development venv that many test processes share, the page cache holds those files in large
@@ -311,7 +311,7 @@ def install_device_venv(tmp: Path) -> Path:
 
     house = agent_wheelhouse(tmp / "dist", machine="x86_64")
     venv = tmp / "device-venv"
-    subprocess.run([sys.executable, str(ROOT / "edge_release" / "install.py"), "--from", str(house), "--venv",
+    subprocess.run([sys.executable, str(ROOT / "edge_agent" / "release" / "install.py"), "--from", str(house), "--venv",
                     str(venv)], check=True, stdout=subprocess.DEVNULL)
     return venv
 
@@ -617,7 +617,7 @@ def main() -> None:
         "",
         "Agent RSS: the `edgefleet agent run` process with the model loaded, HTTP, MQTT and telemetry running, "
         f"after HTTP load and one GET /metrics (a scraped device), started with `MALLOC_ARENA_MAX={AGENT_ENV_MALLOC_ARENA_MAX}` as the systemd unit "
-        "does. The headline figure is the agent installed as a device installs it (`edge_release`: the x86_64 "
+        "does. The headline figure is the agent installed as a device installs it (`edge_agent.release`: the x86_64 "
         "wheelhouse, `pip install --no-index` into a venv of its own), whose library files no other process maps. "
         "The last column is the same code run from this checkout in the development venv, which dozens of test "
         "and benchmark processes share: there the page cache holds numpy's and onnxruntime's files in large "

@@ -186,7 +186,7 @@ def write(native: dict, emulated: dict, start_native: float, start_emulated: flo
         "",
         f"Native: {platform.machine()}, Python {sys.version.split()[0]}, this checkout. Emulated: aarch64 Debian "
         "(the host's release, from its mirror) under qemu-user-static through binfmt, Debian's python3, the agent "
-        f"installed from the aarch64 wheelhouse (`edge_release`). Model: LogisticRegression pipeline; {n} timed "
+        f"installed from the aarch64 wheelhouse (`edge_agent.release`). Model: LogisticRegression pipeline; {n} timed "
         "single-row calls after a warm-up, one intra-op thread. 1-minute load average "
         f"{load[0]:.1f} at the start and {load[1]:.1f} at the end, on {os.cpu_count()} cores: above the core count "
         "other work competed with both runs, and the ratios mean little.",

@@ -14,7 +14,7 @@ import click
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "model": ("model_tools.cli:model", "tools", "Convert, quantize, sign and verify model bundles."),
     "agent": ("edge_agent.cli:agent", "agent", "Run the on-device agent and talk to it."),
-    "release": ("edge_release.cli:release", "agent", "Build the wheel and the devices' offline wheelhouses."),
+    "release": ("edge_agent.release.cli:release", "agent", "Build the wheel and the devices' offline wheelhouses."),
     "server": ("fleet_server.cli:server", "server", "Run and administer the fleet server."),
     "sim": ("firmware_sim.cli:sim", "sim", "Simulate device fleets and rehearse rollouts."),
     "demo": ("firmware_sim.demo:demo_command", "sim", "Run the whole system on this machine."),

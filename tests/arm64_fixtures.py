@@ -25,8 +25,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_release.platforms import DEFAULT_PYTHON
-from edge_release.wheelhouse import (
+from edge_agent.release.platforms import DEFAULT_PYTHON
+from edge_agent.release.wheelhouse import (
     build_wheel,
     download_wheels,
     installed_pins,
@@ -450,7 +450,7 @@ def install_agent(device: Device, wheelhouse: Path, machine: str = MACHINE, pyth
     pip. The venv itself is made by the device's python3, and `bin/edgefleet` is the console
     script pip writes. (tests/test_arm64_device.py also runs the real installer on the device.)
     """
-    from edge_release.platforms import device_platform
+    from edge_agent.release.platforms import device_platform
 
     venv = VENV
     device.run(["/usr/bin/python3", "-m", "venv", "--without-pip", venv])

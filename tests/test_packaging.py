@@ -17,9 +17,14 @@ import pytest
 import requests
 from packaging.requirements import Requirement
 
-from edge_release import install as installer
-from edge_release.platforms import SUPPORTED, UNSUPPORTED_MESSAGE, device_platform, wheelhouse_name
-from edge_release.wheelhouse import (
+from edge_agent.release import install as installer
+from edge_agent.release.platforms import (
+    SUPPORTED,
+    UNSUPPORTED_MESSAGE,
+    device_platform,
+    wheelhouse_name,
+)
+from edge_agent.release.wheelhouse import (
     build_wheel,
     read_checksums,
     verify_checksums,
@@ -86,13 +91,13 @@ def test_wheel_ships_the_unit_the_installer_and_light_agent_requirements(wheel):
     names = ZipFile(wheel).namelist()
     # docs/device.md copies the unit from the installed package.
     assert "edge_agent/edgefleet-agent.service" in names
-    assert "edge_release/install.py" in names
+    assert "edge_agent/release/install.py" in names
     requirements = {canonical(Requirement(r).name) for r in wheel_requirements(wheel)}
     assert {"onnxruntime", "paho-mqtt", "numpy", "msgspec"} <= requirements
     assert not requirements & FORBIDDEN_ON_DEVICE
 
 
-def test_installer_states_the_platform_facts_of_edge_release():
+def test_installer_states_the_platform_facts_of_edge_agent_release():
     # install.py runs on a device with nothing installed, so it carries its own copy.
     assert tuple(SUPPORTED) == installer.SUPPORTED_MACHINES
     assert installer.UNSUPPORTED_MESSAGE == UNSUPPORTED_MESSAGE
@@ -201,7 +206,7 @@ def test_server_serves_wheelhouse_to_devices_only(fleet, tmp_path):
     listing = requests.get(base, headers={"Authorization": f"Bearer {fleet.token('viewer')}"}, timeout=10).json()
     assert listing["wheelhouses"][0]["name"] == "cp311-aarch64" and name in listing["wheelhouses"][0]["files"]
     script = requests.get(f"{base}/install.py", auth=device, timeout=10)
-    assert script.status_code == 200 and script.text == (ROOT / "edge_release" / "install.py").read_text()
+    assert script.status_code == 200 and script.text == (ROOT / "edge_agent" / "release" / "install.py").read_text()
     # A revoked device is refused.
     fleet.api("post", "/api/v1/devices/pi-7/revoke")
     assert requests.get(f"{base}/install.py", auth=device, timeout=10).status_code == 401

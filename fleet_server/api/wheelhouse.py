@@ -53,7 +53,7 @@ def list_wheelhouses():
 def installer():
     if (denied := _authenticated()) is not None:
         return denied
-    text = resources.files("edge_release").joinpath("install.py").read_text()
+    text = resources.files("edge_agent.release").joinpath("install.py").read_text()
     return Response(text, mimetype="text/x-python")
 
 

@@ -27,7 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-# The same facts as edge_release.platforms (a test keeps the two in step).
+# The same facts as edge_agent.release.platforms (a test keeps the two in step).
 SUPPORTED_MACHINES = ("aarch64", "x86_64")
 UNSUPPORTED_MESSAGE = (
     "edgefleet's agent runs on 64-bit Linux only (aarch64 or x86_64); this machine is {machine}. "

@@ -1,7 +1,12 @@
 """Device releases: the edgefleet wheel, offline wheelhouses per device platform, the installer."""
 
-from edge_release.platforms import SUPPORTED, UNSUPPORTED_MESSAGE, device_platform, wheelhouse_name
-from edge_release.wheelhouse import (
+from edge_agent.release.platforms import (
+    SUPPORTED,
+    UNSUPPORTED_MESSAGE,
+    device_platform,
+    wheelhouse_name,
+)
+from edge_agent.release.wheelhouse import (
     CHECKSUMS,
     ReleaseError,
     Wheelhouse,

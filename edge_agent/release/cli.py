@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from edge_release.platforms import DEFAULT_PYTHON, SUPPORTED
-from edge_release.wheelhouse import CHECKSUMS, ReleaseError, build_release
+from edge_agent.release.platforms import DEFAULT_PYTHON, SUPPORTED
+from edge_agent.release.wheelhouse import CHECKSUMS, ReleaseError, build_release
 
 
 @click.group()

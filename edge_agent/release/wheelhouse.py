@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from zipfile import ZipFile
 
-from edge_release.platforms import DEFAULT_PYTHON, SUPPORTED, device_platform, wheelhouse_name
+from edge_agent.release.platforms import DEFAULT_PYTHON, SUPPORTED, device_platform, wheelhouse_name
 
 CHECKSUMS = "SHA256SUMS"
 EXTRA = "agent"
@@ -42,7 +42,7 @@ class Wheelhouse:
 
 def source_root() -> Path | None:
     """The checkout this package runs from, when it is one (an installed wheel has no pyproject)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "pyproject.toml").is_file() else None
 
 

@@ -1,6 +1,6 @@
 """The device platforms edgefleet ships wheelhouses for, and the ones it refuses (with why).
 
-Stdlib only: the installer (`edge_release.install`) reads the same facts on a device that has
+Stdlib only: the installer (`edge_agent.release.install`) reads the same facts on a device that has
 nothing installed yet, so it carries its own copy; tests check that the two agree.
 """
 

@@ -1,6 +1,0 @@
-"""`python -m edge_release build ...` is `edgefleet release build ...`."""
-
-from edge_release.cli import release
-
-if __name__ == "__main__":
-    release(prog_name="python -m edge_release")
