@@ -161,9 +161,6 @@ def get_device(svc: Services, device_id: str) -> dict[str, Any]:
         raise DeviceError(f"no device {device_id!r}", 404)
     stats = svc.storage.seq_stats(device_id)
     device["delivery"] = loss_summary(stats[0]) if stats else None
-    from fleet_server.rotation import rotation_status  # rotation imports this module
-
-    device["rotation"] = rotation_status(svc, device_id)
     return device
 
 

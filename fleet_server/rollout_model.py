@@ -230,9 +230,12 @@ def parse_spec(data: dict[str, Any]) -> RolloutSpec:
     if timeout <= 0:
         raise RolloutError("'device_timeout_s' must be positive")
     # Imported here: the rollouts package imports this module.
-    from fleet_server.rollouts.schedule import parse_schedule
+    from fleet_server.rollouts.schedule import ScheduleError, parse_schedule
 
-    schedule = parse_schedule(data.get("schedule"))
+    try:
+        schedule = parse_schedule(data.get("schedule"))
+    except ScheduleError as exc:
+        raise RolloutError(str(exc)) from None
     return RolloutSpec(
         model=data["model"], version=data["version"], target=target, stages=stages,
         gates=gates, on_failure=on_failure, device_timeout_s=timeout, name=str(data.get("name", "")),

@@ -90,12 +90,11 @@ SCHEDULE_LEAD_S = 300.0
 def _start_time(plan: dict[str, Any], now: float, notes: list[str]) -> float:
     """When the simulated clock starts: now, or shortly before a schedule's first chance to act
     (its not_before, then its first maintenance window), so the rehearsal shows the windows."""
-    from fleet_server.rollout_model import RolloutError
-    from fleet_server.rollouts.schedule import local_iso, parse_schedule
+    from fleet_server.rollouts.schedule import ScheduleError, local_iso, parse_schedule
 
     try:
         schedule = parse_schedule(plan.get("schedule"))
-    except RolloutError:
+    except ScheduleError:
         return now  # create_rollout refuses the plan with the reason
     if schedule is None:
         return now

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, request
 
-from fleet_server import device_data, devices
+from fleet_server import device_data, devices, rotation
 from fleet_server.api.common import (
     ApiError,
     arg_bool,
@@ -55,7 +55,10 @@ def add_device():
 @bp.get("/devices/<device_id>")
 @require(Role.VIEWER)
 def get_device(device_id: str):
-    return jsonify(device=devices.get_device(services(), device_id))
+    svc = services()
+    device = devices.get_device(svc, device_id)
+    device["rotation"] = rotation.rotation_status(svc, device_id)
+    return jsonify(device=device)
 
 
 @bp.post("/devices/<device_id>/revoke")

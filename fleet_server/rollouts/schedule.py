@@ -27,7 +27,13 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterError, croniter
 
-from fleet_server.rollout_model import RolloutError
+
+class ScheduleError(ValueError):
+    """A schedule that cannot be accepted; the message says why. rollout_model turns it into a
+    RolloutError, so this module needs nothing from the rollout model."""
+
+    status = 400
+
 
 WINDOW_TAG = "maintenance_window"  # a device's own window: "CRON; DURATION"
 TZ_TAG = "maintenance_tz"  # the time zone of a device's window
@@ -160,7 +166,7 @@ class Schedule:
             try:
                 cron, duration = _split_window_tag(own)
                 return Window(cron, duration, tz)
-            except RolloutError:
+            except ScheduleError:
                 pass  # a bad tag falls back to the rollout's window (the status shows the tag)
         if self.window is None:
             return None
@@ -212,15 +218,15 @@ def parse_schedule(raw: Any) -> Schedule | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        raise RolloutError("'schedule' is an object: not_before, window {cron, duration, timezone}, device_windows")
+        raise ScheduleError("'schedule' is an object: not_before, window {cron, duration, timezone}, device_windows")
     bad = set(raw) - {"not_before", "window", "device_windows"}
     if bad:
-        raise RolloutError(f"schedule: unknown field(s) {sorted(bad)}; allowed: device_windows, not_before, window")
+        raise ScheduleError(f"schedule: unknown field(s) {sorted(bad)}; allowed: device_windows, not_before, window")
     not_before = _parse_time(raw.get("not_before")) if raw.get("not_before") is not None else None
     window = _parse_window(raw["window"]) if raw.get("window") is not None else None
     device_windows = raw.get("device_windows", False)
     if not isinstance(device_windows, bool):
-        raise RolloutError("schedule.device_windows is true or false")
+        raise ScheduleError("schedule.device_windows is true or false")
     if not_before is None and window is None and not device_windows:
         return None
     return Schedule(not_before=not_before, window=window, device_windows=device_windows)
@@ -228,48 +234,48 @@ def parse_schedule(raw: Any) -> Schedule | None:
 
 def _parse_window(raw: Any) -> Window:
     if not isinstance(raw, dict):
-        raise RolloutError("schedule.window is an object: {cron, duration, timezone}")
+        raise ScheduleError("schedule.window is an object: {cron, duration, timezone}")
     bad = set(raw) - {"cron", "duration", "duration_s", "timezone"}
     if bad:
-        raise RolloutError(f"schedule.window: unknown field(s) {sorted(bad)}; allowed: cron, duration, timezone")
+        raise ScheduleError(f"schedule.window: unknown field(s) {sorted(bad)}; allowed: cron, duration, timezone")
     cron = raw.get("cron")
     if not isinstance(cron, str) or not _cron_ok(cron):
-        raise RolloutError(f"schedule.window.cron {cron!r} is not a 5-field cron expression (e.g. '0 2 * * *')")
+        raise ScheduleError(f"schedule.window.cron {cron!r} is not a 5-field cron expression (e.g. '0 2 * * *')")
     duration = raw.get("duration", raw.get("duration_s"))
     if duration is None:
-        raise RolloutError("schedule.window.duration is required: e.g. '2h', '90m' or seconds")
+        raise ScheduleError("schedule.window.duration is required: e.g. '2h', '90m' or seconds")
     tz = raw.get("timezone", "UTC")
     if not isinstance(tz, str) or not _zone_ok(tz):
-        raise RolloutError(f"schedule.window.timezone {tz!r} is not an IANA time zone (e.g. 'Europe/Madrid')")
+        raise ScheduleError(f"schedule.window.timezone {tz!r} is not an IANA time zone (e.g. 'Europe/Madrid')")
     return Window(cron=" ".join(cron.split()), duration_s=parse_duration(duration), timezone=tz)
 
 
 def parse_duration(raw: Any) -> float:
     """Seconds from a number or a text like '2h', '90m', '1h30m', '1d'."""
     if isinstance(raw, bool):
-        raise RolloutError("a window duration is seconds or a text like '2h'")
+        raise ScheduleError("a window duration is seconds or a text like '2h'")
     if isinstance(raw, int | float):
         seconds = float(raw)
     elif isinstance(raw, str) and (m := _DURATION.match(raw)) and any(m.groups()):
         d, h, mi, s = (float(x) if x else 0.0 for x in m.groups())
         seconds = d * 86400 + h * 3600 + mi * 60 + s
     else:
-        raise RolloutError(f"window duration {raw!r}: give seconds or a text like '2h', '90m', '1h30m'")
+        raise ScheduleError(f"window duration {raw!r}: give seconds or a text like '2h', '90m', '1h30m'")
     if not 0 < seconds <= MAX_DURATION_S:
-        raise RolloutError(f"window duration must be more than 0 and at most 7 days, not {seconds:g} s")
+        raise ScheduleError(f"window duration must be more than 0 and at most 7 days, not {seconds:g} s")
     return seconds
 
 
 def _split_window_tag(value: str) -> tuple[str, float]:
     cron, sep, duration = value.rpartition(";")
     if not sep or not _cron_ok(cron.strip()):
-        raise RolloutError(f"tag {WINDOW_TAG}={value!r}: write 'CRON; DURATION', e.g. '0 3 * * *; 90m'")
+        raise ScheduleError(f"tag {WINDOW_TAG}={value!r}: write 'CRON; DURATION', e.g. '0 3 * * *; 90m'")
     return " ".join(cron.split()), parse_duration(duration.strip())
 
 
 def _parse_time(raw: Any) -> float:
     if isinstance(raw, bool):
-        raise RolloutError("schedule.not_before is an ISO 8601 time with its offset or epoch seconds")
+        raise ScheduleError("schedule.not_before is an ISO 8601 time with its offset or epoch seconds")
     value: float | None = None
     if isinstance(raw, int | float):
         value = float(raw)
@@ -282,9 +288,9 @@ def _parse_time(raw: Any) -> float:
             value = dt.timestamp()
     if value is not None:
         if not 0 <= value <= LATEST_START:  # also NaN; later years overflow the cron arithmetic
-            raise RolloutError("schedule.not_before must be between 1970 and 2100")
+            raise ScheduleError("schedule.not_before must be between 1970 and 2100")
         return value
-    raise RolloutError(f"schedule.not_before {raw!r}: give an ISO 8601 time with its offset "
+    raise ScheduleError(f"schedule.not_before {raw!r}: give an ISO 8601 time with its offset "
                        "(e.g. '2026-12-08T02:00:00+01:00' or '...Z') or epoch seconds")
 
 
