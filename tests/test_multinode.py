@@ -461,6 +461,7 @@ def test_kill_9_of_an_ingest_node_and_a_database_restart_lose_nothing(cluster3, 
 
         # PostgreSQL stops mid-ingest: nodes are not ready, the API says which database, nothing is
         # acknowledged (outboxes grow); when it is back everything is stored once.
+        cluster.token("viewer")  # made while the database is up
         own_pg.stop()
         for node in (n1, n3):
             wait_until(lambda node=node: requests.get(node.url + "/api/v1/ready", timeout=5).status_code == 503, 15,
