@@ -68,6 +68,12 @@ OPERATIONS: list[tuple[str, str, str, str | None, list[tuple[str, str, str, str]
     ("get", "/api/v1/models/{name}/{version}/bundle",
      "Download the bundle (device HTTP Basic or token; Range, ETag)", "device",
      [("name", P, "string", "model name"), ("version", P, "string", "model version")], None),
+    ("get", "/api/v1/wheelhouse", "The offline wheelhouses devices install the agent from", "device", [], None),
+    ("get", "/api/v1/wheelhouse/install.py", "The device installer (standard library only)", "device", [], None),
+    ("get", "/api/v1/wheelhouse/{name}/{filename}",
+     "One wheel or SHA256SUMS of a wheelhouse (device HTTP Basic or token; Range, ETag)", "device",
+     [("name", P, "string", "wheelhouse, e.g. cp311-aarch64"), ("filename", P, "string", "a file SHA256SUMS lists")],
+     None),
     ("get", "/api/v1/models/{name}/{version}/drift", "Drift per feature and for the prediction", "viewer", [
         ("name", P, "string", "model name"), ("version", P, "string", "model version"),
         ("scope", Q, "string", "fleet | device:ID | tag:KEY=VALUE"),
