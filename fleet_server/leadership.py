@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -27,10 +27,6 @@ log = logging.getLogger(__name__)
 # pg_advisory_lock key of leadership (the migration lock is 0x6566_0000; device and compaction
 # locks use the two-key form, another key space).
 LEADER_LOCK = 0x6566_0010
-# The leader's session: the server drops it when this host stops answering (its own TCP keepalives,
-# ~11 s) rather than after the operating system's default of two hours; tcp_user_timeout bounds
-# how long a check on this side waits for a server that no longer answers.
-SESSION_OPTIONS = "-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3"
 
 
 class NotLeading(RuntimeError):
@@ -112,7 +108,7 @@ class AdvisoryLockLeadership(_PassGuard):
     def __init__(self, url: str, *, check_s: float = 0.5, key: int = LEADER_LOCK, name: str = "") -> None:
         self.url, self.check_s, self.key, self.name = url, check_s, key, name
         super().__init__()
-        self._conn: Any = None
+        self._session: Any = None  # storage.postgres.session.AdvisoryLockSession, made at start
         self._leading = False
         self._db_error = ""  # until a check fails, the database counts as reachable (it was at start)
         self._lock = threading.Lock()  # one statement at a time on the dedicated connection
@@ -153,35 +149,28 @@ class AdvisoryLockLeadership(_PassGuard):
 
     def check(self) -> None:
         """One check: connect if needed, then try the lock (follower) or prove the session (leader)."""
-        import psycopg
+        from fleet_server.storage import StorageUnavailable
+        from fleet_server.storage.postgres.session import AdvisoryLockSession
 
         with self._lock:
+            if self._session is None:
+                self._session = AdvisoryLockSession(self.url, self.key)
             try:
-                if self._conn is None:
-                    self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=2,
-                                                 keepalives=1, keepalives_idle=5, keepalives_interval=2,
-                                                 keepalives_count=2, tcp_user_timeout=3000,
-                                                 options=SESSION_OPTIONS, application_name="edgefleet-leader")
                 if self._leading:
-                    self._conn.execute("SELECT 1").fetchone()
-                else:
-                    got = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()[0]
-                    if got:
-                        self._set(True)
+                    self._session.ping()
+                elif self._session.try_lock():
+                    self._set(True)
                 self._db_error = ""
-            except Exception as exc:  # psycopg.Error, OSError: the session (and the lock) is gone
-                text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                self._db_error = text
-                self._drop(text)
+            except StorageUnavailable as exc:  # the session (and the lock) is gone
+                self._db_error = str(exc)
+                self._drop(str(exc))
 
     def _drop(self, why: str) -> None:
-        conn, self._conn = self._conn, None
         if self._leading:
             log.warning("node %s stops leading: %s", self.name, why)
         self._set(False)
-        if conn is not None:
-            with suppress(Exception):
-                conn.close()
+        if self._session is not None:
+            self._session.close()
 
     def _set(self, leading: bool) -> None:
         if leading == self._leading:
