@@ -28,6 +28,8 @@ SUFFIXES = {
     "SummaryMetricFamily": ("_sum", "_count", ""),
     "InfoMetricFamily": ("_info",),
 }
+# The agent writes its own text format (no prometheus_client on a device): its kinds, as families.
+AGENT_KINDS = {"counter": "CounterMetricFamily", "histogram": "HistogramMetricFamily", "gauge": "GaugeMetricFamily"}
 METRIC_NAME = re.compile(r"\bedgefleet_[a-z0-9_]+\b")
 
 
@@ -39,8 +41,8 @@ def promtool() -> str:
 
 
 def exported_metric_names(packages: tuple[str, ...] = EXPORTING_PACKAGES) -> set[str]:
-    """Every series name the code can expose: the first argument of each `*MetricFamily(...)`
-    call in the packages, with the suffixes its type adds."""
+    """Every series name the code can expose: the first argument of each `*MetricFamily(...)` call
+    (and of the agent's `Family(name, kind, ...)`) in the packages, with the suffixes its type adds."""
     names: set[str] = set()
     for package in packages:
         for path in (ROOT / package).rglob("*.py"):
@@ -49,6 +51,9 @@ def exported_metric_names(packages: tuple[str, ...] = EXPORTING_PACKAGES) -> set
                     continue
                 func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
                 first = node.args[0]
+                if func == "Family" and len(node.args) > 1 and isinstance(node.args[1], ast.Constant):
+                    # The agent's own text writer (edge_agent/metrics.py): Family(name, kind, ...).
+                    func = AGENT_KINDS.get(str(node.args[1].value), "GaugeMetricFamily")
                 if not func.endswith("MetricFamily") or not isinstance(first, ast.Constant):
                     continue
                 base = str(first.value).removesuffix("_total") if func == "CounterMetricFamily" else str(first.value)
