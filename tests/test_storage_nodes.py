@@ -106,12 +106,15 @@ def test_two_ingest_processes_on_one_database_store_every_window_once(tmp_path, 
         wait_until(lambda: (server.svc.storage.seq_stats("dev-a") or [{}])[0].get("received") == total, 20,
                    message="every window stored")
 
+        # On PostgreSQL a node's ingest worker is named after the node (not "0").
+        workers = (server.ingest.config.worker_id, "1")
+
         def stored_by() -> list[int]:
-            return [worker(w).get("stored_windows", 0) for w in ("0", "1")]
+            return [worker(w).get("stored_windows", 0) for w in workers]
 
         wait_until(lambda: sum(stored_by()) == total, 20, message=lambda: f"stored by each worker: {stored_by()}")
         assert all(n > 0 for n in stored_by()), stored_by()  # both took a share
-        assert sum(worker(w).get("duplicates", 0) for w in ("0", "1")) == 0
+        assert sum(worker(w).get("duplicates", 0) for w in workers) == 0
         assert sum(r["windows"] for r in server.svc.storage.bucket_rows("pump", "1.0.0")) == total
         stats = server.svc.storage.seq_stats("dev-a")[0]
         assert (stats["first_seq"], stats["max_seq"], stats["received"]) == (1, total, total)
