@@ -45,6 +45,8 @@ class _Traffic:
     download_bytes: int = 0
 
     def wrap_publisher(self, publisher: Any) -> None:
+        # Under the leadership fence (FencedPublisher) sits the publisher that writes to MQTT.
+        publisher = getattr(publisher, "_inner", publisher)
         publish = publisher.publish
 
         def counting(topic: str, payload: bytes, *args: Any, **kwargs: Any) -> bool:
