@@ -52,7 +52,7 @@ demo: setup
 	$(VENV)/bin/edgefleet demo
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --durations=25
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not browser"

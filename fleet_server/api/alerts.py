@@ -74,6 +74,8 @@ def add_webhook():
 @bp.delete("/webhooks/<int:webhook_id>")
 @require(Role.OPERATOR)
 def delete_webhook(webhook_id: int):
-    if not services().storage.delete_webhook(webhook_id):
+    # Ids are 64-bit integers in both databases: a larger number names no webhook (and would
+    # overflow the driver's integer binding).
+    if webhook_id >= 2**63 or not services().storage.delete_webhook(webhook_id):
         raise ApiError(f"no webhook {webhook_id}", 404)
     return jsonify(deleted=webhook_id)
