@@ -191,6 +191,11 @@ class FencedPublisher:
         self._inner = publisher
         self._leadership = leadership
 
+    @property
+    def unfenced(self) -> Any:
+        """The publisher underneath, that writes to MQTT (for instruments that count its bytes)."""
+        return self._inner
+
     def _fence(self, what: str) -> None:
         if not self._leadership.may_publish():
             raise NotLeading(f"not publishing {what}: this node no longer leads")

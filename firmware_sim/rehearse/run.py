@@ -46,7 +46,7 @@ class _Traffic:
 
     def wrap_publisher(self, publisher: Any) -> None:
         # Under the leadership fence (FencedPublisher) sits the publisher that writes to MQTT.
-        publisher = getattr(publisher, "_inner", publisher)
+        publisher = getattr(publisher, "unfenced", publisher)
         publish = publisher.publish
 
         def counting(topic: str, payload: bytes, *args: Any, **kwargs: Any) -> bool:
