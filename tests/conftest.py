@@ -12,6 +12,7 @@ pytest.register_assert_rewrite(
 )
 
 from tests.brokers import Broker  # noqa: E402 - after the registration above
+from tests.leaks import no_leftovers  # noqa: E402, F401 - every module: nothing left running after it
 from tests.postgres_fixtures import backend, pg_cluster, pg_url  # noqa: E402, F401 - fixtures for every module
 
 
