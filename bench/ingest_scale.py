@@ -1,0 +1,434 @@
+"""Ingest across processes (not a test): SQLite with 1 and 2 ingest processes against PostgreSQL with
+1, 2 and 4, on the same machine in the same run.
+
+Each configuration gets a fresh copy of one provisioned fleet (the SQLite file copied, the
+PostgreSQL database created from a template) and a broker of its own: `edgefleet server run`
+(managed Mosquitto, ingest process 1) plus N - 1 `edgefleet server ingest` processes on the same
+store, sharing the `$share/ingest` subscription. Publisher processes (bench/ingest.py's generator:
+one MQTT connection per device, realistic 30-feature windows, QoS 1) go through a step test of
+offered rates back to back; per step: the rate stored while it ran, the publish-to-stored lag
+(p50, p99) of the windows sent in it, and CPU per stored window of the server processes, of
+PostgreSQL (postmaster, its children and the children it reaped) and of the broker, from
+/proc/<pid>/stat. After the run every broker-acknowledged window must be in the database once:
+loss = acknowledged - stored, duplicates = stored rows beyond distinct (device, seq), and the
+bucket sums and the message accounting must count each window once.
+
+A step is held when its p99 lag is within --max-p99 and the configuration lost and duplicated
+nothing; a configuration's rate is its highest held step's stored rate. Prints a markdown table
+and writes bench/results/ingest_scale.md.
+
+    .venv/bin/python bench/ingest_scale.py [--rates 2500,4000,5500,7000] [--seconds 6] [--devices 120]
+    .venv/bin/python bench/ingest_scale.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from ingest import cpu_s, make_bundle, offer_load  # noqa: E402  (bench/ingest.py: the generator)
+
+from fleet_server.config import load_config  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+CLI = [sys.executable, "-c", "from edge_agent.entry import main; main()", "server"]
+GOAL_SPEEDUP = 1.5
+GOAL_SERVER_US = 100.0
+
+# `--profile`: the first `server ingest` process runs under cProfile in every thread (paho's network
+# thread and the writer do the work, not the main thread); the merged stats go to a pstats file.
+PROFILED = """
+import cProfile, pstats, sys, threading
+profiles = []
+_run = threading.Thread.run
+def run(self):
+    p = cProfile.Profile()
+    profiles.append(p)
+    p.enable()
+    try:
+        _run(self)
+    finally:
+        p.disable()
+threading.Thread.run = run
+out, sys.argv = sys.argv[1], ["edgefleet"] + sys.argv[2:]
+from edge_agent.entry import main
+try:
+    main()
+finally:
+    stats = pstats.Stats(profiles[0])
+    for p in profiles[1:]:
+        stats.add(p)
+    stats.dump_stats(out)
+"""
+
+
+# ------------------------------------------------------------------ the fleet and its stores
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path.as_posix().lstrip('/')}"
+
+
+def provision(data_dir: Path, storage_url: str, devices: int) -> dict[str, str]:
+    """A fleet of `devices` devices and one trusted 30-feature model; returns their passwords."""
+    from cryptography.hazmat.primitives import serialization
+
+    from fleet_server.devices import provision_device
+    from fleet_server.registry import trust_key, upload_bundle
+    from fleet_server.service import bootstrap
+    from model_tools.signing import generate_keypair
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    svc = bootstrap(load_config(data_dir, storage_url=storage_url))
+    try:
+        private, public = generate_keypair()
+        trust_key(svc, public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        upload_bundle(svc, make_bundle(private))
+        return {f"bench-{i:04d}": provision_device(svc, f"bench-{i:04d}").password for i in range(devices)}
+    finally:
+        svc.storage.close()
+
+
+class Store:
+    """Read-only checks on one configuration's database, whichever backend."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if url.startswith("sqlite:"):
+            self.conn = sqlite3.connect("/" + url.split("sqlite:///", 1)[1], timeout=30)
+            self.mark = "?"
+        else:
+            import psycopg
+
+            self.conn = psycopg.connect(url, autocommit=True)
+            self.mark = "%s"
+
+    def rows(self, sql: str, params: tuple = ()) -> list[tuple]:
+        return list(self.conn.execute(sql.replace("?", self.mark), params).fetchall())
+
+    def one(self, sql: str, params: tuple = ()) -> float:
+        value = self.rows(sql, params)[0][0]
+        return 0 if value is None else value
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# ------------------------------------------------------------------ CPU of process trees
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def postgres_cpu_s(postmaster: int) -> float:
+    """CPU seconds of a PostgreSQL cluster: the postmaster, the children it reaped (cutime +
+    cstime) and its live children (backends, checkpointer, WAL writer...)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    own = _stat(postmaster)
+    if own is None:
+        return float("nan")
+    total = sum(int(own[i]) for i in (11, 12, 13, 14))
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat(int(entry))
+            if fields is not None and int(fields[1]) == postmaster:
+                total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+@dataclass
+class CpuSampler:
+    """CPU seconds of the server processes, PostgreSQL and the broker, sampled every 0.2 s."""
+
+    server_pids: list[int]
+    broker_pid: int
+    postmaster: int | None
+    samples: list[tuple[float, float, float, float]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def sample(self) -> None:
+        now = time.time()
+        pg = postgres_cpu_s(self.postmaster) if self.postmaster else 0.0
+        self.samples.append((now, sum(cpu_s(p) for p in self.server_pids), pg, cpu_s(self.broker_pid)))
+
+    def start(self) -> CpuSampler:
+        self.sample()
+
+        def loop() -> None:
+            while not self._stop.wait(0.2):
+                self.sample()
+
+        threading.Thread(target=loop, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        time.sleep(0.25)
+        self.sample()
+
+    def at(self, t: float) -> tuple[float, float, float]:
+        """(server, postgres, broker) CPU seconds at time t, linearly interpolated."""
+        s = self.samples
+        if t <= s[0][0]:
+            return s[0][1:]
+        for a, b in zip(s, s[1:], strict=False):
+            if a[0] <= t <= b[0]:
+                f = (t - a[0]) / ((b[0] - a[0]) or 1.0)
+                return tuple(x + f * (y - x) for x, y in zip(a[1:], b[1:], strict=True))  # type: ignore[return-value]
+        return s[-1][1:]
+
+
+# ------------------------------------------------------------------ one configuration
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def connected_workers(store: Store) -> int:
+    import json
+
+    rows = store.rows("SELECT stats FROM ingest_workers")
+    return sum(1 for (stats,) in rows if (json.loads(stats) if isinstance(stats, str) else stats).get("connected"))
+
+
+def run_config(name: str, url: str, data_dir: Path, creds: dict[str, str], procs_n: int, args,
+               postmaster: int | None) -> dict:
+    """One configuration: start the processes, run the step test, drain, check the database."""
+    from tests.brokers import free_port
+
+    broker_port, http_port = free_port(), free_port()
+    log = open(data_dir / "bench-processes.log", "w")  # noqa: SIM115  (closed in finally)
+    procs = [subprocess.Popen(CLI + ["run", "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{http_port}",
+                                     "--broker-port", str(broker_port), "--storage-url", url],
+                              cwd=ROOT, stdout=log, stderr=log)]
+    store = Store(url)
+    try:
+        broker_file = data_dir / "broker" / "mosquitto.pid"
+        wait_for(lambda: connected_workers(store) >= 1, 60, f"{name}: the server's ingest")
+        for i in range(1, procs_n):
+            cli = CLI if not (args.profile and i == 1) else [sys.executable, "-c", PROFILED, str(args.profile), "server"]
+            procs.append(subprocess.Popen(
+                cli + ["ingest", "--data-dir", str(data_dir), "--worker-id", f"bench-{i}", "--storage-url", url,
+                       "--mqtt-url", f"mqtt://127.0.0.1:{broker_port}"], cwd=ROOT, stdout=log, stderr=log))
+        wait_for(lambda: connected_workers(store) >= procs_n, 60, f"{name}: {procs_n} ingest processes")
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{name}: a server process exited ({p.returncode}); see its log")
+        sampler = CpuSampler([p.pid for p in procs], int(broker_file.read_text().strip()), postmaster).start()
+        schedule = [(rate, args.seconds) for rate in args.rates]
+        load = offer_load(broker_port, "default", creds, args.publishers, schedule)
+        wait_for(lambda: store.one("SELECT count(*) FROM windows") >= load["acked"], 120, f"{name}: drain")
+        drained = time.time()
+        sampler.stop()
+        pairs = store.rows("SELECT sent_at, stored_at FROM windows")
+        stored = len(pairs)
+        distinct = store.one("SELECT count(*) FROM (SELECT DISTINCT device, seq FROM windows) AS d")
+        bucket_windows = store.one("SELECT sum(windows) FROM buckets")
+        accounted = store.one("SELECT sum(received) FROM seq_stats")
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        store.close()
+        log.close()
+
+    rows = []
+    for step in load["steps"]:
+        start, end = step["start"], step["end"]
+        lags = sorted(b - a for a, b in pairs if start <= a < end)
+        stored_in = sum(1 for _, b in pairs if start <= b < end)
+        c0, c1 = sampler.at(start), sampler.at(end)
+        per = [1e6 * (y - x) / max(stored_in, 1) for x, y in zip(c0, c1, strict=True)]
+        rows.append({
+            "offered": step["offered"], "achieved": step["achieved"], "sent": len(lags),
+            "rate": stored_in / (end - start),
+            "p50": lags[len(lags) // 2] if lags else float("nan"),
+            "p99": lags[int(0.99 * (len(lags) - 1))] if lags else float("nan"),
+            "server_us": per[0], "pg_us": per[1], "broker_us": per[2], "gen_us": step["gen_cpu_us"],
+        })
+    t0 = load["steps"][0]["start"]
+    c0, c1 = sampler.at(t0), sampler.at(drained)
+    overall = [1e6 * (y - x) / max(stored, 1) for x, y in zip(c0, c1, strict=True)]
+    return {
+        "name": name, "procs": procs_n, "rows": rows, "acked": load["acked"], "published": load["published"],
+        "stored": stored, "loss": load["acked"] - stored, "duplicates": stored - int(distinct),
+        "bucket_windows": int(bucket_windows), "accounted": int(accounted),
+        "server_us": overall[0], "pg_us": overall[1], "broker_us": overall[2],
+    }
+
+
+# ------------------------------------------------------------------ report
+
+
+def f(x: float, digits: int = 0) -> str:
+    return "n/a" if x != x else f"{x:,.{digits}f}"
+
+
+def held(run: dict, max_p99: float) -> dict | None:
+    """The highest-rate step with p99 lag within the bound, when nothing was lost or counted twice."""
+    clean = (run["loss"] == 0 and run["duplicates"] == 0 and run["bucket_windows"] == run["stored"]
+             and run["accounted"] == run["stored"])
+    ok = [r for r in run["rows"] if clean and r["p99"] == r["p99"] and r["p99"] <= max_p99]
+    return max(ok, key=lambda r: r["rate"]) if ok else None
+
+
+def report(runs: list[dict], args, load_before: tuple[float, float, float], elapsed: float) -> str:
+    lines = [
+        f"Step test, back to back: offered {', '.join(f(r) for r in args.rates)} windows/s, {f(args.seconds)} s each, "
+        f"from {args.publishers} publisher processes over {args.devices} MQTT connections (QoS 1, 30 features x 10 "
+        f"bins per window). {os.cpu_count()} CPU cores shared by the generator, Mosquitto, the server processes and "
+        f"PostgreSQL (15, fsync off, its own cluster). Load average before the run "
+        f"{load_before[0]:.1f} / {load_before[1]:.1f} / {load_before[2]:.1f} (1 / 5 / 15 min), "
+        f"{os.getloadavg()[0]:.1f} after; the run took {elapsed:.0f} s.",
+        "",
+        "| setup | offered/s | achieved/s | stored/s | p50 lag s | p99 lag s | server CPU µs/window "
+        "| PostgreSQL CPU µs/window | broker CPU µs/window | generator CPU µs/window |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        for r in run["rows"]:
+            lines.append(
+                f"| {run['name']} | {f(r['offered'])} | {f(r['achieved'])} | {f(r['rate'])} | {f(r['p50'], 3)} | "
+                f"{f(r['p99'], 3)} | {f(r['server_us'])} | {f(r['pg_us'])} | {f(r['broker_us'])} | {f(r['gen_us'])} |"
+            )
+    lines += [
+        "",
+        f"Per configuration: the highest stored rate of a step with p99 lag <= {args.max_p99:g} s (\"held\"), and "
+        "checks over the whole run: windows acknowledged by the broker, stored, lost, duplicated, counted in the "
+        "drift buckets and in the message accounting; CPU per window over the whole run (first publish to drained).",
+        "",
+        "| setup | held windows/s | vs SQLite x1 | acknowledged | stored | lost | duplicates | in buckets "
+        "| accounted | server CPU µs/window | PostgreSQL CPU µs/window | server + database µs/window |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = next((held(r, args.max_p99) for r in runs if r["name"] == "SQLite x1"), None)
+    for run in runs:
+        h = held(run, args.max_p99)
+        ratio = f"{h['rate'] / base['rate']:.2f}x" if h and base else "n/a"
+        lines.append(
+            f"| {run['name']} | {f(h['rate']) if h else 'no step'} | {ratio} | {run['acked']:,} | {run['stored']:,} | "
+            f"{run['loss']} | {run['duplicates']} | {run['bucket_windows']:,} | {run['accounted']:,} | "
+            f"{f(run['server_us'])} | {f(run['pg_us'])} | {f(run['server_us'] + run['pg_us'])} |"
+        )
+    pg_multi = [(run, held(run, args.max_p99)) for run in runs if run["name"].startswith("PostgreSQL") and run["procs"] >= 2]
+    best = max((h["rate"] for _, h in pg_multi if h), default=float("nan"))
+    lines += ["", "Goals:", ""]
+    if base:
+        verdict = "met" if best == best and best >= GOAL_SPEEDUP * base["rate"] else "not met"
+        lines.append(f"- PostgreSQL with 2+ processes >= {GOAL_SPEEDUP:g}x SQLite's single-process rate "
+                     f"({f(GOAL_SPEEDUP * base['rate'])} windows/s): best {f(best)} windows/s "
+                     f"({best / base['rate']:.2f}x): **{verdict}**.")
+    else:
+        lines.append("- PostgreSQL vs SQLite: SQLite x1 held no step, no baseline.")
+    worst = max(run["server_us"] for run in runs if run["name"].startswith("PostgreSQL"))
+    lines.append(f"- Server CPU <= {GOAL_SERVER_US:g} µs per window: PostgreSQL runs {f(worst)} µs at most "
+                 f"(whole run): **{'met' if worst <= GOAL_SERVER_US else 'not met'}**.")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two short steps, SQLite x1 and PostgreSQL x2 only")
+    parser.add_argument("--rates", type=lambda v: [float(x) for x in v.split(",")], default=None,
+                        help="offered windows/s of each step, all publishers (comma-separated)")
+    parser.add_argument("--seconds", type=float, default=None, help="how long each step publishes")
+    parser.add_argument("--devices", type=int, default=120, help="devices = MQTT connections")
+    parser.add_argument("--publishers", type=int, default=2, help="publisher processes")
+    parser.add_argument("--configs", default=None,
+                        help="comma-separated subset of sqlite1,sqlite2,pg1,pg2,pg4 (default: all)")
+    parser.add_argument("--max-p99", type=float, default=2.0, help="lag bound of a held rate, seconds")
+    parser.add_argument("--out", type=Path, default=RESULTS / "ingest_scale.md")
+    parser.add_argument("--profile", type=Path, help="cProfile the first `server ingest` process into this file")
+    args = parser.parse_args()
+    # Provisioning with no broker running: each device's "broker account not created yet" is expected.
+    logging.getLogger("fleet_server.broker_accounts").setLevel(logging.ERROR)
+    args.rates = args.rates or ([2000.0, 4000.0] if args.quick else [2500.0, 4000.0, 5500.0, 7000.0])
+    args.seconds = args.seconds or (4.0 if args.quick else 6.0)
+    configs = (args.configs or ("sqlite1,pg2" if args.quick else "sqlite1,sqlite2,pg1,pg2,pg4")).split(",")
+
+    from tests.postgres import PostgresCluster
+
+    load_before = os.getloadavg()
+    started = time.time()
+    work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-"))
+    cluster = PostgresCluster().start() if any(c.startswith("pg") for c in configs) else None
+    runs = []
+    try:
+        templates: dict[str, tuple[Path, str, dict[str, str]]] = {}
+        if any(c.startswith("sqlite") for c in configs):
+            print(f"provisioning {args.devices} devices on SQLite...", file=sys.stderr)
+            sq = work / "sqlite-template"
+            templates["sqlite"] = (sq, "", provision(sq, sqlite_url(sq / "fleet.db"), args.devices))
+        postmaster = None
+        if cluster is not None:
+            print(f"provisioning {args.devices} devices on PostgreSQL...", file=sys.stderr)
+            pg = work / "pg-template"
+            url = cluster.create_database("fleet_template")
+            templates["pg"] = (pg, url, provision(pg, url, args.devices))
+            postmaster = int((cluster.data / "postmaster.pid").read_text().split()[0])
+        for config in configs:
+            backend, n = ("sqlite", int(config[6:])) if config.startswith("sqlite") else ("pg", int(config[2:]))
+            template, _, creds = templates[backend]
+            data_dir = work / config
+            shutil.copytree(template, data_dir)
+            if backend == "sqlite":
+                name, url = f"SQLite x{n}", sqlite_url(data_dir / "fleet.db")
+            else:
+                name = f"PostgreSQL x{n}"
+                cluster.execute(f'CREATE DATABASE "{config}" TEMPLATE "fleet_template"')
+                url = cluster.url(config)
+            print(f"{name}: {n} ingest process{'es' if n > 1 else ''}...", file=sys.stderr, flush=True)
+            run = run_config(name, url, data_dir, creds, n, args, postmaster if backend == "pg" else None)
+            runs.append(run)
+            print(f"  held {f(held(run, args.max_p99)['rate']) if held(run, args.max_p99) else 'no step'} windows/s, "
+                  f"lost {run['loss']}, duplicates {run['duplicates']}, server {f(run['server_us'])} µs/window, "
+                  f"PostgreSQL {f(run['pg_us'])} µs/window", file=sys.stderr, flush=True)
+    finally:
+        if cluster is not None:
+            cluster.destroy()
+        shutil.rmtree(work, ignore_errors=True)
+    table = report(runs, args, load_before, time.time() - started)
+    print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        "# Ingest across processes\n\nGenerated by `bench/ingest_scale.py` (`make bench`). Stored/s = windows "
+        "stored while the step ran / its length; lag = stored_at - sent_at of the windows sent in the step; "
+        "server CPU = all the `server run` and `server ingest` processes; PostgreSQL CPU = the whole cluster; "
+        "per window = CPU time over the step / windows stored in it (process CPU time, robust to other load on "
+        "the machine, unlike the rates). SQLite x2 is a second `server ingest` process on the same SQLite file "
+        "(supported: the writers take turns on its lock).\n\n" + table + "\n"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
