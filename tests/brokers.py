@@ -6,19 +6,16 @@ retained messages and persistent sessions survive a restart like they do in prod
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 
+from firmware_sim.local import free_port  # noqa: F401 - tests import it from here
+
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
@@ -32,10 +29,18 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
+# Every wait's timeout is multiplied by this: the timeouts are sized for an idle machine, and a
+# loaded 2-core one (parallel workers, the emulated arm64 device) can be several times slower.
+# Only a failing wait takes longer; a passing one returns as soon as its condition holds.
+TIMEOUT_SCALE = float(os.environ.get("EDGEFLEET_TEST_TIMEOUT_SCALE", "3"))
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, message=""):
-    """Poll `predicate` until it returns a truthy value; return it, or fail after `timeout`.
+    """Poll `predicate` until it returns a truthy value; return it, or fail after `timeout`
+    (times TIMEOUT_SCALE).
 
     `message` may be a callable, evaluated only on failure (to show the state it ended in)."""
+    timeout *= TIMEOUT_SCALE
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

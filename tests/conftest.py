@@ -11,6 +11,7 @@ pytest.register_assert_rewrite(
     "tests.sim_fixtures", "tests.postgres", "tests.postgres_fixtures",
 )
 
+from tests import leaks  # noqa: E402
 from tests.brokers import Broker  # noqa: E402 - after the registration above
 from tests.leaks import no_leftovers  # noqa: E402, F401 - every module: nothing left running after it
 from tests.postgres_fixtures import backend, pg_cluster, pg_url  # noqa: E402, F401 - fixtures for every module
@@ -22,3 +23,11 @@ def broker(tmp_path):
     b = Broker(tmp_path / "broker").start()
     yield b
     b.stop()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    leaks.remember_exit_status(exitstatus)
+
+
+def pytest_unconfigure(config):
+    leaks.exit_if_threads_would_hang()

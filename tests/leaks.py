@@ -98,3 +98,30 @@ _SESSION_THREADS = ("pool-", "edgefleet-test-admin")
 def _session_process(pid: int) -> bool:
     cmd = _cmdline(pid)
     return "postgres" in cmd.split(" ", 1)[0] or cmd.startswith("postgres:")
+
+
+_exit_status: list[int] = []
+
+
+def remember_exit_status(status: int) -> None:
+    _exit_status.append(int(status))
+
+
+def exit_if_threads_would_hang() -> None:
+    """At the very end of the run: a non-daemon thread still alive would keep the interpreter
+    from exiting (it joins them), and a CI job would wait on it until its own limit. Name the
+    threads and end the process with the run's status instead."""
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not stuck:
+        return
+    deadline = time.monotonic() + GRACE_S
+    while stuck and time.monotonic() < deadline:
+        time.sleep(0.05)  # poll interval while they may still end
+        stuck = [t for t in stuck if t.is_alive()]
+    if stuck:
+        import sys
+
+        names = ", ".join(repr(t.name) for t in stuck)
+        print(f"\nthreads still running at exit (a test did not stop them): {names}", file=sys.stderr, flush=True)
+        status = _exit_status[-1] if _exit_status else 1
+        os._exit(status or 1)
