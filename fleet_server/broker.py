@@ -435,7 +435,7 @@ class ManagedBroker:
         self._spawn()
         self._wait_listening()
 
-    def _wait_listening(self, timeout: float = 10.0) -> None:
+    def _wait_listening(self, timeout: float = 30.0) -> None:
         addresses = [(self.config.broker_host, self.config.broker_port)]
         if self.config.tls:
             host, port = self.config.broker_tls_host_port
@@ -574,6 +574,9 @@ class BrokerSync:
                     log.info("broker connection %d: republished %d desired states from the database",
                              connects, count)
                     self.republished += 1
+            from fleet_server.rotation import announce_open
+
+            announce_open(self.svc)  # the restarted broker may have lost notices of open rotations
             self._connects_seen = connects
         if publisher.connected:
             from fleet_server.rotation import announce_pending

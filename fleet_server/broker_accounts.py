@@ -167,7 +167,7 @@ class DynsecClient:
     own correlation id and only its responses are taken.
     """
 
-    def __init__(self, config: ServerConfig, timeout: float = 5.0) -> None:
+    def __init__(self, config: ServerConfig, timeout: float = 15.0) -> None:
         from fleet_server.mqtt_link import make_client
 
         self.timeout = timeout
