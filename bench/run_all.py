@@ -23,6 +23,7 @@ BENCHMARKS = [
     ("drift.md", "bench/drift.py", "Drift computation"),
     ("monitoring.md", "bench/monitoring.py", "Monitoring cost on the agent"),
     ("ingest.md", "bench/ingest.py", "Telemetry ingest"),
+    ("ingest_scale.md", "bench/ingest_scale.py", "Ingest across processes"),
     ("sim.md", "bench/sim.py", "Simulated fleet"),
     ("rollout.md", "bench/rollout.py", "Rollout controller"),
     ("cluster.md", "bench/cluster.py", "Several nodes: leader takeover and the controller pass on both backends"),
