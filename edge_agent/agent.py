@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import random
-import statistics
 import threading
 import time
 from collections import deque
@@ -40,7 +39,7 @@ from edge_agent.protocol import (
     encode,
 )
 from edge_agent.resources import detect_hardware, process_resources
-from edge_agent.runtime import ModelRuntime, Output
+from edge_agent.runtime import ModelRuntime, Output, median
 from edge_agent.signatures import TrustedKey, trusted_keys
 from edge_agent.store import DataDir, atomic_write_bytes, read_json
 from edge_agent.telemetry import Telemetry
@@ -559,7 +558,7 @@ class Agent:
     def activate(self, runtime: ModelRuntime) -> None:
         with self._lock:
             recent = list(self._recent_latency)
-            self.baseline_latency_ms = statistics.median(recent) if len(recent) >= 20 else None
+            self.baseline_latency_ms = median(recent) if len(recent) >= 20 else None
             self._recent_latency.clear()
             self._previous = self._active  # stays loaded for an instant rollback
             self._set_active(runtime)
@@ -570,7 +569,7 @@ class Agent:
 
     def probation_stats(self) -> tuple[int, int, float | None]:
         lat = list(self._recent_latency)[-max(1, self._prob_predictions):] if self._prob_predictions else []
-        return self._prob_predictions, self._prob_errors, statistics.median(lat) if lat else None
+        return self._prob_predictions, self._prob_errors, median(lat) if lat else None
 
     def commit(self, version: str, previous: str | None) -> None:
         self._probation = False

@@ -13,7 +13,6 @@ free and needed bytes, which the update machine retries once space returns.
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import shutil
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from edge_agent.store import is_disk_full
+from model_tools.digest import sha256
 
 CHUNK = 64 * 1024
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -129,7 +129,7 @@ class DownloadRequest:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    h = sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)

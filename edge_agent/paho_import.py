@@ -6,6 +6,8 @@ depend on it), and ssl for TLS. Those modules hold about 4 MiB of a device's RSS
 a stand-in for urllib.request that answers the proxy lookup from the environment (the real
 module when a `*_proxy` variable is set) and brings in the real module for anything else; ssl is
 imported for mqtts:// only, and handed to paho when a TLS link comes later in the process.
+paho's hashlib (SHA-1 of the WebSocket handshake, a transport the agent does not use) is a
+stand-in too: importing hashlib loads OpenSSL's libcrypto, another 3.5 MiB.
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ class _RequestStandIn(types.ModuleType):
         return getattr(_real_request(), name)
 
 
+class _HashlibStandIn(types.ModuleType):
+    """hashlib, imported on first use."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(importlib.import_module("hashlib"), name)
+
+
 def paho_client(tls: bool) -> types.ModuleType:
     """`paho.mqtt.client`, with ssl available to it when `tls`."""
     module = sys.modules.get("paho.mqtt.client")
@@ -48,6 +57,9 @@ def paho_client(tls: bool) -> types.ModuleType:
         if "urllib.request" not in sys.modules:
             sys.modules["urllib.request"] = _RequestStandIn("urllib.request")
             blocked.append("urllib.request")
+        if "hashlib" not in sys.modules:
+            sys.modules["hashlib"] = _HashlibStandIn("hashlib")
+            blocked.append("hashlib")
         if not tls and "ssl" not in sys.modules:
             sys.modules["ssl"] = None  # type: ignore[assignment]  # paho: `except ImportError: ssl = None`
             blocked.append("ssl")
@@ -55,7 +67,7 @@ def paho_client(tls: bool) -> types.ModuleType:
             module = importlib.import_module("paho.mqtt.client")
         finally:
             for name in blocked:
-                if sys.modules.get(name) is None or isinstance(sys.modules.get(name), _RequestStandIn):
+                if sys.modules.get(name) is None or isinstance(sys.modules.get(name), (_RequestStandIn, _HashlibStandIn)):
                     sys.modules.pop(name, None)
     if tls and getattr(module, "ssl", None) is None:
         module.ssl = importlib.import_module("ssl")

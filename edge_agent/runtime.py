@@ -6,7 +6,6 @@ swaps whole runtimes atomically (Activate, Rollback) while requests are in fligh
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,16 @@ class Output:
     def primary(self) -> list[Any]:
         """What telemetry bins as "the prediction": the label, else the value."""
         return self.labels if self.labels is not None else (self.values or [])
+
+
+def median(values: list[float]) -> float:
+    """statistics.median, which would import decimal and fractions (~0.6 MiB) for one sort."""
+    data = sorted(values)
+    n = len(data)
+    if n == 0:
+        raise ValueError("median of no values")
+    i = n // 2
+    return data[i] if n % 2 else (data[i - 1] + data[i]) / 2
 
 
 @dataclass
@@ -152,7 +161,7 @@ class ModelRuntime:
                 t0 = time.perf_counter()
                 self._run(self.output_names, one, None)
                 timings.append((time.perf_counter() - t0) * 1000.0)
-        p50 = statistics.median(timings)
+        p50 = median(timings)
         budget = self.manifest.budget
         limit = max(budget.latency_ms_p50 * budget.latency_tolerance, latency_floor_ms)
         if p50 > limit:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from model_tools.digest import sha256
 
 SIGNATURE_FIELD = "sig"  # base64 of the 64-byte Ed25519 signature
 KEY_ID_FIELD = "sig_key"  # key id of the signer (as `model_tools.signing.key_id`), a hint only
@@ -54,7 +55,7 @@ def raw_public_key(pem: str | bytes) -> bytes:
 
 def raw_key_id(raw: bytes) -> str:
     """The key id `model_tools.signing.key_id` gives the same key."""
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return sha256(raw).hexdigest()[:16]
 
 
 def signed_bytes(doc: Mapping[str, Any]) -> bytes:
@@ -138,7 +139,7 @@ class Accepted:
 
 
 def digest(doc: Mapping[str, Any]) -> str:
-    return hashlib.sha256(signed_bytes(doc)).hexdigest()
+    return sha256(signed_bytes(doc)).hexdigest()
 
 
 def check_fresh(doc: Mapping[str, Any], last: Accepted | None) -> Accepted:

@@ -7,7 +7,6 @@ over the network; every member is hashed against the signed manifest before it i
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import shutil
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import numpy as np
 
+from model_tools.digest import sha256_hex as _sha256_hex
 from model_tools.errors import (
     BundleError,
     SignatureError,
@@ -134,7 +134,7 @@ class Bundle:
 
 
 def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return _sha256_hex(data)
 
 
 def golden_to_bytes(golden: Mapping[str, np.ndarray]) -> bytes:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import os
 from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from model_tools.digest import sha256
 from model_tools.errors import SignatureError
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ def key_id(public_key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
     """Short, stable id of a key: the first 16 hex digits of sha256 over the raw public bytes."""
     if not hasattr(public_key, "public_bytes_raw"):  # a private key (or anything with a public half)
         public_key = public_key.public_key()
-    return hashlib.sha256(public_key.public_bytes_raw()).hexdigest()[:16]
+    return sha256(public_key.public_bytes_raw()).hexdigest()[:16]
 
 
 def _verifies(key: Ed25519PublicKey, signature: bytes, data: bytes) -> bool:

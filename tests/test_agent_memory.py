@@ -45,7 +45,7 @@ from tests.brokers import free_port
 # The modules the long-lived agent process must not load (top-level names, or exact module
 # names): what each costs is in bench/agent.py's RSS breakdown and docs/device.md#memory.
 AVOIDED = ("psutil", "bcrypt", "cryptography", "click", "prometheus_client", "ssl", "urllib.request",
-           "http.client", "email")
+           "http.client", "email", "hashlib", "_hashlib", "hmac", "statistics")
 
 # `edgefleet agent run --config FILE` as the systemd unit starts it, in a fresh interpreter; a
 # thread (socket and json only) predicts, scrapes /metrics, lists the loaded modules and stops

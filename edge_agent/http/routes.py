@@ -8,7 +8,6 @@ A check that applies to every request (Host and Origin, `origin.py`; the token) 
 
 from __future__ import annotations
 
-import hmac
 import socket
 from collections.abc import Callable
 from functools import partial
@@ -21,6 +20,11 @@ from edge_agent.http.connection import ADAPTIVE, POOL, Connection, Job
 from edge_agent.http.origin import BrowserPolicy
 from edge_agent.http.wire import body_length, encode
 from edge_agent.validation import RequestError, rows_from_payload
+
+try:  # what hmac.compare_digest is; importing hmac would load OpenSSL's libcrypto (~3.5 MiB RSS)
+    from _operator import _compare_digest as compare_digest
+except ImportError:  # an interpreter other than CPython
+    from hmac import compare_digest
 
 if TYPE_CHECKING:
     from edge_agent.agent import Agent
@@ -75,7 +79,7 @@ class AgentRoutes:
         if not token:
             return True
         given = headers.get("authorization", "")
-        if given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip().encode(), token.encode()):
+        if given.startswith("Bearer ") and compare_digest(given[7:].strip().encode(), token.encode()):
             return True
         self.agent.telemetry.record_error("unauthorized")
         # The body (if any) is unread: close the connection rather than parse it.

@@ -7,7 +7,6 @@ machine as an `UpdateRun` (update/context.py): the states never import the machi
 
 from __future__ import annotations
 
-import hashlib
 from typing import TYPE_CHECKING
 
 from edge_agent.download import (
@@ -22,6 +21,7 @@ from edge_agent.protocol import DesiredState, encode
 from edge_agent.store import SAFE_VERSION, free_bytes, is_disk_full, is_downgrade
 from edge_agent.update.events import LIVE_STATES, Event, State
 from model_tools.bundle import extract_bundle, load_extracted, read_bundle
+from model_tools.digest import sha256
 from model_tools.errors import BundleError
 from model_tools.manifest import Manifest
 
@@ -33,7 +33,7 @@ MAX_ATTEMPTS = 3  # transient failures (network, restarts) of one desired before
 
 def desired_key(d: DesiredState) -> str:
     """Identity of one desired message: any change (e.g. allow_downgrade) is a new request."""
-    return hashlib.sha256(encode(d)).hexdigest()[:16]
+    return sha256(encode(d)).hexdigest()[:16]
 
 
 def attempts_left(attempts: dict[str, int], d: DesiredState) -> bool:
