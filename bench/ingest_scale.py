@@ -315,6 +315,21 @@ def held(run: dict, max_p99: float) -> dict | None:
     return max(ok, key=lambda r: r["rate"]) if ok else None
 
 
+def held_text(run: dict, max_p99: float) -> str:
+    """The held rate; `>=` when even the highest offered step held (the limit lies beyond it)."""
+    h = held(run, max_p99)
+    if h is None:
+        return "no step"
+    return (">= " if h is run["rows"][-1] else "") + f(h["rate"])
+
+
+def everything(run: dict) -> float:
+    """CPU µs per window of every process on the path: server, database, broker and generator."""
+    published = sum(r["sent"] for r in run["rows"]) or 1
+    generator = sum(r["gen_us"] * r["sent"] for r in run["rows"]) / published
+    return run["server_us"] + run["pg_us"] + run["broker_us"] + generator
+
+
 def report(runs: list[dict], args, load_before: tuple[float, float, float], elapsed: float) -> str:
     lines = [
         f"Step test, back to back: offered {', '.join(f(r) for r in args.rates)} windows/s, {f(args.seconds)} s each, "
@@ -338,20 +353,24 @@ def report(runs: list[dict], args, load_before: tuple[float, float, float], elap
         "",
         f"Per configuration: the highest stored rate of a step with p99 lag <= {args.max_p99:g} s (\"held\"), and "
         "checks over the whole run: windows acknowledged by the broker, stored, lost, duplicated, counted in the "
-        "drift buckets and in the message accounting; CPU per window over the whole run (first publish to drained).",
+        "drift buckets and in the message accounting; CPU per window over the whole run (first publish to drained). "
+        "CPU ceiling = cores / CPU per window of all processes on the path (server, database, broker and load "
+        "generator): the most this machine could store with every core busy on this pipeline.",
         "",
         "| setup | held windows/s | vs SQLite x1 | acknowledged | stored | lost | duplicates | in buckets "
-        "| accounted | server CPU µs/window | PostgreSQL CPU µs/window | server + database µs/window |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| accounted | server CPU µs/window | PostgreSQL CPU µs/window | server + database µs/window "
+        "| all processes µs/window | CPU ceiling windows/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = next((held(r, args.max_p99) for r in runs if r["name"] == "SQLite x1"), None)
     for run in runs:
         h = held(run, args.max_p99)
         ratio = f"{h['rate'] / base['rate']:.2f}x" if h and base else "n/a"
         lines.append(
-            f"| {run['name']} | {f(h['rate']) if h else 'no step'} | {ratio} | {run['acked']:,} | {run['stored']:,} | "
+            f"| {run['name']} | {held_text(run, args.max_p99)} | {ratio} | {run['acked']:,} | {run['stored']:,} | "
             f"{run['loss']} | {run['duplicates']} | {run['bucket_windows']:,} | {run['accounted']:,} | "
-            f"{f(run['server_us'])} | {f(run['pg_us'])} | {f(run['server_us'] + run['pg_us'])} |"
+            f"{f(run['server_us'])} | {f(run['pg_us'])} | {f(run['server_us'] + run['pg_us'])} | "
+            f"{f(everything(run))} | {f(os.cpu_count() * 1e6 / everything(run))} |"
         )
     pg_multi = [(run, held(run, args.max_p99)) for run in runs if run["name"].startswith("PostgreSQL") and run["procs"] >= 2]
     best = max((h["rate"] for _, h in pg_multi if h), default=float("nan"))
@@ -363,9 +382,12 @@ def report(runs: list[dict], args, load_before: tuple[float, float, float], elap
                      f"({best / base['rate']:.2f}x): **{verdict}**.")
     else:
         lines.append("- PostgreSQL vs SQLite: SQLite x1 held no step, no baseline.")
-    worst = max(run["server_us"] for run in runs if run["name"].startswith("PostgreSQL"))
-    lines.append(f"- Server CPU <= {GOAL_SERVER_US:g} µs per window: PostgreSQL runs {f(worst)} µs at most "
-                 f"(whole run): **{'met' if worst <= GOAL_SERVER_US else 'not met'}**.")
+    pg = [run for run in runs if run["name"].startswith("PostgreSQL")]
+    if pg:
+        each = ", ".join(f"{run['name']} {f(run['server_us'])}" for run in pg)
+        met = all(run["server_us"] <= GOAL_SERVER_US for run in pg)
+        lines.append(f"- Server CPU <= {GOAL_SERVER_US:g} µs per window (whole run, all server processes): {each} µs: "
+                     f"**{'met' if met else 'not met'}**.")
     lines += ["", "Where one `server ingest` process's CPU goes (the first extra process of each run, CPU seconds "
               "of each thread over its whole life / messages it received):", ""]
     for run in runs:
@@ -435,7 +457,7 @@ def main() -> int:
             print(f"{name}: {n} ingest process{'es' if n > 1 else ''}...", file=sys.stderr, flush=True)
             run = run_config(name, url, data_dir, creds, n, args, postmaster if backend == "pg" else None)
             runs.append(run)
-            print(f"  held {f(held(run, args.max_p99)['rate']) if held(run, args.max_p99) else 'no step'} windows/s, "
+            print(f"  held {held_text(run, args.max_p99)} windows/s, "
                   f"lost {run['loss']}, duplicates {run['duplicates']}, server {f(run['server_us'])} µs/window, "
                   f"PostgreSQL {f(run['pg_us'])} µs/window", file=sys.stderr, flush=True)
     finally:
