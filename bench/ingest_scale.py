@@ -339,6 +339,15 @@ def report(runs: list[dict], args, load_before: tuple[float, float, float], elap
         f"{load_before[0]:.1f} / {load_before[1]:.1f} / {load_before[2]:.1f} (1 / 5 / 15 min), "
         f"{os.getloadavg()[0]:.1f} after; the run took {elapsed:.0f} s.",
         "",
+    ]
+    if load_before[0] > 0.5:
+        lines += [
+            f"**Other work was running on this machine during the run** (load average {load_before[0]:.1f} before it "
+            f"started, on {os.cpu_count()} cores): the rates and lags are those of the share of the CPU the benchmark "
+            "got, lower than on an idle machine; CPU per window (process CPU time) is less affected.",
+            "",
+        ]
+    lines += [
         "| setup | offered/s | achieved/s | stored/s | p50 lag s | p99 lag s | server CPU µs/window "
         "| PostgreSQL CPU µs/window | broker CPU µs/window | generator CPU µs/window |",
         "|---|---|---|---|---|---|---|---|---|---|",
