@@ -17,7 +17,7 @@ A step is held when its p99 lag is within --max-p99 and the configuration lost a
 nothing; a configuration's rate is its highest held step's stored rate. Prints a markdown table
 and writes bench/results/ingest_scale.md.
 
-    .venv/bin/python bench/ingest_scale.py [--rates 1000,2000,3500,5000] [--seconds 6] [--devices 120]
+    .venv/bin/python bench/ingest_scale.py [--rates 1000,2500,4000,5500,7000] [--seconds 5] [--devices 120]
     .venv/bin/python bench/ingest_scale.py --quick
 """
 
@@ -428,8 +428,8 @@ def main() -> int:
     args = parser.parse_args()
     # Provisioning with no broker running: each device's "broker account not created yet" is expected.
     logging.getLogger("fleet_server.broker_accounts").setLevel(logging.ERROR)
-    args.rates = args.rates or ([1500.0, 3000.0] if args.quick else [1000.0, 2000.0, 3500.0, 5000.0])
-    args.seconds = args.seconds or (4.0 if args.quick else 6.0)
+    args.rates = args.rates or ([1500.0, 3000.0] if args.quick else [1000.0, 2500.0, 4000.0, 5500.0, 7000.0])
+    args.seconds = args.seconds or (4.0 if args.quick else 5.0)
     configs = (args.configs or ("sqlite1,pg2" if args.quick else "sqlite1,sqlite2,pg1,pg2,pg4")).split(",")
 
     from tests.postgres import PostgresCluster
