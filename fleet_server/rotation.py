@@ -95,6 +95,16 @@ def announce_pending(svc: Services) -> int:
     return sum(announce(svc, r["device"]) for r in svc.storage.rotations_to_announce(svc.clock()))
 
 
+def announce_open(svc: Services) -> int:
+    """Announce every open rotation again: a restarted broker holds the retained notices of its
+    last save only, so a device that was offline when its notice went out would never see it."""
+    now = svc.clock()
+    open_rotations = [d for d in svc.storage.active_device_ids()
+                      if (row := svc.storage.get_rotation(d)) is not None
+                      and row["confirmed_at"] is None and row["expires_at"] > now]
+    return sum(announce(svc, d) for d in open_rotations)
+
+
 def _open_rotation(svc: Services, device_id: str, rotation_id: str) -> dict[str, Any]:
     row = svc.storage.get_rotation(device_id)
     if row is None or row["rotation_id"] != rotation_id or row["confirmed_at"] is not None:

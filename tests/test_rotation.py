@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import threading
 import time
@@ -145,6 +146,33 @@ def test_the_old_password_stays_valid_until_the_device_confirms(fleet, model, tm
                    message=lambda: f"rotation confirmed: {rotation_status(svc, 'rot-2')}")
         assert rotation_status(svc, "rot-2")["state"] == "confirmed"
         assert broker_login(config, "rot-2", old) == "Not authorized"
+    finally:
+        running.close()
+
+
+def test_a_rotation_announced_before_a_broker_crash_reaches_the_device_that_was_offline(fleet, model, tmp_path):
+    """The broker restores its retained messages from its last save: a notice published after it
+    is gone when the broker dies. After the restart the server announces open rotations again,
+    so a device that was offline meanwhile still rotates."""
+    svc, config = fleet.svc, fleet.config
+    provisioned = provision_device(svc, "rot-8", window_s=0.25)
+    old = provisioned.password
+    db = svc.broker.dir / "mosquitto.db"
+    before = db.stat().st_mtime_ns if db.exists() else 0
+    os.kill(svc.broker.pid, signal.SIGUSR1)  # the broker saves its state, as its autosave would...
+    wait_until(lambda: db.exists() and db.stat().st_mtime_ns > before, 10, message="the broker saved its state")
+    request_rotation(svc, "rot-8", "test")  # ...then the notice goes out (retained, rot-8 is offline)...
+    assert rotation_status(svc, "rot-8")["notified_at"] is not None
+    old_pid, connects = svc.broker.pid, svc.publisher.connects
+    os.kill(old_pid, signal.SIGKILL)  # ...and the broker dies before its next save
+    wait_until(lambda: svc.broker.alive() and svc.broker.pid != old_pid and svc.publisher.connects > connects, 30,
+               message="the supervisor started the broker again and the server reconnected")
+    running = RunningAgent(provisioned.agent_config, tmp_path / "rot-8")
+    try:
+        wait_until(lambda: running.agent.rotator.completed, 20,
+                   message=lambda: f"rotation confirmed: {rotation_status(svc, 'rot-8')}")
+        assert rotation_status(svc, "rot-8")["state"] == "confirmed"
+        assert broker_login(config, "rot-8", old) == "Not authorized"
     finally:
         running.close()
 
