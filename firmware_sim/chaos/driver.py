@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -10,11 +11,24 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.update.events import State
-from firmware_sim.chaos.invariants import check_invariants, read_server_db
-from firmware_sim.chaos.plan import CURRENT, MODEL, TARGET, ChaosError, ChaosEvent, ChaosPlan
+from firmware_sim.chaos.invariants import (
+    check_invariants,
+    read_server_db,
+    retained_desired_invariant,
+)
+from firmware_sim.chaos.plan import (
+    BROKER_RESTART_BACKOFF_S,
+    CURRENT,
+    MODEL,
+    TARGET,
+    ChaosError,
+    ChaosEvent,
+    ChaosPlan,
+)
 from firmware_sim.chaos.processes import ServerProcess, wait_for
 from firmware_sim.chaos.recorder import WindowRecorder
 from firmware_sim.chaos.report import ChaosReport
+from firmware_sim.chaos.rotations import Rotations
 from firmware_sim.clock import SimClock
 from firmware_sim.fleet import SimFleet
 from firmware_sim.local import free_port
@@ -23,15 +37,19 @@ from firmware_sim.provision import ServicesProvisioner
 log = logging.getLogger("firmware_sim.chaos")
 
 FINAL = ("completed", "paused", "aborted")
+FINAL_CUT_OFF_S = 15.0  # the last rotated device is cut off across the last broker kill
+ROTATION_TIMEOUT_S = 90.0
 RESEND_AFTER_S = 5.0  # the devices' outbox.resend_after_s (the server acknowledges every 0.5 s)
 
 
 class _Driver:
     """Carries out a plan's events on time: infrastructure in one thread, devices in another."""
 
-    def __init__(self, plan: ChaosPlan, server: ServerProcess, fleet: SimFleet, say: Callable[[str], None]) -> None:
-        self.plan, self.server, self.fleet, self.say = plan, server, fleet, say
+    def __init__(self, plan: ChaosPlan, server: ServerProcess, fleet: SimFleet, rotations: Rotations,
+                 say: Callable[[str], None]) -> None:
+        self.plan, self.server, self.fleet, self.rotations, self.say = plan, server, fleet, rotations, say
         self.executed: list[str] = []
+        self.broker_restarts = 0  # by the server's supervisor: this driver never starts a broker
         self.errors: list[BaseException] = []
         self._lock = threading.Lock()
         self.t0 = 0.0
@@ -61,20 +79,32 @@ class _Driver:
             self.server.start()
             self._log(e, "restarted")
         elif e.kind == "broker_kill":
-            self.server.kill_broker()
-            self._log(e, f"kill -9, down {e.duration:.1f} s")
-            time.sleep(e.duration)
-            self.server.restart_broker()
-            self._log(e, "restarted")
+            self.kill_broker(e)
+        elif e.kind == "rotate":
+            self._log(e, f"password rotation {self.rotations.rotate(e.target)}")
         elif e.kind == "power_cut":
             self._log(e, "power cut" if self.fleet.power_cut(e.target) else "already down")
         elif e.kind == "cut_off":
             self.fleet.cut_off(e.target, e.duration)
             self._log(e, f"no network for {e.duration:.1f} s")
 
+    def kill_broker(self, e: ChaosEvent, rewind_to: Path | None = None) -> None:
+        """kill -9 of the broker; the server's supervisor starts it again (after its backoff) and
+        the server republishes every desired state: the driver only waits for that."""
+        killed_at = time.monotonic()
+        pid = self.server.kill_broker(rewind_to)
+        if pid is None:
+            self._log(e, "no broker running")
+            return
+        self._log(e, "kill -9" + (", its saved state rewound to before the rollout" if rewind_to else ""))
+        self.server.wait_broker_restarted(pid)
+        self.broker_restarts += 1
+        self._log(e, f"restarted by the server's supervisor after {time.monotonic() - killed_at:.1f} s")
+
     def run(self) -> None:
         events = self.plan.events()
         self.t0 = time.monotonic()
+        # Rotations go with the device events: a kill's thread is busy for the whole outage.
         infra = [e for e in events if e.kind in ("server_kill", "broker_kill")]
         devices = [e for e in events if e not in infra]
         threads = [threading.Thread(target=self._run, args=(x,), name=f"chaos-{n}", daemon=True)
@@ -91,7 +121,8 @@ def _server_toml(http_port: int, broker_port: int, plan: ChaosPlan) -> str:
     return (f'listen = "127.0.0.1:{http_port}"\nbroker_port = {broker_port}\nbucket_s = {plan.bucket_s}\n'
             f"bucket_grace_s = {plan.window_s}\nalert_interval_s = 2.0\nrollout_interval_s = 1.0\n"
             # Acknowledge deliveries within a second; devices resend after 5 s (RESEND_AFTER_S).
-            "broker_sync_interval_s = 1.0\nack_interval_s = 0.5\n")
+            "broker_sync_interval_s = 1.0\nack_interval_s = 0.5\n"
+            f"broker_restart_backoff_s = {BROKER_RESTART_BACKOFF_S}\n")
 
 
 def _agent_overrides(config: Any) -> None:
@@ -151,24 +182,35 @@ def run_chaos(plan: ChaosPlan, workdir: Path, *, say: Callable[[str], None] = la
         fleet.start(wait_online=120)
         wait_for(lambda: all((svc.storage.get_device(d) or {}).get("active_version") == CURRENT for d in fleet.ids),
                   60, f"the server to see every device on {CURRENT}")
+        # What the broker holds before the rollout: the state a last broker kill rewinds it to.
+        before_rollout = workdir / "broker-before-rollout.db"
+        server.save_broker_state(before_rollout)
         rid = rollouts.create_rollout(svc, plan.rollout(), actor="chaos")["id"]
         say(f"rollout {rid} of {MODEL} {TARGET} created; {plan.duration:.0f} s of chaos")
-        driver = _Driver(plan, server, fleet, say)
+        rotations = Rotations(svc, fleet)
+        driver = _Driver(plan, server, fleet, rotations, say)
         driver.run()
         say("chaos over: waiting for the rollout to finish and the fleet to settle")
         wait_for(lambda: svc.storage.get_rollout(rid)["state"] in FINAL, settle_timeout_s,
                   "the rollout to finish", 0.5)
-        fleet.wait(lambda: _settled_fleet(fleet), settle_timeout_s, "every device up, online and idle")
-        fleet.wait(fleet.delivered, settle_timeout_s, "every outbox acknowledged by the server")
-        fleet.wait(lambda: fleet.ingested(svc.storage.seq_stats()), settle_timeout_s, "the server to store every message")
+        _settle(svc, fleet, settle_timeout_s)
+        _rewound_broker_kill(driver, plan.final_rotation_device(), before_rollout)
+        _settle(svc, fleet, settle_timeout_s)
+        with contextlib.suppress(ChaosError):  # what did not happen, the invariants show
+            wait_for(rotations.settled, ROTATION_TIMEOUT_S, "every rotation confirmed and in force", 0.5)
         states = fleet.states()
+        credentials = rotations.observe()
         fleet.stop()
         _wait_quiet(data_dir)
-        invariants = check_invariants(svc, plan, fleet, states, recorder, rid, [pem])
+        invariants = [*check_invariants(svc, plan, fleet, states, recorder, rid, [pem]),
+                      retained_desired_invariant(svc, fleet),
+                      *rotations.invariants(credentials, broker_port)]
         status = rollouts.rollout_status(svc, rid)
         facts = {
             "rollout": f"{status['state']}",
             "server_starts": server.starts,
+            "broker_restarts": f"{driver.broker_restarts} (by the server's supervisor)",
+            "rotations": len(rotations.requested),
             "crashes": sum(s.crashes for s in states.values()),
             "windows_sent": len(recorder.windows),
         }
@@ -178,6 +220,28 @@ def run_chaos(plan: ChaosPlan, workdir: Path, *, say: Callable[[str], None] = la
             fleet.stop()
         server.stop()
         svc.storage.close()
+
+
+def _settle(svc: Any, fleet: SimFleet, timeout: float) -> None:
+    fleet.wait(lambda: _settled_fleet(fleet), timeout, "every device up, online and idle")
+    fleet.wait(fleet.delivered, timeout, "every outbox acknowledged by the server")
+    fleet.wait(lambda: fleet.ingested(svc.storage.seq_stats()), timeout, "the server to store every message")
+
+
+def _rewound_broker_kill(driver: _Driver, device_id: str, saved: Path) -> None:
+    """The worst broker crash, once the rollout is over: its state comes back from before the
+    rollout (no desired retained, nor the notice of a rotation announced just before). The server's
+    supervisor must start it and the server republish every desired and announce the rotation
+    again, which the device, cut off meanwhile, finds when it is back."""
+    at = time.monotonic() - driver.t0
+    cut = ChaosEvent(at, "cut_off", device_id, FINAL_CUT_OFF_S)
+    driver.fleet.cut_off(device_id, FINAL_CUT_OFF_S)
+    driver._log(cut, f"no network for {FINAL_CUT_OFF_S:.1f} s")
+    driver.fleet.wait(lambda: not driver.fleet.states()[device_id].online, 30, f"{device_id} to go offline")
+    rotate = ChaosEvent(time.monotonic() - driver.t0, "rotate", device_id)
+    driver._log(rotate, f"password rotation {driver.rotations.rotate(device_id)}")
+    wait_for(lambda: driver.rotations.announced(device_id), 30, f"the server to announce {device_id}'s rotation")
+    driver.kill_broker(ChaosEvent(time.monotonic() - driver.t0, "broker_kill", "broker"), rewind_to=saved)
 
 
 def _wait_quiet(data_dir: Path, quiet_s: float = 2.0, timeout: float = 60.0) -> None:

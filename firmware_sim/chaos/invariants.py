@@ -131,6 +131,45 @@ def _model_invariants(svc: Any, plan: ChaosPlan, fleet: SimFleet, states: dict[s
     ]
 
 
+def retained_desired_invariant(svc: Any, fleet: SimFleet) -> Invariant:
+    """The broker's retained `desired` of every device equals the server's `device_desired`, signed
+    with the key the devices trust (read from the broker, with the server and broker running)."""
+    from edge_agent.trust import DesiredTrustError, parse_document, raw_keys, verify_desired
+    from firmware_sim.chaos.broker_view import retained_desired
+
+    told = svc.storage.device_desired()
+    retained = retained_desired(svc.config)
+    keys = raw_keys(fleet.devices[fleet.ids[0]].config.trust.desired_keys_pem)
+    fields = ("model", "version", "mode", "rollout_id", "allow_downgrade")
+    equal, differ = 0, []
+    for device_id in fleet.ids:
+        row, payload = told.get(device_id), retained.get(device_id, b"")
+        if row is None:
+            if payload:
+                differ.append(f"{device_id}: the broker retains a desired, the server told it none")
+            else:
+                equal += 1
+            continue
+        want = {k: row[k] if k != "allow_downgrade" else bool(row[k]) for k in fields}
+        if not payload:
+            differ.append(f"{device_id}: the broker retains no desired, the server told it {want['version']}")
+            continue
+        try:
+            doc = parse_document(payload)
+            verify_desired(doc, keys)
+        except DesiredTrustError as exc:
+            differ.append(f"{device_id}: the retained desired is refused: {exc}")
+            continue
+        got = {k: doc.get(k) for k in fields}
+        if got != want:
+            differ.append(f"{device_id}: the broker retains {got}, the server told it {want}")
+        else:
+            equal += 1
+    n = len(fleet.ids)
+    return _row("broker's retained desired equals the server's", f"{n}/{n} equal, signed",
+                f"{equal}/{n} equal ({len(told)} told a desired)", differ)
+
+
 def _update_story(svc: Any, rollout_id: str, device_id: str, member: dict[str, Any]) -> str:
     """What a device did in the rollout, for a mismatch message: its member row and outcomes."""
     events = [e for e in svc.storage.rollout_events(rollout_id) if e["device"] == device_id

@@ -12,6 +12,7 @@ from firmware_sim.scenario import Fault, Scenario
 
 MODEL = "tumour"
 CURRENT, TARGET = "1.0.0", "2.0.0"
+BROKER_RESTART_BACKOFF_S = 2.0  # the server's broker_restart_backoff_s in a chaos run
 # States a device may be killed in during its update (Idle is not an update).
 UPDATE_STATES = ("Download", "Verify", "Install", "SelfTest", "Activate", "Probation")
 
@@ -34,6 +35,9 @@ class ChaosRates:
     full_disk_share: float = 0.02
     corrupt_download_share: float = 0.03
     crash_in_update_share: float = 0.03
+    # Password rotations: one during every broker or server outage, the rest while the device
+    # itself is failing (just before a power cut or a cut-off of that device).
+    rotations_per_min: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -41,9 +45,9 @@ class ChaosEvent:
     """One thing the driver does, `at` seconds after the chaos starts."""
 
     at: float
-    kind: str  # broker_kill | server_kill | power_cut | cut_off
+    kind: str  # broker_kill | server_kill | power_cut | cut_off | rotate
     target: str  # a device id, or "broker" / "server"
-    duration: float = 0.0
+    duration: float = 0.0  # a broker kill: the supervisor's backoff, the least it stays down
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,8 @@ class ChaosPlan:
 
     def events(self) -> list[ChaosEvent]:
         """The driver's timeline: process kills one at a time (never overlapping, ten seconds
-        apart), power cuts and cut-offs of random devices at random times."""
+        apart), power cuts and cut-offs of random devices at random times, and password rotations
+        during those faults (each device rotated once at most)."""
         r = self.rates
         minutes = self.duration / 60.0
         rng = self._rng("events")
@@ -97,7 +102,8 @@ class ChaosPlan:
         rng.shuffle(kinds)
         slot = 0.8 * self.duration / len(kinds)
         for i, kind in enumerate(kinds):
-            down = rng.uniform(*r.process_down_s)
+            # The server's supervisor restarts a killed broker after its backoff (or longer).
+            down = rng.uniform(*r.process_down_s) if kind == "server_kill" else BROKER_RESTART_BACKOFF_S
             start = i * slot + rng.uniform(0.0, max(0.0, slot - down - 10.0))
             out.append(ChaosEvent(round(start, 2), kind, kind.split("_")[0], round(down, 2)))
         ids = self.device_ids
@@ -106,7 +112,35 @@ class ChaosPlan:
         for _ in range(round(r.cut_offs_per_min * minutes)):
             out.append(ChaosEvent(round(rng.uniform(0, self.duration), 2), "cut_off", rng.choice(ids),
                                   round(rng.uniform(*r.cut_off_s), 2)))
+        out += self._rotations(out, rng)
         return sorted(out, key=lambda e: (e.at, e.kind, e.target))
+
+    def _rotations(self, faults: list[ChaosEvent], rng: random.Random) -> list[ChaosEvent]:
+        """Rotations that meet a fault: half a second into each process outage (a random device),
+        then a second before a device's own power cut or cut-off, as many as the rate asks."""
+        wanted = max(1, round(self.rates.rotations_per_min * self.duration / 60.0))
+        ids = self.device_ids
+        rotated: set[str] = set()
+        out: list[ChaosEvent] = []
+        for e in (e for e in sorted(faults, key=lambda e: e.at) if e.kind.endswith("_kill")):
+            device = rng.choice(sorted(set(ids) - rotated))
+            rotated.add(device)
+            out.append(ChaosEvent(round(e.at + 0.5, 2), "rotate", device))
+        device_faults = [e for e in faults if e.kind in ("power_cut", "cut_off")]
+        rng.shuffle(device_faults)
+        for e in device_faults:
+            if len(out) >= wanted:
+                break
+            if e.target not in rotated:
+                rotated.add(e.target)
+                out.append(ChaosEvent(max(0.0, round(e.at - 1.0, 2)), "rotate", e.target))
+        return out
+
+    def final_rotation_device(self) -> str:
+        """The device rotated after the chaos while it is cut off across a broker kill that rewinds
+        the broker's state (a device no event of the timeline rotates)."""
+        taken = {e.target for e in self.events() if e.kind == "rotate"}
+        return self._rng("final-rotation").choice(sorted(set(self.device_ids) - taken))
 
     def scenario(self) -> Scenario:
         """The fleet's scenario: steady traffic plus the standing device faults."""

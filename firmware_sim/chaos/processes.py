@@ -1,9 +1,11 @@
-"""The fleet server and its managed broker as processes the chaos driver kills and restarts."""
+"""The fleet server and its managed broker as processes the chaos driver kills. The driver
+restarts a killed server; a killed broker is the server's own supervisor's to restart."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,7 +41,6 @@ class ServerProcess:
         self.http_port = http_port
         self.broker_port = broker_port
         self.proc: subprocess.Popen | None = None
-        self.broker_proc: subprocess.Popen | None = None  # a broker this driver restarted itself
         self.starts = 0
 
     @property
@@ -79,31 +80,43 @@ class ServerProcess:
             return None
         return pid if _pid_alive(pid) else None
 
-    def kill_broker(self) -> None:
+    def save_broker_state(self, dest: Path, timeout: float = 20.0) -> None:
+        """Have the broker write its persistence file now (SIGUSR1) and keep a copy at `dest`."""
         pid = self.broker_pid()
         if pid is None:
-            return
+            raise ChaosError("no broker runs to save the state of")
+        db = self.broker_dir / "mosquitto.db"
+        before = db.stat().st_mtime_ns if db.exists() else 0
+        os.kill(pid, signal.SIGUSR1)
+        wait_for(lambda: db.exists() and db.stat().st_mtime_ns > before, timeout, "the broker to save its state")
+        shutil.copyfile(db, dest)
+
+    def kill_broker(self, rewind_to: Path | None = None) -> int | None:
+        """kill -9 of the broker; returns its pid. With `rewind_to`, its persistence file is put
+        back to that saved copy before anything starts it again: the broker comes back with what it
+        held then (retained messages, sessions), as one whose last autosave is that old would."""
+        pid = self.broker_pid()
+        if pid is None:
+            return None
         os.kill(pid, signal.SIGKILL)
-        if self.broker_proc is not None and self.broker_proc.pid == pid:
-            self.broker_proc.wait()
         wait_for(lambda: not _pid_alive(pid), 10, "the killed broker to go")
+        if rewind_to is not None:
+            # Well within the supervisor's backoff (seconds), and never under a running broker.
+            shutil.copyfile(rewind_to, self.broker_dir / ".mosquitto.db.rewind")
+            os.replace(self.broker_dir / ".mosquitto.db.rewind", self.broker_dir / "mosquitto.db")
+        return pid
 
-    def restart_broker(self) -> None:
-        """Start Mosquitto again on the server's own configuration, as its supervisor would; a
-        later server start adopts it through its pid file."""
-        from fleet_server.broker import MOSQUITTO
-
-        with open(self.broker_dir / "mosquitto.stderr", "ab") as err:
-            self.broker_proc = subprocess.Popen([MOSQUITTO, "-c", str(self.broker_dir / "mosquitto.conf")],
-                                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                                start_new_session=True)
+    def wait_broker_restarted(self, killed_pid: int, timeout: float = 120.0) -> None:
+        """Wait for the server's supervisor to start the broker again (the driver never starts it:
+        two starters would race for the port) and for it to listen."""
 
         def listening() -> bool:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.broker_port), 0.2):
                 return True
             return False
 
-        wait_for(listening, 10, "the restarted broker to listen")
+        wait_for(lambda: self.broker_pid() not in (None, killed_pid) and listening(), timeout,
+                 "the server's supervisor to start the killed broker again", 0.2)
 
     def stop(self) -> None:
         """A clean stop of the server, then of whatever broker is left."""
@@ -121,6 +134,4 @@ class ServerProcess:
                 wait_for(lambda: not _pid_alive(pid), 10, "the broker to stop")
             if _pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
-        if self.broker_proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.broker_proc.wait(5)
+
