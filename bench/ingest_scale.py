@@ -24,6 +24,7 @@ and writes bench/results/ingest_scale.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -267,6 +268,11 @@ def run_config(name: str, url: str, data_dir: Path, creds: dict[str, str], procs
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        # A server stopped cleanly stops its broker; one that had to be killed leaves it running.
+        with contextlib.suppress(OSError, ValueError):
+            pid = int((data_dir / "broker" / "mosquitto.pid").read_text().strip())
+            if str(data_dir) in Path(f"/proc/{pid}/cmdline").read_text():  # that broker, not a reused pid
+                os.kill(pid, signal.SIGTERM)
         # Stopped processes have flushed their counters: how many windows the wrapped one received.
         workers = {w: (json.loads(st) if isinstance(st, str) else st)
                    for w, st in store.rows("SELECT worker_id, stats FROM ingest_workers")}
