@@ -68,7 +68,7 @@ LinkMode = Literal["thread", "external", "none"]
 REPORTED_REFRESH_S = 600.0  # uptime in `reported` is refreshed this often
 
 
-@dataclass
+@dataclass(slots=True)
 class Prediction:
     """The answer to one `Agent.predict` call."""
 
@@ -269,7 +269,12 @@ class Agent:
                 self._prob_errors += 1
             raise
         dt = time.perf_counter() - t0
-        self.telemetry.record(values, out.primary, dt, out.probabilities)
+        if n == 1:
+            labels, probas = out.labels, out.probabilities
+            self.telemetry.record_row(values[0], labels[0] if labels is not None else out.values[0], dt,
+                                      probas[0] if probas is not None else None)
+        else:
+            self.telemetry.record(values, out.primary, dt, out.probabilities)
         self._recent_latency.append(dt * 1000.0)
         if self._probation:
             self._prob_predictions += n

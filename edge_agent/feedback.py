@@ -33,6 +33,7 @@ from model_tools.manifest import Manifest
 # + model version index (uint16) + "feedback received" flag (uint8).
 BYTES_PER_RECORD = 8 + 8 + 4 + 2 + 1
 MAX_ID_CHARS = 64
+PENDING_RECORDS = 256  # single-row predictions held before their slots are written
 ID_PATTERN = re.compile(r"^([a-z2-7]{8})-([0-9a-f]{1,15})$")
 _CAL_EDGES = list(CALIBRATION_EDGES)
 _NAN = float("nan")
@@ -226,7 +227,8 @@ def parse_items(items: Iterable[Any]) -> list[tuple[str, Any]]:
 class PredictionRecord:
     """The last `max_records` predictions (at most `horizon_s` old), joinable by id.
 
-    Thread-safe. `add` is on the predict path: a lock, an increment and a few array stores.
+    Thread-safe. `add` is on the predict path: for a single row, a lock, an increment and an
+    append; the row's slot is written with the next `PENDING_RECORDS` of them, or before a join.
     """
 
     def __init__(self, max_records: int = 10_000, horizon_s: float = 86_400.0, prefix: str | None = None) -> None:
@@ -245,6 +247,8 @@ class PredictionRecord:
         self._models: list[FeedbackModel] = []
         self._vindex: dict[str, int] = {}
         self._hot: tuple[Manifest | None, int, Mapping[Any, int] | None] = (None, 0, None)
+        # Single-row predictions whose slots are not written yet: (counter, ts, label, probabilities, version index).
+        self._pending: list[tuple[int, float, Any, list[float] | None, int]] = []
 
     def __len__(self) -> int:
         """Predictions held (expired ones included until their slot is reused)."""
@@ -284,17 +288,13 @@ class PredictionRecord:
         probas = out.probabilities
         if index is not None and labels is not None:
             if len(labels) == 1:  # the common case, kept short: it runs on every request
-                ci = index.get(labels[0], _NO_CLASS)
-                v = max(probas[0]) if probas is not None else _NAN
                 with self._lock:
                     first = self._next
                     self._next = first + 1
-                    slot = first % self.size
-                    self._ts[slot] = now
-                    self._val[slot] = v
-                    self._cls[slot] = ci
-                    self._ver[slot] = vi
-                    self._seen[slot] = 0
+                    pending = self._pending
+                    pending.append((first, now, labels[0], probas[0] if probas is not None else None, vi))
+                    if len(pending) >= PENDING_RECORDS:
+                        self._write_pending()
                 return first
             cls = [index.get(lab, _NO_CLASS) for lab in labels]
             val = [max(p) for p in probas] if probas is not None else [_NAN] * len(labels)
@@ -304,6 +304,7 @@ class PredictionRecord:
         n = len(val)
         size = self.size
         with self._lock:
+            self._write_pending()  # slots are written in the order their counters were issued
             first = self._next
             self._next = first + n
             slot = first % size
@@ -318,11 +319,27 @@ class PredictionRecord:
                     slot = 0
         return first
 
+    def _write_pending(self) -> None:
+        """Write the pending single-row predictions into their slots (under the lock)."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        size, models = self.size, self._models
+        for first, now, label, proba, vi in pending:
+            slot = first % size
+            self._ts[slot] = now
+            self._val[slot] = max(proba) if proba is not None else _NAN
+            self._cls[slot] = models[vi].index.get(label, _NO_CLASS)
+            self._ver[slot] = vi
+            self._seen[slot] = 0
+
     def join(self, items: Sequence[tuple[str, Any]], now: float) -> FeedbackResult:
         """Join parsed (id, truth) items with the record; each lands in one count of the result."""
         result = FeedbackResult()
         tallies = result.tallies
         with self._lock:
+            self._write_pending()
             issued = self._next
             oldest = issued - self.size
             for pid, truth in items:

@@ -59,6 +59,7 @@ class Family:
 def families(agent: ScrapedAgent) -> list[Family]:
     a = agent
     t = a.telemetry
+    t.count_pending()  # single-row requests are counted in batches: the totals include them after this
     out = [
         Family("edgefleet_predictions", "counter", "Rows predicted.", values=[([], t.total_predictions)]),
         Family("edgefleet_requests", "counter", "Predict requests (served or refused).",

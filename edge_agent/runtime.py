@@ -6,6 +6,7 @@ swaps whole runtimes atomically (Activate, Rollback) while requests are in fligh
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from model_tools.manifest import Manifest
 _NP = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "string": object}
 
 
-@dataclass
+@dataclass(slots=True)
 class Output:
     """Model outputs for a batch, as plain Python lists (JSON-ready)."""
 
@@ -80,12 +81,15 @@ class ModelRuntime:
         out = self.manifest.outputs
         self._label, self._proba, self._value = out.label, out.probabilities, out.value
         self.output_names = [n for n in (out.label, out.probabilities, out.value) if n]
+        # Where each output comes in the session's results (None: the model has no such output).
+        self._at = tuple(self.output_names.index(n) if n else None for n in (out.label, out.probabilities, out.value))
         self.classes = out.classes
         self._onnx_inputs = [
             (spec.name, _NP[spec.dtype], list(spec.columns)) for spec in self.manifest.onnx_inputs
         ]
         # One float tensor holding every column in order is the common case: feed it directly.
         single = self._onnx_inputs[0] if len(self._onnx_inputs) == 1 else None
+        self._local = threading.local()  # per-thread single-row input buffers (`_row_feeds`)
         self._fast = (
             (single[0], single[1])
             if single and single[1] is not object and single[2] == list(range(self.validator.n))
@@ -99,10 +103,26 @@ class ModelRuntime:
     def feeds(self, rows: list[list[Any]]) -> dict[str, np.ndarray]:
         """ORT feeds for validated rows (values in schema order)."""
         if self._fast is not None:
+            if len(rows) == 1:
+                return self._row_feeds(rows[0])
             return {self._fast[0]: np.array(rows, dtype=self._fast[1])}
         feeds = {}
         for name, dtype, cols in self._onnx_inputs:
             feeds[name] = np.array([[row[c] for c in cols] for row in rows], dtype=dtype)
+        return feeds
+
+    def _row_feeds(self, values: list[Any]) -> dict[str, np.ndarray]:
+        """The feeds of one row, in this thread's own [1, n] buffer: allocating a new array costs
+        more than the model's run on small models. onnxruntime reads the buffer during `run` only,
+        and a thread predicts one request at a time, so the next call may overwrite it."""
+        local = self._local
+        try:
+            buf, feeds = local.row
+        except AttributeError:
+            buf = np.empty((1, self.validator.n), dtype=self._fast[1])
+            feeds = {self._fast[0]: buf}
+            local.row = (buf, feeds)
+        buf[0] = values
         return feeds
 
     def run(self, feeds: dict[str, np.ndarray]) -> Output:
@@ -110,11 +130,12 @@ class ModelRuntime:
             results = self._run(self.output_names, feeds, None)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise RequestError("runtime_error", f"the model failed on this input: {exc}") from exc
-        by_name = dict(zip(self.output_names, results, strict=True))
-        labels = by_name[self._label].tolist() if self._label else None
-        probas = by_name[self._proba].tolist() if self._proba else None
-        values = by_name[self._value].ravel().tolist() if self._value else None
-        return Output(labels, probas, values)
+        label, proba, value = self._at
+        return Output(
+            results[label].tolist() if label is not None else None,
+            results[proba].tolist() if proba is not None else None,
+            results[value].ravel().tolist() if value is not None else None,
+        )
 
     def agrees(self, a: Any, b: Any) -> bool:
         """Same label, or the same value within the bundle's golden tolerance."""

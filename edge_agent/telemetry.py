@@ -2,10 +2,12 @@
 
 Counts go into the bundle's fixed reference bins (right-closed, like `np.searchsorted(edges, x,
 side="left")` in `model_tools.binning`), so windows from any device add up exactly. Single-row
-requests are counted in batches: `record` keeps the row and its outputs, and every
-`PENDING_ROWS` rows (or when the window is read) they are binned, and their monitoring sums
-added, with numpy at once, which costs a fraction of binning each row on the request path. The label-free
-performance sums, reconstruction errors and refused-row counts are `edge_agent.monitoring`'s.
+requests are counted in batches: `record` only keeps the row, its outputs and latency, and
+every `PENDING_ROWS` rows, on the agent's tick, or when the window or the totals are read,
+they are counted (request and latency counters, the sample) and binned, and their monitoring
+sums added with numpy at once, in the order they were served: the same counts as one request
+at a time, at a fraction of the cost on the request path. The label-free performance sums,
+reconstruction errors and refused-row counts are `edge_agent.monitoring`'s.
 """
 
 from __future__ import annotations
@@ -138,10 +140,8 @@ class _Window:
         self.estimate = monitor.new_estimate() if monitor is not None else None
         self.multivariate = monitor.new_reconstruction() if monitor is not None else None
         self.refused: RefusedAcc | None = None
-        # Single rows not yet counted into features / prediction / monitoring (see `record`).
-        self.pending_rows: list[list[Any]] = []
-        self.pending_primary: list[Any] = []
-        self.pending_proba: list[list[float]] = []
+        # Single-row requests not counted yet (see `record`): (row, prediction, probabilities, ms).
+        self.pending: list[tuple[list[Any], Any, list[float] | None, float]] = []
 
 
 class _FeedbackCounts:
@@ -237,43 +237,76 @@ class Telemetry:
         ms = latency_s * 1000.0
         with self._lock:
             w = self._w
-            n = len(rows)
-            w.requests += 1
-            w.predictions += n
-            w.lat[bisect_left(_LAT_EDGES, ms)] += 1
-            w.lat_sum += ms
-            if n == 1 and (probabilities is not None or w.estimate is None):
-                w.pending_rows.append(rows[0])
-                w.pending_primary.append(primary[0])
-                if probabilities is not None:
-                    w.pending_proba.append(probabilities[0])
-                if len(w.pending_rows) >= PENDING_ROWS:
+            if len(rows) == 1 and (probabilities is not None or w.estimate is None):
+                pending = w.pending
+                pending.append((rows[0], primary[0], probabilities[0] if probabilities is not None else None, ms))
+                if len(pending) >= PENDING_ROWS:
                     self._count(w)
-            else:
+                return
+            self._count(w)
+            self._count_request(w, len(rows), ms)
+            self._count_rows(w, rows, primary, probabilities)
+            self._sample(w, rows, primary)
+
+    def record_row(self, row: list[Any], y: Any, latency_s: float, probabilities: list[float] | None) -> None:
+        """One served single-row request: `record([row], [y], latency_s, [probabilities])`, kept short
+        because it runs on every request."""
+        item = (row, y, probabilities, latency_s * 1000.0)
+        with self._lock:
+            w = self._w
+            if probabilities is None and w.estimate is not None:
                 self._count(w)
-                self._count_rows(w, rows, primary, probabilities)
-            k = self.sample_rows
-            if k:
-                for row, y in zip(rows, primary, strict=False):
-                    w.seen += 1
-                    # Algorithm R: every row of the window is equally likely to be kept.
-                    if len(w.sample) < k:
-                        w.sample.append(self._sample_row(row, y))
-                    else:
-                        r = int(self.rng.random() * w.seen)
-                        if r < k:
-                            w.sample[r] = self._sample_row(row, y)
-            self.total_requests += 1
-            self.total_predictions += n
-            self.total_lat[bisect_left(_LAT_EDGES, ms)] += 1
-            self.total_lat_sum += ms
+                self._count_request(w, 1, item[3])
+                self._count_rows(w, [row], [y], None)
+                self._sample(w, [row], [y])
+                return
+            pending = w.pending
+            pending.append(item)
+            if len(pending) >= PENDING_ROWS:
+                self._count(w)
+
+    def _count_request(self, w: _Window, n: int, ms: float) -> None:
+        """A served request's counters and latency, in the window and the totals (under the lock)."""
+        w.requests += 1
+        w.predictions += n
+        b = bisect_left(_LAT_EDGES, ms)
+        w.lat[b] += 1
+        w.lat_sum += ms
+        self.total_requests += 1
+        self.total_predictions += n
+        self.total_lat[b] += 1
+        self.total_lat_sum += ms
+
+    def _sample(self, w: _Window, rows: Sequence[list[Any]], primary: Sequence[Any]) -> None:
+        """Offer served rows to the window's sample (under the lock)."""
+        k = self.sample_rows
+        if not k:
+            return
+        sample = w.sample
+        for row, y in zip(rows, primary, strict=False):
+            w.seen += 1
+            # Algorithm R: every row of the window is equally likely to be kept.
+            if len(sample) < k:
+                sample.append(self._sample_row(row, y))
+            else:
+                r = int(self.rng.random() * w.seen)
+                if r < k:
+                    sample[r] = self._sample_row(row, y)
 
     def _count(self, w: _Window) -> None:
-        """Count the window's pending single rows (under the lock)."""
-        if w.pending_rows:
-            rows, primary, proba = w.pending_rows, w.pending_primary, w.pending_proba
-            w.pending_rows, w.pending_primary, w.pending_proba = [], [], []
-            self._count_rows(w, rows, primary, proba if len(proba) == len(rows) else None)
+        """Count the window's pending single-row requests, in the order they were served (under the lock)."""
+        pending = w.pending
+        if not pending:
+            return
+        w.pending = []
+        count_request = self._count_request
+        for item in pending:
+            count_request(w, 1, item[3])
+        rows = [item[0] for item in pending]
+        primary = [item[1] for item in pending]
+        proba = [item[2] for item in pending if item[2] is not None]
+        self._count_rows(w, rows, primary, proba if len(proba) == len(rows) else None)
+        self._sample(w, rows, primary)
 
     def _count_rows(self, w: _Window, rows: list[list[Any]], primary: list[Any],
                     probabilities: list[list[float]] | None) -> None:
@@ -290,7 +323,8 @@ class Telemetry:
                 monitor.add_reconstruction(w.multivariate, rows)
 
     def count_pending(self) -> None:
-        """Count the single rows held for batching now (the agent's tick does, off the request path)."""
+        """Count the single-row requests held for batching now (the agent's tick does, off the
+        request path; read the totals after it)."""
         with self._lock:
             self._count(self._w)
 

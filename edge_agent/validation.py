@@ -95,7 +95,12 @@ class RowValidator:
                 "bad_request", f"row {i} must be a list of {self.n} values or an object keyed by feature name", row=i
             )
         if self.all_numeric:
-            # Fast path: one pass of plain-Python type checks, no per-feature branching.
+            # Fast path: floats and no NaN (what clients send), one pass without index bookkeeping.
+            for v in values:
+                if type(v) is not float or v != v:
+                    break
+            else:
+                return values
             for j, v in enumerate(values):
                 t = type(v)
                 if t is float:
