@@ -16,6 +16,7 @@ import logging
 import random
 import threading
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -101,6 +102,18 @@ class Counts:
                 self.below += int((finite < b.vmin).sum())
             if b.vmax is not None:
                 self.above += int((finite > b.vmax).sum())
+        elif b.index is not None and len(values) > 8:
+            # Labels repeat: count each distinct value once, keyed by type too (1 and 1.0 are
+            # equal keys but different categories).
+            try:
+                distinct = [(v, n) for (_, v), n in Counter(zip(map(type, values), values, strict=True)).items()]
+            except TypeError:  # an unhashable value: one at a time
+                distinct = [(v, 1) for v in values]
+            for v, n in distinct:
+                if v is None or v == "" or (type(v) is float and v != v):
+                    self.nan += n
+                else:
+                    self.bins[b.index.get(str(v), b.size - 1)] += n
         else:
             for v in values:
                 self.add(b, v)
@@ -299,9 +312,21 @@ class Telemetry:
         if not pending:
             return
         w.pending = []
-        count_request = self._count_request
-        for item in pending:
-            count_request(w, 1, item[3])
+        n = len(pending)
+        w.requests += n
+        w.predictions += n
+        self.total_requests += n
+        self.total_predictions += n
+        lat, total_lat = w.lat, self.total_lat
+        lat_sum, total_lat_sum = w.lat_sum, self.total_lat_sum
+        for item in pending:  # each request's latency, summed in serving order as one at a time
+            ms = item[3]
+            b = bisect_left(_LAT_EDGES, ms)
+            lat[b] += 1
+            total_lat[b] += 1
+            lat_sum += ms
+            total_lat_sum += ms
+        w.lat_sum, self.total_lat_sum = lat_sum, total_lat_sum
         rows = [item[0] for item in pending]
         primary = [item[1] for item in pending]
         proba = [item[2] for item in pending if item[2] is not None]
