@@ -23,7 +23,7 @@ from firmware_sim.chaos.plan import ChaosError, ChaosPlan
               help="Keep the server's data dir and the devices here (default: a temporary dir, removed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def chaos_command(seed: int, devices: int, duration: float, workdir: Path | None, as_json: bool) -> None:
-    """Run a rollout on a simulated fleet while processes die and devices fail; check invariants.
+    """Run a rollout on a simulated fleet while processes die, devices fail and passwords rotate; check invariants.
 
     Exits 0 when every invariant holds, 1 when one does not.
     """

@@ -101,6 +101,19 @@ class _Driver:
         self.broker_restarts += 1
         self._log(e, f"restarted by the server's supervisor after {time.monotonic() - killed_at:.1f} s")
 
+    def rewound_broker_kill(self, device_id: str, saved: Path) -> None:
+        """The worst broker crash, once the rollout is over: its state comes back from before the
+        rollout (no desired retained, nor the notice of a rotation announced just before). The
+        server's supervisor must start it and the server republish every desired and announce the
+        rotation again, which the device, cut off meanwhile, finds when it is back."""
+        cut = ChaosEvent(time.monotonic() - self.t0, "cut_off", device_id, FINAL_CUT_OFF_S)
+        self.fleet.cut_off(device_id, FINAL_CUT_OFF_S)
+        self._log(cut, f"no network for {FINAL_CUT_OFF_S:.1f} s")
+        self.fleet.wait(lambda: not self.fleet.states()[device_id].online, 30, f"{device_id} to go offline")
+        self._do(ChaosEvent(time.monotonic() - self.t0, "rotate", device_id))
+        wait_for(lambda: self.rotations.announced(device_id), 30, f"the server to announce {device_id}'s rotation")
+        self.kill_broker(ChaosEvent(time.monotonic() - self.t0, "broker_kill", "broker"), rewind_to=saved)
+
     def run(self) -> None:
         events = self.plan.events()
         self.t0 = time.monotonic()
@@ -189,12 +202,15 @@ def run_chaos(plan: ChaosPlan, workdir: Path, *, say: Callable[[str], None] = la
         say(f"rollout {rid} of {MODEL} {TARGET} created; {plan.duration:.0f} s of chaos")
         rotations = Rotations(svc, fleet)
         driver = _Driver(plan, server, fleet, rotations, say)
+        phases = {"setup": time.monotonic() - real_start}
         driver.run()
+        phases["chaos"] = time.monotonic() - real_start - sum(phases.values())
         say("chaos over: waiting for the rollout to finish and the fleet to settle")
         wait_for(lambda: svc.storage.get_rollout(rid)["state"] in FINAL, settle_timeout_s,
                   "the rollout to finish", 0.5)
         _settle(svc, fleet, settle_timeout_s)
-        _rewound_broker_kill(driver, plan.final_rotation_device(), before_rollout)
+        phases["settle"] = time.monotonic() - real_start - sum(phases.values())
+        driver.rewound_broker_kill(plan.final_rotation_device(), before_rollout)
         _settle(svc, fleet, settle_timeout_s)
         with contextlib.suppress(ChaosError):  # what did not happen, the invariants show
             wait_for(rotations.settled, ROTATION_TIMEOUT_S, "every rotation confirmed and in force", 0.5)
@@ -202,6 +218,7 @@ def run_chaos(plan: ChaosPlan, workdir: Path, *, say: Callable[[str], None] = la
         credentials = rotations.observe()
         fleet.stop()
         _wait_quiet(data_dir)
+        phases["last broker kill"] = time.monotonic() - real_start - sum(phases.values())
         invariants = [*check_invariants(svc, plan, fleet, states, recorder, rid, [pem]),
                       retained_desired_invariant(svc, fleet),
                       *rotations.invariants(credentials, broker_port)]
@@ -213,6 +230,7 @@ def run_chaos(plan: ChaosPlan, workdir: Path, *, say: Callable[[str], None] = la
             "rotations": len(rotations.requested),
             "crashes": sum(s.crashes for s in states.values()),
             "windows_sent": len(recorder.windows),
+            "phases_s": "/".join(f"{k} {v:.0f}" for k, v in phases.items()),
         }
         return ChaosReport(plan, invariants, driver.executed, facts, time.monotonic() - real_start)
     finally:
@@ -226,22 +244,6 @@ def _settle(svc: Any, fleet: SimFleet, timeout: float) -> None:
     fleet.wait(lambda: _settled_fleet(fleet), timeout, "every device up, online and idle")
     fleet.wait(fleet.delivered, timeout, "every outbox acknowledged by the server")
     fleet.wait(lambda: fleet.ingested(svc.storage.seq_stats()), timeout, "the server to store every message")
-
-
-def _rewound_broker_kill(driver: _Driver, device_id: str, saved: Path) -> None:
-    """The worst broker crash, once the rollout is over: its state comes back from before the
-    rollout (no desired retained, nor the notice of a rotation announced just before). The server's
-    supervisor must start it and the server republish every desired and announce the rotation
-    again, which the device, cut off meanwhile, finds when it is back."""
-    at = time.monotonic() - driver.t0
-    cut = ChaosEvent(at, "cut_off", device_id, FINAL_CUT_OFF_S)
-    driver.fleet.cut_off(device_id, FINAL_CUT_OFF_S)
-    driver._log(cut, f"no network for {FINAL_CUT_OFF_S:.1f} s")
-    driver.fleet.wait(lambda: not driver.fleet.states()[device_id].online, 30, f"{device_id} to go offline")
-    rotate = ChaosEvent(time.monotonic() - driver.t0, "rotate", device_id)
-    driver._log(rotate, f"password rotation {driver.rotations.rotate(device_id)}")
-    wait_for(lambda: driver.rotations.announced(device_id), 30, f"the server to announce {device_id}'s rotation")
-    driver.kill_broker(ChaosEvent(time.monotonic() - driver.t0, "broker_kill", "broker"), rewind_to=saved)
 
 
 def _wait_quiet(data_dir: Path, quiet_s: float = 2.0, timeout: float = 60.0) -> None:

@@ -164,5 +164,9 @@ class ChaosPlan:
                        {"percent": 100, "min_soak_s": 5}],
             # Every planted fault fails or delays an update on purpose: the gates must not stop
             # the rollout for the faults the run plants itself.
-            "gates": {"update_failure_rate": {"max": 0.5}, "timeout_share": {"max": 0.5}},
+            "gates": {"update_failure_rate": {"max": 0.5}, "timeout_share": {"max": 0.5},
+                      # Latency of real runtimes on a machine busy with a whole fleet, a server and
+                      # its kills measures the machine (a canary of a few devices paused the run at
+                      # a p95 ratio of 3.2 on a loaded host), not the model: not what this suite checks.
+                      "p95_latency_ratio": {"enabled": False}},
         }

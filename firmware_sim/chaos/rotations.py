@@ -91,9 +91,8 @@ class Rotations:
                 switched.append(f"{device_id}: server says {state}, device has "
                                 f"{'a new' if c.password and c.password != old else 'its old'} password"
                                 f"{' and one pending' if c.pending else ''}, "
-                                f"{'online' if c.online else 'offline'}, link on "
-                                f"{'it' if c.link_password == c.password else 'another'}"
-                                f" (last error {c.last_error!r})")
+                                f"{'online' if c.online else 'offline'}, its link logs in with "
+                                f"{_which(c.link_password, c.password, old)} (last error {c.last_error!r})")
                 continue
             stored = self.svc.storage.device_password_hash(device_id)
             if not self.svc.passwords.check(device_id, c.password, stored) or \
@@ -116,3 +115,9 @@ class Rotations:
             Invariant("broker refuses the old password, takes the new", f"{n - len(switched)} refused",
                       f"{refused} refused", not broker_off, tuple(broker_off)),
         ]
+
+
+def _which(password: str, new: str, old: str) -> str:
+    if new and password == new:
+        return "the new password"
+    return "the old password" if password == old else "another password"
