@@ -303,6 +303,136 @@ def test_samples_bandwidth_and_events(storage):
     assert [e["device"] for e in storage.rollout_events("r9")] == ["b"]
 
 
+# Each case: a device, its member mode, what it reports (None: nothing yet), online or offline,
+# its update events for the rollout as (kind, outcome), whether it was revoked, and its desired_at.
+ROLLOUT_STATUS_CASES = [
+    ("committed", "live", {"active_version": "2", "update_state": "Idle", "update_outcome": "success"},
+     "online", [("outcome", "success")], False, 100.0),
+    ("installing", "live", {"active_version": "1", "candidate_version": "2", "update_state": "Download"},
+     "online", [], False, 100.0),
+    ("probation", "live", {"active_version": "2", "candidate_version": "2", "update_state": "Probation"},
+     "online", [], False, 100.0),
+    ("probation-offline", "live", {"active_version": "2", "candidate_version": "2", "update_state": "Probation"},
+     "offline", [], False, 100.0),
+    ("shadowing", "shadow", {"active_version": "1", "candidate_version": "2", "update_state": "Shadow"},
+     "online", [], False, 100.0),
+    ("shadow-state-live-member", "live", {"active_version": "1", "candidate_version": "2",
+                                          "update_state": "Shadow"}, "online", [], False, 100.0),
+    ("failed", "live", {"active_version": "1", "update_state": "Idle", "update_outcome": "failure",
+                        "rollout_id": "r1"}, "online", [("outcome", "failure")], False, 100.0),
+    ("failed-reported-only", "live", {"active_version": "1", "update_state": "Idle", "update_outcome": "disk_full",
+                                      "rollout_id": "r1"}, "online", [], False, 100.0),
+    ("retrying", "live", {"active_version": "1", "update_state": "Idle", "update_outcome": "rolled_back",
+                          "update_retry": True, "rollout_id": "r1"}, "online", [("outcome", "rolled_back")],
+     False, 100.0),
+    ("retry-other-rollout", "live", {"active_version": "1", "update_state": "Idle", "update_outcome": "rolled_back",
+                                     "update_retry": True, "rollout_id": "r0"}, "online",
+     [("outcome", "rolled_back")], False, 100.0),
+    ("refused", "live", {"active_version": "1", "update_state": "Idle"}, "online", [("refused", None)], False, 100.0),
+    ("failure-then-success", "live", {"active_version": "1", "update_state": "Idle"}, "online",
+     [("outcome", "failure"), ("outcome", "success")], False, 100.0),
+    ("success-then-failure", "live", {"active_version": "1", "update_state": "Idle"}, "online",
+     [("outcome", "success"), ("outcome", "failure")], False, 100.0),
+    ("silent", "live", None, "online", [], False, 100.0),
+    ("silent-no-desired-at", "live", None, "online", [], False, None),
+    ("revoked", "live", {"active_version": "2", "update_state": "Idle"}, "online", [], True, 100.0),
+    ("revoked-failed", "live", {"active_version": "1", "update_state": "Idle"}, "online",
+     [("outcome", "failure")], True, 100.0),
+]
+
+
+@pytest.mark.parametrize("now", [110.0, 500.0])
+def test_rollout_status_changes_derive_what_device_status_derives(storage, now):
+    """The controller asks the database for the statuses that change; they must be the ones the
+    Python definition (`device_status`) gives, on every backend."""
+    from edge_agent.protocol import ReportedState, Status
+    from fleet_server.rollouts import FAILED_OUTCOMES, PROBATION_STATES
+    from fleet_server.rollouts.device_status import device_status, failed_devices, on_probation
+
+    storage.insert_rollout({"id": "r1", "model": "m", "version": "2", "spec": {}, "state": "running",
+                            "stage_started_at": 1.0, "created_at": 1.0, "updated_at": 1.0}, ("op", "create", {}))
+    batch, members = IngestBatch(), []
+    for i, (name, mode, reported, online, events, _revoked, desired_at) in enumerate(ROLLOUT_STATUS_CASES):
+        storage.insert_device(name, "default", {}, "h", "b", 1.0)
+        if reported is not None:
+            batch.reported.append((ReportedState(device=name, ts=50.0 + i, model="m", **reported), 50.0))
+        batch.statuses.append((Status(device=name, state=online, ts=50.0), 50.0, False))
+        batch.events += [(UpdateEvent(device=name, seq=seq, ts=60.0, kind=kind, version="2", rollout_id="r1",
+                                      outcome=outcome, reason=f"{kind} {outcome}"), 60.0)
+                         for seq, (kind, outcome) in enumerate(events, start=1)]
+        members.append({"rollout_id": "r1", "device": name, "stage": 0, "mode": mode, "assigned_at": 90.0,
+                        "desired_at": desired_at, "status": "pending", "status_at": 90.0})
+    storage.store_batch(batch, 60.0, 70.0)
+    for name, *_, revoked, _ in ROLLOUT_STATUS_CASES:
+        if revoked:
+            storage.revoke_device(name, 80.0)
+    storage.put_rollout_devices(members)
+    registered = {d["id"]: d for d in storage.list_devices(limit=1000)}
+    failures = failed_devices(storage.rollout_events("r1"), "2")
+    expected = {}
+    for m in members:
+        device = registered.get(m["device"]) or {}
+        status = device_status("r1", "2", m, device, failures.get(m["device"]), now, 60.0)
+        probation = status == "updated" and m["mode"] == "live" and on_probation(device, "2")
+        if status != m["status"] or probation:
+            expected[m["device"]] = (status, probation)
+    got = storage.rollout_status_changes("r1", "2", now, 60.0, failed_outcomes=FAILED_OUTCOMES,
+                                         probation_states=PROBATION_STATES)
+    assert {d: (s, p) for d, s, p in got} == expected
+    # The cases cover every status and both sides of probation.
+    assert {s for s, _ in expected.values()} | {"pending"} >= {"updated", "failed", "pending"}
+    assert any(p for _, p in expected.values())
+    storage.set_rollout_device_statuses("r1", [(d, s) for d, (s, _) in expected.items()], now)
+    assert {d: (s, p) for d, s, p in storage.rollout_status_changes(
+        "r1", "2", now, 60.0, failed_outcomes=FAILED_OUTCOMES, probation_states=PROBATION_STATES)} == {
+        d: v for d, v in expected.items() if v[1]}  # stored now: only the devices on probation remain
+    assert {d: st for d, _, _, st in storage.rollout_assignments("r1")} == {
+        m["device"]: expected.get(m["device"], ("pending",))[0] for m in members}
+
+
+def test_rollout_pass_reads_ids_tags_reports_and_devices_to_tell(storage):
+    from edge_agent.protocol import ReportedState
+
+    assert sorted(storage.device_ids()) == ["a", "b", "c"]
+    assert sorted(storage.device_ids(tags={"site": "x"})) == ["a", "c"]
+    assert storage.device_ids(tags={"site": "x", "line": "2"}) == ["c"]
+    assert storage.device_tag_map() == {"a": {"site": "x"}, "b": {"site": "y"}, "c": {"site": "x", "line": "2"}}
+    assert storage.device_tag_map(["c", "zz"]) == {"c": {"site": "x", "line": "2"}}
+    storage.store_batch(IngestBatch(reported=[(ReportedState(device=d, ts=5.0, model="m", active_version="1"), 5.0)
+                                              for d in ("a", "b")]), 60.0, 5.0)
+    reports = storage.device_reports(["a", "c", "zz"])
+    assert sorted(reports) == ["a", "c"] and reports["a"]["active_version"] == "1"
+    assert reports["a"]["reported"]["active_version"] == "1" and reports["c"]["reported"] is None
+    storage.insert_rollout({"id": "r1", "model": "m", "version": "2", "spec": {}, "state": "running",
+                            "stage_started_at": 1.0, "created_at": 1.0, "updated_at": 1.0}, ("op", "create", {}))
+    storage.put_rollout_devices([{"rollout_id": "r1", "device": d, "stage": 0, "mode": "live", "assigned_at": 6.0,
+                                  "desired_at": 6.0, "previous_version": prev, "status": "pending"}
+                                 for d, prev in (("a", "1"), ("b", None), ("c", None))])
+    assert sorted(storage.rollout_assignments("r1")) == [(d, 0, "live", "pending") for d in "abc"]
+    assert [m["device"] for m in storage.rollout_devices("r1", devices=["c", "a"])] == ["a", "c"]
+    # c has not reported: not told yet. a was never told; b also lacks its previous version.
+    tell = storage.rollout_devices_to_tell("r1", "m", "2")
+    assert [(m["device"], m["told"], m["active_version"]) for m in tell] == [("a", None, "1"), ("b", None, "1")]
+    assert storage.devices_without_desired() == ["a", "b", "c"]
+    storage.put_device_desired("a", {"model": "m", "version": "2", "mode": "live", "rollout_id": "r1",
+                                     "published_at": 7.0})
+    storage.put_device_desired("b", {"model": "m", "version": "2", "mode": "live", "rollout_id": "r1",
+                                     "published_at": 7.0})
+    assert storage.devices_without_desired() == ["c"]
+    tell = storage.rollout_devices_to_tell("r1", "m", "2")
+    assert [(m["device"], m["told"]["version"], m["previous_version"]) for m in tell] == [("b", "2", None)]
+    fixed = {k: v for k, v in tell[0].items() if k not in ("told", "active_version")}
+    storage.put_rollout_devices([{**fixed, "previous_version": "1"}])
+    assert storage.rollout_devices_to_tell("r1", "m", "2") == []  # nothing differs: nothing to do
+    storage.put_device_desired("a", {"model": "m", "version": "2", "mode": "shadow", "rollout_id": "r1",
+                                     "published_at": 8.0})
+    assert [m["device"] for m in storage.rollout_devices_to_tell("r1", "m", "2")] == ["a"]
+    assert [m["device"] for m in storage.rollout_devices_to_tell("r1", "m", "2", every_reported=True)] == ["a", "b"]
+    storage.revoke_device("a", 9.0)
+    assert sorted(storage.device_ids()) == ["b", "c"] and "a" not in storage.device_tag_map()
+    assert storage.rollout_devices_to_tell("r1", "m", "2") == []
+
+
 # ---------------------------------------------------------------- PostgreSQL only
 
 

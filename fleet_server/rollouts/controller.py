@@ -4,17 +4,33 @@ It computes what each device should run, publishes only what differs from what t
 last told, follows `reported`/`events`, evaluates the gates and moves the rollout on. Killing the
 server at any point loses nothing: the next pass recomputes the same cohorts from the stored
 assignments and continues.
+
+A pass does not walk the fleet in Python: it reads device ids (one column; the tags only for a
+device group query), the rollout's assignments as tuples, and asks the database for what differs
+(devices to tell, statuses that change, with the device's status derived in SQL as
+`device_status` defines it). A pass with nothing to change runs a fixed number of queries that
+return no rows; cohort ranks are hashed only when a stage takes new devices.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fleet_server.desired import publish_desired
 from fleet_server.gates import CohortStats, GateResult, evaluate_gates, verdict
-from fleet_server.rollout_model import RolloutSpec, RolloutState, Stage, cohort_rank, parse_target
+from fleet_server.group_query import parse_query
+from fleet_server.rollout_model import (
+    RolloutSpec,
+    RolloutState,
+    Stage,
+    Target,
+    cohort_rank,
+    parse_target,
+)
 from fleet_server.rollout_stats import (
     canary_feature_psi,
     canary_multivariate,
@@ -22,8 +38,13 @@ from fleet_server.rollout_stats import (
     sum_monitoring,
     sum_windows,
 )
-from fleet_server.rollouts.device_status import device_status, failed_devices, on_probation
-from fleet_server.rollouts.records import ACTIVE, CONTROLLER, all_devices, matching, spec_of
+from fleet_server.rollouts.records import (
+    ACTIVE,
+    CONTROLLER,
+    FAILED_OUTCOMES,
+    PROBATION_STATES,
+    spec_of,
+)
 from fleet_server.rollouts.schedule import Schedule, schedule_of
 from fleet_server.rollouts.stages import next_stage, transition
 
@@ -32,23 +53,45 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# A rollout's assignment as the pass keeps it: device -> (stage, mode, status).
+Members = dict[str, tuple[int, str, str]]
+
 
 @dataclass
 class _Pass:
-    """What one reconcile pass reads once and shares between rollouts."""
+    """What one reconcile pass reads at most once and shares between rollouts."""
 
+    svc: Services
     now: float
-    devices: dict[str, dict[str, Any]]
-    desired: dict[str, dict[str, Any]]
     taken: set[str] = field(default_factory=set)  # devices claimed by an older active rollout
     published: int = 0
+    _ids: list[str] | None = None
+    _tags: dict[str, dict[str, str]] | None = None
+    _desired: dict[str, dict[str, Any]] | None = None
+
+    def device_ids(self) -> list[str]:
+        """Every registered device (not revoked)."""
+        if self._ids is None:
+            self._ids = self.svc.storage.device_ids()
+        return self._ids
+
+    def tags(self) -> dict[str, dict[str, str]]:
+        """Every registered device's tags (read only for device group queries)."""
+        if self._tags is None:
+            self._tags = self.svc.storage.device_tag_map()
+        return self._tags
+
+    def desired(self) -> dict[str, dict[str, Any]]:
+        """What every device was last told (read only by an abort and a device group's target)."""
+        if self._desired is None:
+            self._desired = self.svc.storage.device_desired()
+        return self._desired
 
 
 def reconcile(svc: Services) -> dict[str, int]:
     """One idempotent pass over every active rollout and the fleet targets; returns counters."""
     with svc.rollouts_lock:
-        p = _Pass(now=svc.clock(), devices={d["id"]: d for d in all_devices(svc)},
-                  desired=svc.storage.device_desired())
+        p = _Pass(svc=svc, now=svc.clock())
         active = sorted(svc.storage.list_rollouts(states=ACTIVE, limit=10_000), key=lambda r: r["created_at"])
         for row in active:
             try:
@@ -59,10 +102,29 @@ def reconcile(svc: Services) -> dict[str, int]:
         return {"rollouts": len(active), "published": p.published}
 
 
+def _matching(svc: Services, p: _Pass, target: Target) -> list[str]:
+    """The registered devices `target` selects (`Target.matches`): tags and groups are matched in
+    SQL, a list against the registry; only a device group query reads every device's tags."""
+    if target.all:
+        return p.device_ids()
+    found: set[str] = set()
+    if target.devices:
+        found.update(svc.storage.device_tag_map(list(target.devices)))
+    wanted = dict(target.tags)
+    if target.group:
+        wanted["group"] = target.group
+    if wanted:
+        found.update(svc.storage.device_ids(tags=wanted))
+    if target.query:
+        query = parse_query(target.query)
+        found.update(d for d, tags in p.tags().items() if query.matches(d, tags))
+    return list(found)
+
+
 def _publish(svc: Services, p: _Pass, device: str, model: str, version: str, mode: str,
-             rollout_id: str | None, allow_downgrade: bool = False,
+             rollout_id: str | None, last: dict[str, Any] | None, allow_downgrade: bool = False,
              windows: tuple[Schedule, dict[str, str]] | None = None) -> bool:
-    """Publish a device's desired only when it differs from what it was last told.
+    """Publish a device's desired only when it differs from `last`, what it was last told.
 
     `windows` (the rollout's schedule, the device's tags): a live desired carries the device's
     activation windows; it is published again once the windows it was sent have all closed."""
@@ -70,7 +132,6 @@ def _publish(svc: Services, p: _Pass, device: str, model: str, version: str, mod
 
     from fleet_server.registry import desired_state
 
-    last = p.desired.get(device)
     if (last is not None and last["model"] == model and last["version"] == version and last["mode"] == mode
             and last["rollout_id"] == rollout_id and not _windows_used_up(p, last, mode, windows)):
         return False
@@ -83,7 +144,8 @@ def _publish(svc: Services, p: _Pass, device: str, model: str, version: str, mod
         if intervals is not None:
             desired = msgspec.structs.replace(desired, activate_windows=intervals)
     if publish_desired(svc, device, desired):
-        p.desired[device] = {"model": model, "version": version, "mode": mode, "rollout_id": rollout_id}
+        if p._desired is not None:
+            p._desired[device] = {"model": model, "version": version, "mode": mode, "rollout_id": rollout_id}
         p.published += 1
         return True
     return False
@@ -99,24 +161,28 @@ def _windows_used_up(p: _Pass, last: dict[str, Any], mode: str,
     return bool(sent) and sent[-1][1] <= p.now
 
 
-def _order(rollout_id: str, assigned: dict[str, dict[str, Any]], population: list[str]) -> list[str]:
-    """Assigned devices first (by the stage that took them, then rank), then the rest by rank: a
-    device that joins later never pushes an assigned one out of its cohort."""
-    first = sorted(assigned, key=lambda d: (assigned[d]["stage"], cohort_rank(rollout_id, d), d))
-    rest = sorted((d for d in population if d not in assigned), key=lambda d: (cohort_rank(rollout_id, d), d))
-    return first + rest
+def _cohort(rollout_id: str, members: Members, everyone: set[str], size: int) -> list[str]:
+    """The stage's cohort: the first `size` devices in the rollout's order, assigned devices first
+    (by the stage that took them, then rank), then the rest by rank, so that a device that joins
+    later never pushes an assigned one out. Ranks are hashed only for the devices that order:
+    none when the cohort is exactly the assigned devices."""
+    if size == len(members):
+        return list(members)
+    if size < len(members):
+        return sorted(members, key=lambda d: (members[d][0], cohort_rank(rollout_id, d), d))[:size]
+    rest = (d for d in everyone if d not in members)
+    return [*members, *heapq.nsmallest(size - len(members), rest, key=lambda d: (cohort_rank(rollout_id, d), d))]
 
 
 def _reconcile_rollout(svc: Services, p: _Pass, row: dict[str, Any]) -> None:
     spec = spec_of(row)
     rid, state = row["id"], RolloutState(row["state"])
-    assigned = {m["device"]: m for m in svc.storage.rollout_devices(rid)}
-    population = [d for d in matching(spec.target, list(p.devices.values()))
-                  if d not in p.taken or d in assigned]
+    members: Members = {d: (stage, mode, status) for d, stage, mode, status in svc.storage.rollout_assignments(rid)}
+    population = [d for d in _matching(svc, p, spec.target) if d not in p.taken or d in members]
     p.taken.update(population)
-    p.taken.update(assigned)
+    p.taken.update(members)
     if state is RolloutState.ABORTING:
-        _reconcile_abort(svc, p, row, spec, assigned)
+        _reconcile_abort(svc, p, row, spec)
         return
     stage_i = row["stage"]
     stage = spec.stages[stage_i]
@@ -127,54 +193,36 @@ def _reconcile_rollout(svc: Services, p: _Pass, row: dict[str, Any]) -> None:
     # Outside the maintenance window no device is taken into a stage nor moved to its mode; the
     # devices already taken go on (and an abort, above, is never held).
     in_window = schedule is None or schedule.window_open(p.now)
-    everyone = set(population) | set(assigned)
-    order = _order(rid, assigned, population)
-    cohort = order[: stage.size(len(everyone))]
+    everyone = set(population)
+    everyone.update(members)
+    cohort = _cohort(rid, members, everyone, stage.size(len(everyone)))
     if not in_window:
-        cohort = [d for d in cohort if d in assigned]
+        cohort = [d for d in cohort if d in members]
     elif schedule is not None and schedule.window is not None:
         row = _open_stage(svc, p, row)
-    changed: list[dict[str, Any]] = []
-    for device in cohort if in_window else ():
-        m = assigned.get(device)
-        if m is None:
-            reported = p.devices.get(device, {})
-            m = {"rollout_id": rid, "device": device, "stage": stage_i, "mode": stage.mode,
-                 "previous_version": reported.get("active_version"), "assigned_at": p.now, "desired_at": p.now,
-                 "status": "pending", "status_at": p.now, "live_at": p.now if stage.mode == "live" else None}
-            assigned[device] = m
-            changed.append(m)
-        elif m["mode"] != stage.mode and not (m["mode"] == "live" and stage.mode == "shadow"):
-            m.update(mode=stage.mode, desired_at=p.now, status="pending", status_at=p.now)
-            if stage.mode == "live" and m["live_at"] is None:
-                m["live_at"] = p.now
-            changed.append(m)
+    if in_window:
+        _take(svc, p, rid, stage_i, stage, members, cohort)
     # Publish to every assigned device (a device that came back or was missed converges), once
     # the server knows what it runs: that version is the one an abort sends it back to. A device
     # taken before its first report waits for it (pending, then timed out like any silent one);
     # told at once, an abort could not return it and would leave it on this version.
-    for device, m in assigned.items():
-        known = p.devices.get(device) or {}
-        if known.get("reported") is None:
-            continue
-        if m["previous_version"] is None and known.get("active_version") not in (None, spec.version):
-            m["previous_version"] = known["active_version"]
-            changed.append(m)
-        windows = (schedule, p.devices.get(device, {}).get("tags") or {}) if schedule is not None else None
-        if _publish(svc, p, device, spec.model, spec.version, m["mode"], rid, windows=windows) and windows:
-            # A device that may activate only later is timed out from when its window opens.
-            intervals = schedule.activate_windows(windows[1], p.now) if m["mode"] == "live" else None  # type: ignore[union-attr]
-            if intervals and intervals[0][0] > (m["desired_at"] or 0):
-                m["desired_at"] = intervals[0][0]
-                changed.append(m)
-    changed += _update_statuses(svc, p, row, spec, assigned, cohort)
-    svc.storage.put_rollout_devices(_unique(changed))
+    _tell(svc, p, rid, spec, schedule)
+    # Every assigned device's status, derived afresh from its latest reported state and update
+    # events (a device counted as updated that rolls back moves to failed).
+    changes = svc.storage.rollout_status_changes(rid, spec.version, p.now, spec.device_timeout_s,
+                                                 failed_outcomes=FAILED_OUTCOMES, probation_states=PROBATION_STATES)
+    moved = [(d, status) for d, status, _ in changes if d in members and status != members[d][2]]
+    svc.storage.set_rollout_device_statuses(rid, moved, p.now)
+    for d, status in moved:
+        members[d] = (members[d][0], members[d][1], status)
 
     in_cohort = set(cohort)
-    canary, control = _cohort_stats(svc, row, spec, stage, assigned, in_cohort, everyone)
+    counts = Counter(members[d][2] for d in cohort)
+    trying = sum(1 for d, _, probation in changes if probation and d in in_cohort)
+    canary, control = _cohort_stats(svc, row, spec, stage, counts, in_cohort, everyone - members.keys())
     results = evaluate_gates(spec, stage.mode, canary, control)
     result = verdict(results)
-    waiting = _waiting_for(p, row, spec, stage, assigned, cohort, results, result)
+    waiting = _waiting_for(p, row, spec, stage, counts, len(cohort), trying, results, result)
     if not in_window and schedule is not None:
         waiting.insert(0, f"schedule: {schedule.waiting(p.now)}")
     gates = {"evaluated_at": p.now, "verdict": result, "results": [r.to_dict() for r in results],
@@ -196,6 +244,57 @@ def _reconcile_rollout(svc: Services, p: _Pass, row: dict[str, Any]) -> None:
         return
     if not waiting:
         next_stage(svc, row, spec, CONTROLLER, "stage_passed", ended_by="gates passed")
+
+
+def _take(svc: Services, p: _Pass, rid: str, stage_i: int, stage: Stage, members: Members,
+          cohort: list[str]) -> None:
+    """Assign the cohort's new devices to the stage and move the assigned ones to its mode (live
+    stays live when a later stage is in shadow); `members` follows."""
+    new = [d for d in cohort if d not in members]
+    moving = [d for d in cohort if d in members and members[d][1] != stage.mode
+              and not (members[d][1] == "live" and stage.mode == "shadow")]
+    if not new and not moving:
+        return
+    changed: list[dict[str, Any]] = []
+    reports = svc.storage.device_reports(new) if new else {}
+    for device in new:
+        changed.append({"rollout_id": rid, "device": device, "stage": stage_i, "mode": stage.mode,
+                        "previous_version": (reports.get(device) or {}).get("active_version"),
+                        "assigned_at": p.now, "desired_at": p.now, "status": "pending", "status_at": p.now,
+                        "live_at": p.now if stage.mode == "live" else None})
+    for m in svc.storage.rollout_devices(rid, devices=moving) if moving else ():
+        m.update(mode=stage.mode, desired_at=p.now, status="pending", status_at=p.now)
+        if stage.mode == "live" and m["live_at"] is None:
+            m["live_at"] = p.now
+        changed.append(m)
+    svc.storage.put_rollout_devices(changed)
+    for m in changed:
+        members[m["device"]] = (m["stage"], m["mode"], m["status"])
+
+
+def _tell(svc: Services, p: _Pass, rid: str, spec: RolloutSpec, schedule: Schedule | None) -> None:
+    """Publish the rollout's version to the assigned devices whose last desired differs from it
+    (the database picks them), and fill in a previous version learnt from a late first report.
+    With a schedule every reporting device is looked at: its activation windows may be used up."""
+    rows = svc.storage.rollout_devices_to_tell(rid, spec.model, spec.version, every_reported=schedule is not None)
+    tags = svc.storage.device_tag_map([m["device"] for m in rows]) if schedule is not None and rows else {}
+    changed = []
+    for m in rows:
+        device, told, active = m["device"], m.pop("told"), m.pop("active_version")
+        touched = False
+        if m["previous_version"] is None and active not in (None, spec.version):
+            m["previous_version"] = active
+            touched = True
+        windows = (schedule, tags.get(device) or {}) if schedule is not None else None
+        if _publish(svc, p, device, spec.model, spec.version, m["mode"], rid, told, windows=windows) and windows:
+            # A device that may activate only later is timed out from when its window opens.
+            intervals = schedule.activate_windows(windows[1], p.now) if m["mode"] == "live" else None  # type: ignore[union-attr]
+            if intervals and intervals[0][0] > (m["desired_at"] or 0):
+                m["desired_at"] = intervals[0][0]
+                touched = True
+        if touched:
+            changed.append(m)
+    svc.storage.put_rollout_devices(changed)
 
 
 def _open_stage(svc: Services, p: _Pass, row: dict[str, Any]) -> dict[str, Any]:
@@ -228,32 +327,13 @@ def _explain(r: GateResult) -> str:
     return f"{r.name} = {value} ({bound} {r.threshold:g}, sample {r.sample} {r.unit})"
 
 
-def _update_statuses(svc: Services, p: _Pass, row: dict[str, Any], spec: RolloutSpec,
-                     assigned: dict[str, dict[str, Any]], cohort: list[str]) -> list[dict[str, Any]]:
-    """Re-derive every assigned device's status from its latest reported state and update events
-    (a device counted as updated that rolls back moves to failed); returns the rows that changed."""
-    failures = failed_devices(svc.storage.rollout_events(row["id"]), spec.version)
-    changed = []
-    for device, m in assigned.items():
-        status = device_status(row["id"], spec.version, m, p.devices.get(device) or {}, failures.get(device),
-                                p.now, spec.device_timeout_s)
-        if status != m["status"]:
-            m.update(status=status, status_at=p.now)
-            changed.append(m)
-    return changed
-
-
 def _cohort_stats(svc: Services, row: dict[str, Any], spec: RolloutSpec, stage: Stage,
-                  assigned: dict[str, dict[str, Any]], cohort: set[str],
-                  everyone: set[str]) -> tuple[CohortStats, CohortStats]:
+                  counts: Counter[str], cohort: set[str],
+                  control_ids: set[str]) -> tuple[CohortStats, CohortStats]:
+    """Canary (the cohort: `counts` by status) and control (the population not assigned)."""
     windows = svc.storage.windows_since(row["stage_started_at"], spec.model)
-    canary = CohortStats(devices=len(cohort))
-    for d in cohort:
-        status = assigned[d]["status"]
-        canary.updated += status == "updated"
-        canary.update_failed += status == "failed"
-        canary.timed_out += status == "timed_out"
-    control_ids = everyone - set(assigned)
+    canary = CohortStats(devices=len(cohort), updated=counts["updated"], update_failed=counts["failed"],
+                         timed_out=counts["timed_out"])
     control = CohortStats(devices=len(control_ids))
     mine = [w for w in windows if w["device"] in cohort]
     if stage.mode == "live":
@@ -282,26 +362,23 @@ def _stats_view(s: CohortStats, mode: str) -> dict[str, Any]:
     return out
 
 
-def _waiting_for(p: _Pass, row: dict[str, Any], spec: RolloutSpec, stage: Stage,
-                 assigned: dict[str, dict[str, Any]], cohort: list[str], results: list[GateResult],
-                 result: str) -> list[str]:
-    """Why the stage cannot end yet, in words; empty when it can."""
+def _waiting_for(p: _Pass, row: dict[str, Any], spec: RolloutSpec, stage: Stage, counts: Counter[str],
+                 cohort: int, trying: int, results: list[GateResult], result: str) -> list[str]:
+    """Why the stage cannot end yet, in words; empty when it can. `counts`: the cohort's devices
+    by status; `trying`: those updated live that have not committed the version (probation)."""
     waiting = []
     soaked = p.now - row["stage_started_at"]
     if soaked < stage.min_soak_s:
         waiting.append(f"soak: {soaked:.0f} s of {stage.min_soak_s:g} s")
-    statuses = [assigned[d]["status"] for d in cohort]
-    pending = statuses.count("pending")
+    pending = counts["pending"]
     if pending:
-        waiting.append(f"devices: {pending} of {len(cohort)} still updating (timeout {spec.device_timeout_s:g} s)")
+        waiting.append(f"devices: {pending} of {cohort} still updating (timeout {spec.device_timeout_s:g} s)")
     # A device on probation may still roll back: the stage (and so the rollout) ends only when
     # its devices have committed, failed or timed out.
-    trying = sum(1 for d in cohort if assigned[d]["status"] == "updated" and assigned[d]["mode"] == "live"
-                 and on_probation(p.devices.get(d) or {}, spec.version))
     if trying:
-        waiting.append(f"probation: {trying} of {len(cohort)} devices have not committed the version yet")
-    reporting = statuses.count("updated")
-    needed = min(stage.min_reporting, len(cohort))
+        waiting.append(f"probation: {trying} of {cohort} devices have not committed the version yet")
+    reporting = counts["updated"]
+    needed = min(stage.min_reporting, cohort)
     if reporting < needed:
         waiting.append(f"reporting: {reporting} of the {needed} devices needed run the version")
     for r in results:
@@ -312,23 +389,25 @@ def _waiting_for(p: _Pass, row: dict[str, Any], spec: RolloutSpec, stage: Stage,
     return waiting
 
 
-def _reconcile_abort(svc: Services, p: _Pass, row: dict[str, Any], spec: RolloutSpec,
-                     assigned: dict[str, dict[str, Any]]) -> None:
+def _reconcile_abort(svc: Services, p: _Pass, row: dict[str, Any], spec: RolloutSpec) -> None:
     """Send every assigned device back to its previous version; done when all are back or
-    timed out (those converge on reconnect: their retained desired already says so)."""
+    timed out (those converge on reconnect: their retained desired already says so). An abort
+    lasts until then, so this path reads the assigned devices whole."""
     rid = row["id"]
+    assigned = {m["device"]: m for m in svc.storage.rollout_devices(rid)}
+    reports = svc.storage.device_reports(list(assigned))
     changed, open_devices = [], []
     abort_at = row["updated_at"]  # set by the abort transition; nothing else writes the row meanwhile
     for device, m in assigned.items():
         prev = m["previous_version"]
-        rep = (p.devices.get(device) or {}).get("reported") or {}
+        rep = (reports.get(device) or {}).get("reported") or {}
         if prev is None:
             # Nothing to go back to: stop a shadow candidate, leave a live one in place.
             if m["status"] != "reverted":
                 m.update(status="reverted", status_at=p.now)
                 changed.append(m)
             continue
-        if _publish(svc, p, device, spec.model, prev, "live", rid, allow_downgrade=True):
+        if _publish(svc, p, device, spec.model, prev, "live", rid, p.desired().get(device), allow_downgrade=True):
             m.update(desired_at=p.now)
             changed.append(m)
         if rep.get("active_version") == prev and rep.get("candidate_version") in (None, prev):
@@ -365,15 +444,21 @@ def _converge_fleet_targets(svc: Services, p: _Pass) -> None:
     if not targets:
         return
     parsed = [(t, parse_target(t["target"])) for t in targets]
-    for device_id, device in p.devices.items():
-        if device_id in p.taken:
+    if any(t["target"].get("query") is not None for t in targets):
+        candidates, tags, told = p.device_ids(), p.tags(), p.desired()
+    else:  # only devices never told anything can converge: the database lists them
+        candidates = svc.storage.devices_without_desired()
+        candidates = [d for d in candidates if d not in p.taken]
+        tags, told = (svc.storage.device_tag_map(candidates) if candidates else {}), {}
+    for device_id in candidates:
+        if device_id in p.taken or device_id not in tags:
             continue
-        match = [t for t, target in parsed if target.matches(device_id, device["tags"])]
+        match = [t for t, target in parsed if target.matches(device_id, tags[device_id])]
         if not match:
             continue
         newest = match[-1]  # fleet_targets() is ordered by updated_at
-        last = p.desired.get(device_id)
+        last = told.get(device_id)
         joins_group = (last is not None and newest["target"].get("query") is not None
                        and last["rollout_id"] is not None and last["rollout_id"] != newest["rollout_id"])
         if last is None or joins_group:
-            _publish(svc, p, device_id, newest["model"], newest["version"], "live", newest["rollout_id"])
+            _publish(svc, p, device_id, newest["model"], newest["version"], "live", newest["rollout_id"], last)

@@ -15,10 +15,13 @@ from fleet_server.storage.postgres.connection import (
     decode,
     dumps,
     insert_row,
+    loads,
+    tuples,
     update_row,
     where,
     within,
 )
+from fleet_server.storage.postgres.devices import device_terms
 
 _ROLLOUT_JSON = ("spec", "gates", "stages", "previous_target")
 _ROLLOUT_DEVICE_COLUMNS = ("rollout_id", "device", "stage", "mode", "previous_version", "assigned_at", "desired_at",
@@ -35,6 +38,62 @@ def _audit(conn: psycopg.Connection, rollout_id: str, entries: Sequence[tuple[st
         "INSERT INTO rollout_audit(ts, rollout_id, actor, action, detail) VALUES (%s,%s,%s,%s,%s)",
         [(now, rollout_id, actor, action, dumps(detail)) for actor, action, detail in entries],
     )
+
+
+# Each assigned device's status derived in SQL exactly as `fleet_server.rollouts.device_status`
+# derives it in Python (the storage contract tests hold the two to the same answers): rows only
+# for devices whose status changes, or which serve the version live uncommitted (probation).
+# Every condition is made NOT NULL first, so that NOT means what Python's `not` means.
+_STATUS_SQL = """
+WITH m AS MATERIALIZED (
+    SELECT rd.device, rd.mode, rd.status,
+           COALESCE(NULLIF(rd.desired_at, 0), rd.assigned_at) AS since,
+           d.status AS online, d.active_version AS a, d.update_state AS s, d.reported::jsonb AS r
+    FROM rollout_devices rd
+    LEFT JOIN devices d ON d.id = rd.device AND d.revoked_at IS NULL AND d.reported IS NOT NULL
+    WHERE rd.rollout_id = %(rid)s
+),
+f AS (
+    SELECT device, kind, outcome, row_number() OVER (PARTITION BY device ORDER BY seq DESC) AS n
+    FROM events WHERE rollout_id = %(rid)s AND version = %(version)s AND kind IN ('outcome', 'refused')
+),
+x AS (
+    SELECT m.device, m.mode, m.status, m.since,
+           (m.a IS NOT NULL AND m.a = %(version)s) AS on_active,
+           COALESCE(m.r ->> 'candidate_version' = %(version)s, FALSE) AS on_version,
+           COALESCE(m.s = ANY(%(probation)s), FALSE) AS trial,
+           (m.online IS NULL OR m.online <> 'offline') AS up,
+           COALESCE(m.s = 'Shadow', FALSE) AS shadowing,
+           (COALESCE(m.r ->> 'candidate_version' = %(version)s AND m.s <> 'Idle', FALSE)
+            OR COALESCE(m.s = 'Idle' AND m.r -> 'update_retry' = 'true'::jsonb
+                        AND m.r ->> 'rollout_id' = %(rid)s, FALSE)) AS trying_again,
+           COALESCE(m.r ->> 'rollout_id' = %(rid)s AND m.s = 'Idle'
+                    AND m.r ->> 'update_outcome' = ANY(%(failed)s), FALSE) AS failed_now,
+           COALESCE(f.kind = 'refused' OR f.outcome = ANY(%(failed)s), FALSE) AS failure
+    FROM m LEFT JOIN f ON f.device = m.device AND f.n = 1
+),
+y AS (
+    SELECT device, mode, status, on_version AND trial AS probation,
+           CASE
+               WHEN on_active AND (NOT (on_version AND trial) OR up) THEN 'updated'
+               WHEN NOT on_active AND mode = 'shadow' AND on_version AND shadowing THEN 'updated'
+               WHEN NOT trying_again AND (failure OR failed_now) THEN 'failed'
+               WHEN %(now)s - since > %(timeout)s THEN 'timed_out'
+               ELSE 'pending'
+           END AS derived
+    FROM x
+)
+SELECT device, derived, derived = 'updated' AND mode = 'live' AND probation FROM y
+WHERE derived <> status OR (derived = 'updated' AND mode = 'live' AND probation)
+ORDER BY device
+"""
+
+
+def _told(row: dict[str, Any]) -> dict[str, Any]:
+    """A member row with what its device was last told split off into `told` (None: nothing)."""
+    told = {k: row.pop(f"told_{k}") for k in ("model", "version", "mode", "rollout_id")}
+    told["published_at"] = row.pop("told_at")
+    return {**row, "told": told if told["model"] is not None else None}
 
 
 class RolloutsMixin(PostgresConnection):
@@ -75,7 +134,11 @@ class RolloutsMixin(PostgresConnection):
             _audit(conn, rollout_id, audit, now)
             return True
 
-    def rollout_devices(self, rollout_id: str | None = None, *, active: bool = False) -> list[dict[str, Any]]:
+    def rollout_devices(self, rollout_id: str | None = None, *, active: bool = False,
+                        devices: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        if devices is not None:
+            return self._rows("SELECT * FROM rollout_devices WHERE rollout_id = %s AND device = ANY(%s) "
+                              "ORDER BY stage, device", [rollout_id, list(devices)])
         clause, params = where(
             ("rd.rollout_id = %s", rollout_id), ("r.state IN ('running', 'paused', 'aborting')", active)
         )
@@ -84,6 +147,76 @@ class RolloutsMixin(PostgresConnection):
             "ORDER BY rd.rollout_id, rd.stage, rd.device",
             params,
         )
+
+    def rollout_assignments(self, rollout_id: str) -> list[tuple[str, int, str, str]]:
+        with self._transaction() as conn:
+            return tuples(conn, "SELECT device, stage, mode, status FROM rollout_devices WHERE rollout_id = %s",
+                          [rollout_id])
+
+    def set_rollout_device_statuses(self, rollout_id: str, statuses: Sequence[tuple[str, str]], now: float) -> None:
+        if not statuses:
+            return
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE rollout_devices rd SET status = s.status, status_at = %s "
+                "FROM unnest(%s::text[], %s::text[]) AS s(device, status) "
+                "WHERE rd.rollout_id = %s AND rd.device = s.device",
+                [now, [d for d, _ in statuses], [st for _, st in statuses], rollout_id],
+            )
+
+    def rollout_devices_to_tell(self, rollout_id: str, model: str, version: str, *,
+                                every_reported: bool = False) -> list[dict[str, Any]]:
+        rows = self._rows(
+            "SELECT rd.*, d.active_version AS active_version, dd.model AS told_model, dd.version AS told_version, "
+            "dd.mode AS told_mode, dd.rollout_id AS told_rollout_id, dd.published_at AS told_at "
+            "FROM rollout_devices rd "
+            "JOIN devices d ON d.id = rd.device AND d.revoked_at IS NULL AND d.reported IS NOT NULL "
+            "LEFT JOIN device_desired dd ON dd.device = rd.device "
+            "WHERE rd.rollout_id = %(rid)s AND (%(every)s = 1 OR dd.device IS NULL "
+            "OR dd.model IS DISTINCT FROM %(model)s OR dd.version IS DISTINCT FROM %(version)s "
+            "OR dd.mode IS DISTINCT FROM rd.mode OR dd.rollout_id IS DISTINCT FROM %(rid)s "
+            "OR (rd.previous_version IS NULL AND d.active_version IS NOT NULL AND d.active_version <> %(version)s)) "
+            "ORDER BY rd.stage, rd.device",
+            {"rid": rollout_id, "model": model, "version": version, "every": int(every_reported)},
+        )
+        return [_told(r) for r in rows]
+
+    def rollout_status_changes(self, rollout_id: str, version: str, now: float, timeout_s: float, *,
+                               failed_outcomes: Sequence[str], probation_states: Sequence[str],
+                               ) -> list[tuple[str, str, bool]]:
+        with self._transaction() as conn:
+            return tuples(conn, _STATUS_SQL, {  # type: ignore[arg-type]
+                "rid": rollout_id, "version": version, "now": float(now), "timeout": float(timeout_s),
+                "failed": list(failed_outcomes), "probation": list(probation_states)})
+
+    def device_ids(self, *, tags: dict[str, str] | None = None) -> list[str]:
+        clause, params = where(("revoked_at IS NULL", True), *device_terms(tags, None, None, None, None))
+        with self._transaction() as conn:
+            return [r[0] for r in tuples(conn, f"SELECT id FROM devices{clause}", params)]
+
+    def device_tag_map(self, devices: Sequence[str] | None = None) -> dict[str, dict[str, str]]:
+        clause, params = where(("d.revoked_at IS NULL", True), within("d.id", devices))
+        with self._transaction() as conn:
+            ids = [r[0] for r in tuples(conn, f"SELECT d.id FROM devices d{clause}", params)]
+            rows = tuples(conn, f"SELECT t.device, t.key, t.value FROM device_tags t JOIN devices d ON d.id = t.device"
+                                f"{clause}", params)
+        out: dict[str, dict[str, str]] = {i: {} for i in ids}
+        for device, key, value in rows:
+            out[device][key] = value
+        return out
+
+    def device_reports(self, devices: Sequence[str]) -> dict[str, dict[str, Any]]:
+        with self._transaction() as conn:
+            rows = tuples(conn, "SELECT id, status, active_version, reported FROM devices "
+                                "WHERE revoked_at IS NULL AND id = ANY(%s)", [list(devices)])
+        return {device: {"status": status, "active_version": active, "reported": loads(reported)}
+                for device, status, active, reported in rows}
+
+    def devices_without_desired(self) -> list[str]:
+        with self._transaction() as conn:
+            return [r[0] for r in tuples(
+                conn, "SELECT id FROM devices WHERE revoked_at IS NULL AND NOT EXISTS "
+                "(SELECT 1 FROM device_desired dd WHERE dd.device = devices.id) ORDER BY id")]
 
     def put_rollout_devices(self, rows: Sequence[dict[str, Any]]) -> None:
         if not rows:

@@ -14,12 +14,15 @@ from fleet_server.storage.sqlite.connection import (
     decode,
     dumps,
     insert_row,
+    loads,
     update_row,
     where,
     within,
 )
+from fleet_server.storage.sqlite.devices import device_terms
 
 _ROLLOUT_JSON = ("spec", "gates", "stages", "previous_target")
+_CHUNK = 500  # ids per IN (...) list: far below SQLite's limit on bound parameters
 _ROLLOUT_DEVICE_COLUMNS = ("rollout_id", "device", "stage", "mode", "previous_version", "assigned_at", "desired_at",
                            "status", "status_at", "live_at")
 
@@ -34,6 +37,66 @@ def _audit(conn: sqlite3.Connection, rollout_id: str, entries: Sequence[tuple[st
         "INSERT INTO rollout_audit(ts, rollout_id, actor, action, detail) VALUES (?,?,?,?,?)",
         [(now, rollout_id, actor, action, dumps(detail)) for actor, action, detail in entries],
     )
+
+
+# Each assigned device's status derived in SQL exactly as `fleet_server.rollouts.device_status`
+# derives it in Python (the storage contract tests hold the two to the same answers): rows only
+# for devices whose status changes, or which serve the version live uncommitted (probation).
+# Every condition is made NOT NULL first, so that NOT means what Python's `not` means.
+_STATUS_SQL = """
+WITH m AS MATERIALIZED (
+    SELECT rd.device, rd.mode, rd.status,
+           COALESCE(NULLIF(rd.desired_at, 0), rd.assigned_at) AS since,
+           d.status AS online, d.active_version AS a, d.update_state AS s,
+           json_extract(d.reported, '$.candidate_version') AS c,
+           json_extract(d.reported, '$.rollout_id') AS rr,
+           json_extract(d.reported, '$.update_outcome') AS o,
+           COALESCE(json_type(d.reported, '$.update_retry') = 'true', 0) AS retry
+    FROM rollout_devices rd
+    LEFT JOIN devices d ON d.id = rd.device AND d.revoked_at IS NULL AND d.reported IS NOT NULL
+    WHERE rd.rollout_id = :rid
+),
+f AS (
+    SELECT device, kind, outcome, row_number() OVER (PARTITION BY device ORDER BY seq DESC) AS n
+    FROM events WHERE rollout_id = :rid AND version = :version AND kind IN ('outcome', 'refused')
+),
+x AS (
+    SELECT m.device, m.mode, m.status, m.since,
+           (m.a IS NOT NULL AND m.a = :version) AS on_active,
+           (m.c IS NOT NULL AND m.c = :version) AS on_version,
+           (m.s IS NOT NULL AND m.s IN ({probation})) AS trial,
+           (m.online IS NULL OR m.online <> 'offline') AS up,
+           (m.s IS NOT NULL AND m.s = 'Shadow') AS shadowing,
+           ((m.c IS NOT NULL AND m.c = :version AND m.s IS NOT NULL AND m.s <> 'Idle')
+            OR (m.s IS NOT NULL AND m.s = 'Idle' AND m.retry AND m.rr IS NOT NULL AND m.rr = :rid)) AS trying_again,
+           (m.rr IS NOT NULL AND m.rr = :rid AND m.s IS NOT NULL AND m.s = 'Idle'
+            AND m.o IS NOT NULL AND m.o IN ({failed})) AS failed_now,
+           (f.kind IS NOT NULL AND (f.kind = 'refused' OR (f.outcome IS NOT NULL AND f.outcome IN ({failed}))))
+               AS failure
+    FROM m LEFT JOIN f ON f.device = m.device AND f.n = 1
+),
+y AS (
+    SELECT device, mode, status, on_version AND trial AS probation,
+           CASE
+               WHEN on_active AND (NOT (on_version AND trial) OR up) THEN 'updated'
+               WHEN NOT on_active AND mode = 'shadow' AND on_version AND shadowing THEN 'updated'
+               WHEN NOT trying_again AND (failure OR failed_now) THEN 'failed'
+               WHEN :now - since > :timeout THEN 'timed_out'
+               ELSE 'pending'
+           END AS derived
+    FROM x
+)
+SELECT device, derived, derived = 'updated' AND mode = 'live' AND probation FROM y
+WHERE derived <> status OR (derived = 'updated' AND mode = 'live' AND probation)
+ORDER BY device
+"""
+
+
+def _told(row: dict[str, Any]) -> dict[str, Any]:
+    """A member row with what its device was last told split off into `told` (None: nothing)."""
+    told = {k: row.pop(f"told_{k}") for k in ("model", "version", "mode", "rollout_id")}
+    told["published_at"] = row.pop("told_at")
+    return {**row, "told": told if told["model"] is not None else None}
 
 
 class RolloutsMixin(SqliteConnection):
@@ -74,7 +137,13 @@ class RolloutsMixin(SqliteConnection):
             _audit(conn, rollout_id, audit, now)
             return True
 
-    def rollout_devices(self, rollout_id: str | None = None, *, active: bool = False) -> list[dict[str, Any]]:
+    def rollout_devices(self, rollout_id: str | None = None, *, active: bool = False,
+                        devices: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        if devices is not None:
+            return [r for start in range(0, len(devices), _CHUNK) for r in self._rows(
+                f"SELECT * FROM rollout_devices WHERE rollout_id = ? AND device IN "
+                f"({','.join('?' * len(devices[start:start + _CHUNK]))}) ORDER BY stage, device",
+                [rollout_id, *devices[start:start + _CHUNK]])]
         clause, params = where(
             ("rd.rollout_id = ?", rollout_id), ("r.state IN ('running', 'paused', 'aborting')", active)
         )
@@ -83,6 +152,87 @@ class RolloutsMixin(SqliteConnection):
             "ORDER BY rd.rollout_id, rd.stage, rd.device",
             params,
         )
+
+    def rollout_assignments(self, rollout_id: str) -> list[tuple[str, int, str, str]]:
+        return self.db.conn.execute(
+            "SELECT device, stage, mode, status FROM rollout_devices WHERE rollout_id = ?", (rollout_id,)
+        ).fetchall()
+
+    def set_rollout_device_statuses(self, rollout_id: str, statuses: Sequence[tuple[str, str]], now: float) -> None:
+        if not statuses:
+            return
+        with self._immediate() as conn:
+            conn.executemany(
+                "UPDATE rollout_devices SET status = ?, status_at = ? WHERE rollout_id = ? AND device = ?",
+                [(status, now, rollout_id, device) for device, status in statuses],
+            )
+
+    def rollout_devices_to_tell(self, rollout_id: str, model: str, version: str, *,
+                                every_reported: bool = False) -> list[dict[str, Any]]:
+        rows = self._rows(
+            "SELECT rd.*, d.active_version AS active_version, dd.model AS told_model, dd.version AS told_version, "
+            "dd.mode AS told_mode, dd.rollout_id AS told_rollout_id, dd.published_at AS told_at "
+            "FROM rollout_devices rd "
+            "JOIN devices d ON d.id = rd.device AND d.revoked_at IS NULL AND d.reported IS NOT NULL "
+            "LEFT JOIN device_desired dd ON dd.device = rd.device "
+            "WHERE rd.rollout_id = :rid AND (:every OR dd.device IS NULL OR dd.model IS NOT :model "
+            "OR dd.version IS NOT :version OR dd.mode IS NOT rd.mode OR dd.rollout_id IS NOT :rid "
+            "OR (rd.previous_version IS NULL AND d.active_version IS NOT NULL AND d.active_version <> :version)) "
+            "ORDER BY rd.stage, rd.device",
+            {"rid": rollout_id, "model": model, "version": version, "every": int(every_reported)},
+        )
+        return [_told(r) for r in rows]
+
+    def rollout_status_changes(self, rollout_id: str, version: str, now: float, timeout_s: float, *,
+                               failed_outcomes: Sequence[str], probation_states: Sequence[str],
+                               ) -> list[tuple[str, str, bool]]:
+        failed = {f"f{i}": v for i, v in enumerate(failed_outcomes)}
+        probation = {f"p{i}": v for i, v in enumerate(probation_states)}
+        sql = _STATUS_SQL.format(failed=",".join(f":{k}" for k in failed) or "NULL",
+                                 probation=",".join(f":{k}" for k in probation) or "NULL")
+        rows = self.db.conn.execute(sql, {"rid": rollout_id, "version": version, "now": now, "timeout": timeout_s,
+                                          **failed, **probation}).fetchall()
+        return [(device, status, bool(probation_flag)) for device, status, probation_flag in rows]
+
+    def device_ids(self, *, tags: dict[str, str] | None = None) -> list[str]:
+        clause, params = where(("revoked_at IS NULL", True), *device_terms(tags, None, None, None, None))
+        return [r[0] for r in self.db.conn.execute(f"SELECT id FROM devices{clause}", params)]
+
+    def device_tag_map(self, devices: Sequence[str] | None = None) -> dict[str, dict[str, str]]:
+        if devices is None:
+            ids = self.device_ids()
+            rows = self.db.conn.execute(
+                "SELECT t.device, t.key, t.value FROM device_tags t JOIN devices d ON d.id = t.device "
+                "WHERE d.revoked_at IS NULL").fetchall()
+        else:
+            ids, rows = [], []
+            for start in range(0, len(devices), _CHUNK):
+                chunk = list(devices[start:start + _CHUNK])
+                marks = ",".join("?" * len(chunk))
+                ids += [r[0] for r in self.db.conn.execute(
+                    f"SELECT id FROM devices WHERE revoked_at IS NULL AND id IN ({marks})", chunk)]
+                rows += self.db.conn.execute(
+                    f"SELECT device, key, value FROM device_tags WHERE device IN ({marks})", chunk).fetchall()
+        out: dict[str, dict[str, str]] = {i: {} for i in ids}
+        for device, key, value in rows:
+            if device in out:
+                out[device][key] = value
+        return out
+
+    def device_reports(self, devices: Sequence[str]) -> dict[str, dict[str, Any]]:
+        out = {}
+        for start in range(0, len(devices), _CHUNK):
+            chunk = list(devices[start:start + _CHUNK])
+            for device, status, active, reported in self.db.conn.execute(
+                    f"SELECT id, status, active_version, reported FROM devices WHERE revoked_at IS NULL AND id IN "
+                    f"({','.join('?' * len(chunk))})", chunk):
+                out[device] = {"status": status, "active_version": active, "reported": loads(reported)}
+        return out
+
+    def devices_without_desired(self) -> list[str]:
+        return [r[0] for r in self.db.conn.execute(
+            "SELECT id FROM devices WHERE revoked_at IS NULL AND NOT EXISTS "
+            "(SELECT 1 FROM device_desired dd WHERE dd.device = devices.id) ORDER BY id")]
 
     def put_rollout_devices(self, rows: Sequence[dict[str, Any]]) -> None:
         if not rows:
