@@ -177,8 +177,10 @@ def _cohort(rollout_id: str, members: Members, everyone: set[str], size: int) ->
 def _reconcile_rollout(svc: Services, p: _Pass, row: dict[str, Any]) -> None:
     spec = spec_of(row)
     rid, state = row["id"], RolloutState(row["state"])
-    members: Members = {d: (stage, mode, status) for d, stage, mode, status in svc.storage.rollout_assignments(rid)}
-    population = [d for d in _matching(svc, p, spec.target) if d not in p.taken or d in members]
+    members: Members = {r[0]: r[1:] for r in svc.storage.rollout_assignments(rid)}
+    population = _matching(svc, p, spec.target)
+    if p.taken:
+        population = [d for d in population if d not in p.taken or d in members]
     p.taken.update(population)
     p.taken.update(members)
     if state is RolloutState.ABORTING:
@@ -217,7 +219,8 @@ def _reconcile_rollout(svc: Services, p: _Pass, row: dict[str, Any]) -> None:
         members[d] = (members[d][0], members[d][1], status)
 
     in_cohort = set(cohort)
-    counts = Counter(members[d][2] for d in cohort)
+    counts = Counter(m[2] for m in members.values()) if len(cohort) == len(members) else \
+        Counter(members[d][2] for d in cohort)
     trying = sum(1 for d, _, probation in changes if probation and d in in_cohort)
     canary, control = _cohort_stats(svc, row, spec, stage, counts, in_cohort, everyone - members.keys())
     results = evaluate_gates(spec, stage.mode, canary, control)
@@ -250,9 +253,10 @@ def _take(svc: Services, p: _Pass, rid: str, stage_i: int, stage: Stage, members
           cohort: list[str]) -> None:
     """Assign the cohort's new devices to the stage and move the assigned ones to its mode (live
     stays live when a later stage is in shadow); `members` follows."""
-    new = [d for d in cohort if d not in members]
-    moving = [d for d in cohort if d in members and members[d][1] != stage.mode
-              and not (members[d][1] == "live" and stage.mode == "shadow")]
+    whole = len(cohort) == len(members)  # the cohort is exactly the assigned devices (see _cohort)
+    new = [] if whole else [d for d in cohort if d not in members]
+    moving = [d for d, (_, mode, _) in (members.items() if whole else ((d, members[d]) for d in cohort if d in members))
+              if mode != stage.mode and not (mode == "live" and stage.mode == "shadow")]
     if not new and not moving:
         return
     changed: list[dict[str, Any]] = []

@@ -48,7 +48,11 @@ _STATUS_SQL = """
 WITH m AS MATERIALIZED (
     SELECT rd.device, rd.mode, rd.status,
            COALESCE(NULLIF(rd.desired_at, 0), rd.assigned_at) AS since,
-           d.status AS online, d.active_version AS a, d.update_state AS s, d.reported::jsonb AS r
+           d.status AS online, d.active_version AS a, d.update_state AS s,
+           -- The reported state is parsed once, and not at all for a device that runs the
+           -- version outside probation (updated, whatever else it reports).
+           CASE WHEN d.active_version = %(version)s AND NOT d.update_state = ANY(%(probation)s) THEN NULL
+                ELSE d.reported::jsonb END AS r
     FROM rollout_devices rd
     LEFT JOIN devices d ON d.id = rd.device AND d.revoked_at IS NULL AND d.reported IS NOT NULL
     WHERE rd.rollout_id = %(rid)s

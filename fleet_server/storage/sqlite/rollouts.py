@@ -42,52 +42,47 @@ def _audit(conn: sqlite3.Connection, rollout_id: str, entries: Sequence[tuple[st
 # Each assigned device's status derived in SQL exactly as `fleet_server.rollouts.device_status`
 # derives it in Python (the storage contract tests hold the two to the same answers): rows only
 # for devices whose status changes, or which serve the version live uncommitted (probation).
-# Every condition is made NOT NULL first, so that NOT means what Python's `not` means.
+# Every condition is NULL-safe (IS, IFNULL), so that NOT means what Python's `not` means, and
+# sits in a CASE ... WHEN, which SQLite evaluates lazily: the reported JSON is read only where a
+# stored column (active version, update state) leaves the answer open.
 _STATUS_SQL = """
-WITH m AS MATERIALIZED (
-    SELECT rd.device, rd.mode, rd.status,
-           COALESCE(NULLIF(rd.desired_at, 0), rd.assigned_at) AS since,
-           d.status AS online, d.active_version AS a, d.update_state AS s,
-           json_extract(d.reported, '$.candidate_version') AS c,
-           json_extract(d.reported, '$.rollout_id') AS rr,
-           json_extract(d.reported, '$.update_outcome') AS o,
-           COALESCE(json_type(d.reported, '$.update_retry') = 'true', 0) AS retry
-    FROM rollout_devices rd
-    LEFT JOIN devices d ON d.id = rd.device AND d.revoked_at IS NULL AND d.reported IS NOT NULL
-    WHERE rd.rollout_id = :rid
-),
-f AS (
+WITH f AS (
     SELECT device, kind, outcome, row_number() OVER (PARTITION BY device ORDER BY seq DESC) AS n
     FROM events WHERE rollout_id = :rid AND version = :version AND kind IN ('outcome', 'refused')
 ),
-x AS (
-    SELECT m.device, m.mode, m.status, m.since,
-           (m.a IS NOT NULL AND m.a = :version) AS on_active,
-           (m.c IS NOT NULL AND m.c = :version) AS on_version,
-           (m.s IS NOT NULL AND m.s IN ({probation})) AS trial,
-           (m.online IS NULL OR m.online <> 'offline') AS up,
-           (m.s IS NOT NULL AND m.s = 'Shadow') AS shadowing,
-           ((m.c IS NOT NULL AND m.c = :version AND m.s IS NOT NULL AND m.s <> 'Idle')
-            OR (m.s IS NOT NULL AND m.s = 'Idle' AND m.retry AND m.rr IS NOT NULL AND m.rr = :rid)) AS trying_again,
-           (m.rr IS NOT NULL AND m.rr = :rid AND m.s IS NOT NULL AND m.s = 'Idle'
-            AND m.o IS NOT NULL AND m.o IN ({failed})) AS failed_now,
-           (f.kind IS NOT NULL AND (f.kind = 'refused' OR (f.outcome IS NOT NULL AND f.outcome IN ({failed}))))
-               AS failure
-    FROM m LEFT JOIN f ON f.device = m.device AND f.n = 1
-),
-y AS (
-    SELECT device, mode, status, on_version AND trial AS probation,
-           CASE
-               WHEN on_active AND (NOT (on_version AND trial) OR up) THEN 'updated'
-               WHEN NOT on_active AND mode = 'shadow' AND on_version AND shadowing THEN 'updated'
-               WHEN NOT trying_again AND (failure OR failed_now) THEN 'failed'
-               WHEN :now - since > :timeout THEN 'timed_out'
-               ELSE 'pending'
-           END AS derived
-    FROM x
+y AS MATERIALIZED (
+    SELECT rd.device, rd.status,
+        CASE
+            WHEN d.active_version IS :version
+                 AND (IFNULL(d.update_state, '') NOT IN ({probation}) OR d.status IS NOT 'offline'
+                      OR json_extract(d.reported, '$.candidate_version') IS NOT :version)
+                THEN 'updated'
+            WHEN d.active_version IS NOT :version AND rd.mode IS 'shadow' AND d.update_state IS 'Shadow'
+                 AND json_extract(d.reported, '$.candidate_version') IS :version
+                THEN 'updated'
+            WHEN (f.kind IS 'refused' OR IFNULL(f.outcome, '') IN ({failed})
+                  OR (d.update_state IS 'Idle' AND json_extract(d.reported, '$.rollout_id') IS :rid
+                      AND IFNULL(json_extract(d.reported, '$.update_outcome'), '') IN ({failed})))
+                 AND NOT ((d.update_state IS NOT NULL AND d.update_state IS NOT 'Idle'
+                           AND json_extract(d.reported, '$.candidate_version') IS :version)
+                          OR (d.update_state IS 'Idle' AND json_type(d.reported, '$.update_retry') IS 'true'
+                              AND json_extract(d.reported, '$.rollout_id') IS :rid))
+                THEN 'failed'
+            WHEN :now - COALESCE(NULLIF(rd.desired_at, 0), rd.assigned_at) > :timeout THEN 'timed_out'
+            ELSE 'pending'
+        END AS derived,
+        CASE
+            WHEN rd.mode IS 'live' AND IFNULL(d.update_state, '') IN ({probation})
+                 AND json_extract(d.reported, '$.candidate_version') IS :version THEN 1
+            ELSE 0
+        END AS probation
+    FROM rollout_devices rd
+    LEFT JOIN devices d ON d.id = rd.device AND d.revoked_at IS NULL AND d.reported IS NOT NULL
+    LEFT JOIN f ON f.device = rd.device AND f.n = 1
+    WHERE rd.rollout_id = :rid
 )
-SELECT device, derived, derived = 'updated' AND mode = 'live' AND probation FROM y
-WHERE derived <> status OR (derived = 'updated' AND mode = 'live' AND probation)
+SELECT device, derived, derived = 'updated' AND probation FROM y
+WHERE derived <> status OR (derived = 'updated' AND probation)
 ORDER BY device
 """
 
@@ -172,10 +167,14 @@ class RolloutsMixin(SqliteConnection):
         rows = self._rows(
             "SELECT rd.*, d.active_version AS active_version, dd.model AS told_model, dd.version AS told_version, "
             "dd.mode AS told_mode, dd.rollout_id AS told_rollout_id, dd.published_at AS told_at "
-            "FROM rollout_devices rd "
-            "JOIN devices d ON d.id = rd.device AND d.revoked_at IS NULL AND d.reported IS NOT NULL "
-            "LEFT JOIN device_desired dd ON dd.device = rd.device "
+            # CROSS JOIN keeps this loop order: a device told the version already, with its
+            # previous version known, is passed over without reading its devices row.
+            "FROM rollout_devices rd LEFT JOIN device_desired dd ON dd.device = rd.device CROSS JOIN devices d "
             "WHERE rd.rollout_id = :rid AND (:every OR dd.device IS NULL OR dd.model IS NOT :model "
+            "OR dd.version IS NOT :version OR dd.mode IS NOT rd.mode OR dd.rollout_id IS NOT :rid "
+            "OR rd.previous_version IS NULL) "
+            "AND d.id = rd.device AND d.revoked_at IS NULL AND d.reported IS NOT NULL "
+            "AND (:every OR dd.device IS NULL OR dd.model IS NOT :model "
             "OR dd.version IS NOT :version OR dd.mode IS NOT rd.mode OR dd.rollout_id IS NOT :rid "
             "OR (rd.previous_version IS NULL AND d.active_version IS NOT NULL AND d.active_version <> :version)) "
             "ORDER BY rd.stage, rd.device",
