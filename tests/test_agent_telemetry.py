@@ -220,3 +220,68 @@ def test_outbox_bound_drops_oldest_and_reports(tmp_path, broker, collector):
         assert max(w.dropped_total for w in collector.get("telemetry")) > 0
     finally:
         agent.close()
+
+
+def test_single_rows_counted_in_batches_make_the_window_of_one_at_a_time(tmp_path):
+    """Single-row requests are held and counted with the next batch (or the tick); the window, the
+    totals and the prediction record are what counting each request as it comes would give."""
+    import random
+
+    import msgspec
+
+    from edge_agent.feedback import PENDING_RECORDS
+    from edge_agent.telemetry import PENDING_ROWS
+
+    X, y = dataset()
+    now = [1_700_000_000.0]
+    agents = []
+    for name in ("batched", "immediate"):
+        config = make_config(tmp_path / name, telemetry={"window_s": 60, "sample_rows": 8})
+        install_active(config.path, bundle_bytes("lr", "1.0.0"))
+        agents.append(Agent(config, link_mode="none", clock=lambda: now[0], rng=random.Random(7)).start())
+    batched, immediate = agents
+    try:
+        n = PENDING_ROWS + PENDING_RECORDS // 2 + 3  # one full batch and a partial one
+        ids = []
+        for i in range(n):
+            row = [float(v) for v in X[i]]
+            ids.append(batched.predict([row]).ids[0])
+            immediate.predict([row])
+            immediate.telemetry.count_pending()
+            immediate.prediction_record.join([], now[0])  # writes its pending record slots
+            now[0] += 0.01
+        # The record joins ids whose slots are still pending.
+        result = batched.feedback([{"id": pid, "label": int(y[i])} for i, pid in enumerate(ids[-3:], n - 3)])
+        assert result.joined == 3
+        windows = []
+        for agent in agents:
+            agent.telemetry.count_pending()
+            assert agent.telemetry.total_predictions == agent.telemetry.total_requests == n
+            w = agent.telemetry.flush(now[0], 1, agent._resources(), 0, "m")
+            windows.append(msgspec.to_builtins(w))
+        a, b = windows
+        a.pop("feedback")  # only the batched agent got feedback
+        b.pop("feedback")
+        for w in (a, b):  # measured times and process figures: their own in each agent
+            assert sum(w.pop("latency")["counts"]) == n
+            w.pop("resources")
+        assert a["predictions"] == b["predictions"] == n
+        assert _same(a, b)
+    finally:
+        for agent in agents:
+            agent.close()
+
+
+def _same(a, b) -> bool:
+    """Equal structures; floats equal to 1e-9 (numpy sums a batch in another order than one row at a time)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        return all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        assert len(a) == len(b)
+        return all(_same(x, z) for x, z in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12, nan_ok=True)
+        return True
+    assert a == b
+    return True
