@@ -44,7 +44,8 @@ def _audit(conn: sqlite3.Connection, rollout_id: str, entries: Sequence[tuple[st
 # for devices whose status changes, or which serve the version live uncommitted (probation).
 # Every condition is NULL-safe (IS, IFNULL), so that NOT means what Python's `not` means, and
 # sits in a CASE ... WHEN, which SQLite evaluates lazily: the reported JSON is read only where a
-# stored column (active version, update state) leaves the answer open.
+# stored column (active version, update state) leaves the answer open, and its rollout id only
+# where the rollout's id appears in the text at all (a substring search costs far less).
 _STATUS_SQL = """
 WITH f AS (
     SELECT device, kind, outcome, row_number() OVER (PARTITION BY device ORDER BY seq DESC) AS n
@@ -61,12 +62,14 @@ y AS MATERIALIZED (
                  AND json_extract(d.reported, '$.candidate_version') IS :version
                 THEN 'updated'
             WHEN (f.kind IS 'refused' OR IFNULL(f.outcome, '') IN ({failed})
-                  OR (d.update_state IS 'Idle' AND json_extract(d.reported, '$.rollout_id') IS :rid
+                  OR (d.update_state IS 'Idle' AND IFNULL(instr(d.reported, :rid), 0) > 0
+                      AND json_extract(d.reported, '$.rollout_id') IS :rid
                       AND IFNULL(json_extract(d.reported, '$.update_outcome'), '') IN ({failed})))
                  AND NOT ((d.update_state IS NOT NULL AND d.update_state IS NOT 'Idle'
                            AND json_extract(d.reported, '$.candidate_version') IS :version)
-                          OR (d.update_state IS 'Idle' AND json_type(d.reported, '$.update_retry') IS 'true'
-                              AND json_extract(d.reported, '$.rollout_id') IS :rid))
+                          OR (d.update_state IS 'Idle' AND IFNULL(instr(d.reported, :rid), 0) > 0
+                              AND json_extract(d.reported, '$.rollout_id') IS :rid
+                              AND json_type(d.reported, '$.update_retry') IS 'true'))
                 THEN 'failed'
             WHEN :now - COALESCE(NULLIF(rd.desired_at, 0), rd.assigned_at) > :timeout THEN 'timed_out'
             ELSE 'pending'
