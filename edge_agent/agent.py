@@ -254,11 +254,14 @@ class Agent:
             self.telemetry.record_error("too_many_rows")
             raise RequestError("too_many_rows", f"{n} rows in one request; at most {self.config.http.max_rows} are accepted")
         t0 = time.perf_counter()
-        check = rt.validator.check
         try:
-            values = [check(rows[0], 0)] if n == 1 else [check(r, i) for i, r in enumerate(rows)]
-            if not values:
-                raise RequestError("bad_request", "no rows to predict")
+            if n == 1:
+                values = [rt.validator.check(rows[0], 0)]
+            else:
+                check = rt.validator.check
+                values = [check(r, i) for i, r in enumerate(rows)]
+                if not values:
+                    raise RequestError("bad_request", "no rows to predict")
             feeds = rt.feeds(values)
             if rt.version in self._error_versions:
                 raise RequestError("runtime_error", "injected runtime error (EDGEFLEET_FAULT)")
