@@ -36,9 +36,10 @@ def test_plan_is_reproducible():
     assert len(targets) == len(set(targets))
 
 
+@pytest.mark.timeout(600)  # minutes on a busy machine: setup, a real-time rollout, two settles
 def test_short_chaos_run_keeps_every_invariant(tmp_path):
-    plan = ChaosPlan(seed=1, devices=40, duration=30, rates=ChaosRates(server_kills_per_min=2.0,
-                                                                         broker_kills_per_min=2.0))
+    plan = ChaosPlan(seed=1, devices=40, duration=30, stages=(50, 100),
+                     rates=ChaosRates(server_kills_per_min=2.0, broker_kills_per_min=2.0))
     report = run_chaos(plan, tmp_path / "chaos")
     print(report.table())
     done = {line.split()[1] for line in report.executed}

@@ -61,6 +61,7 @@ class ChaosPlan:
     window_s: float = 5.0  # telemetry window of every device
     rate_per_s: float = 2.0  # predictions per second per device
     bucket_s: float = 30.0  # the server's drift bucket
+    stages: tuple[int, ...] = (10, 50, 100)  # the rollout's live stages, percent of the fleet
 
     @property
     def device_ids(self) -> list[str]:
@@ -156,12 +157,11 @@ class ChaosPlan:
                         faults=tuple(f for f in fault_list if f.devices))
 
     def rollout(self) -> dict[str, Any]:
-        """Three live stages with short soaks; gates wide enough for the planted faults."""
+        """Live stages with short soaks; gates wide enough for the planted faults."""
         return {
             "model": MODEL, "version": TARGET, "target": {"all": True}, "on_failure": "pause",
             "device_timeout_s": 45,
-            "stages": [{"percent": 10, "min_soak_s": 5}, {"percent": 50, "min_soak_s": 5},
-                       {"percent": 100, "min_soak_s": 5}],
+            "stages": [{"percent": p, "min_soak_s": 5} for p in self.stages],
             # Every planted fault fails or delays an update on purpose: the gates must not stop
             # the rollout for the faults the run plants itself.
             "gates": {"update_failure_rate": {"max": 0.5}, "timeout_share": {"max": 0.5},
