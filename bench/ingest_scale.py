@@ -417,7 +417,7 @@ def report(runs: list[dict], args, load_before: tuple[float, float, float], elap
                      f"parsing, PUBACKs) {f(1e6 * net / n)} µs/message, writer thread (decode, validate, sum, store) "
                      f"{f(1e6 * writer / n)} µs/message, other threads (database pool) {f(1e6 * rest / n)} µs/message; "
                      f"its threads share one interpreter lock, so one process stores at most about "
-                     f"{f(1e6 * n / ((net + writer + rest) or 1))} windows/s (one core).")
+                     f"{f(n / ((net + writer + rest) or 1))} windows/s (one core).")
     return "\n".join(lines)
 
 
