@@ -51,8 +51,9 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/edgefleet demo
 
+# Both cores: every fixture takes its own ports and directories (docs/testing.md).
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --durations=25
 
 test-fast: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not browser"

@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 
 from edge_agent.config import AgentConfig
 from edge_agent.paho_import import paho_client
+from edge_agent.paho_poll import install as poll_select
 from edge_agent.protocol import DeliveryAck, ProtocolError, decode, topic
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ class MqttLink:
         self._stop = threading.Event()
         self.wakeup: Callable[[], None] = lambda: None
         # ssl only for mqtts:// (see edge_agent.paho_import).
-        self.paho = paho_client(config.mqtt.tls)
+        self.paho = poll_select(paho_client(config.mqtt.tls))
         self.client = self._make_client()
 
     def _make_client(self) -> mqtt.Client:

@@ -16,10 +16,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent.paho_poll import install as poll_select
 from edge_agent.protocol import TOPIC_ROOT, DesiredState, topic
 from fleet_server.config import SERVER_USERNAME, ServerConfig
 
 log = logging.getLogger(__name__)
+poll_select(mqtt)  # a server has many sockets open: paho's select() stops at descriptor 1024
 
 
 class BufferedSocket:

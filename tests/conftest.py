@@ -11,6 +11,9 @@ pytest.register_assert_rewrite(
     "tests.sim_fixtures", "tests.postgres", "tests.postgres_fixtures",
 )
 
+import paho.mqtt.client  # noqa: E402
+
+from edge_agent import paho_poll  # noqa: E402
 from tests import leaks  # noqa: E402
 from tests.brokers import Broker  # noqa: E402 - after the registration above
 from tests.leaks import no_leftovers  # noqa: E402, F401 - every module: nothing left running after it
@@ -23,6 +26,10 @@ def broker(tmp_path):
     b = Broker(tmp_path / "broker").start()
     yield b
     b.stop()
+
+
+# The tests' own MQTT clients too: a long run may hold more than 1024 descriptors.
+paho_poll.install(paho.mqtt.client)
 
 
 def pytest_sessionfinish(session, exitstatus):

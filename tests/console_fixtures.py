@@ -112,9 +112,9 @@ def console_fleet(tmp_path_factory) -> Iterator[ConsoleFleet]:
     fed drifted data), demo 2.0.0 registered for rollouts, an operator and a viewer account."""
     root = tmp_path_factory.mktemp("console")
     server = FleetServer(make_config(root / "server", rollout_interval_s=0.1)).start()
-    wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
     fleet = ConsoleFleet(server, root)
     try:
+        wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
         svc = fleet.svc
         trust_key(svc, public_pem("trusted"))
         upload_bundle(svc, bundle_bytes("lr", "1.0.0"))

@@ -77,6 +77,17 @@ def make_config(data_dir: Path, **overrides: Any) -> ServerConfig:
     return ServerConfig(data_dir=data_dir, **values)
 
 
+def connected(server: FleetServer, what: str = "ingest connected") -> FleetServer:
+    """`server` (started) once its ingest is connected to the broker; stopped if it never is, so
+    that a failed setup leaves nothing running."""
+    try:
+        wait_until(lambda: server.ingest.connected.is_set(), 10, message=what)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
 @dataclass
 class ServerHandle:
     """A running FleetServer plus helpers: tokens, provisioning, an HTTP session."""
@@ -123,10 +134,12 @@ def fleet(request, tmp_path, backend):
         request.getfixturevalue("monkeypatch").setenv("EDGEFLEET_STORAGE_URL", storage_url)
     config = make_config(tmp_path / "server", storage_url=storage_url)
     server = FleetServer(config).start()
-    handle = ServerHandle(server)
-    wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
-    yield handle
-    server.stop()
+    try:  # stopped when its setup fails too: a server left running loads every later test
+        handle = ServerHandle(server)
+        wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
+        yield handle
+    finally:
+        server.stop()
 
 
 class DeviceClient:

@@ -101,11 +101,13 @@ def sim_server(tmp_path):
     config = make_config(tmp_path / "server", bucket_s=60.0, bucket_grace_s=20.0, consecutive=3,
                          min_predictions=100)
     server = FleetServer(config, clock=clock, loops=False).start()
-    handle = SimServer(server, clock, tmp_path)
-    pem = _signer()[1].public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    trust_key(handle.svc, pem)
-    from tests.brokers import wait_until
+    try:  # stopped when its setup fails too
+        handle = SimServer(server, clock, tmp_path)
+        pem = _signer()[1].public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        trust_key(handle.svc, pem)
+        from tests.brokers import wait_until
 
-    wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
-    yield handle
-    server.stop()
+        wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
+        yield handle
+    finally:
+        server.stop()

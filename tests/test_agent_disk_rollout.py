@@ -13,7 +13,7 @@ from fleet_server.devices import get_device
 from fleet_server.registry import trust_key, upload_bundle
 from fleet_server.service import FleetServer
 from tests.agent_fixtures import bundle_bytes, public_pem
-from tests.server_fixtures import make_config, wait_until
+from tests.server_fixtures import connected, make_config, wait_until
 from tests.test_agent_disk import pytestmark as disk_marks
 from tests.test_agent_disk import small_disk  # noqa: F401 - fixture
 from tests.test_rollout_agents import AgentFleet, plan, stage, wait_state
@@ -22,8 +22,7 @@ pytestmark = [disk_marks, pytest.mark.broker, pytest.mark.slow]
 
 
 def test_rollout_shows_disk_full_and_completes_when_space_returns(tmp_path, small_disk):  # noqa: F811
-    server = FleetServer(make_config(tmp_path / "server", rollout_interval_s=0.1)).start()
-    wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
+    server = connected(FleetServer(make_config(tmp_path / "server", rollout_interval_s=0.1)).start())
     fleet = AgentFleet(server, small_disk.path)
     try:
         trust_key(fleet.svc, public_pem("trusted"))

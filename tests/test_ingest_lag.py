@@ -18,6 +18,7 @@ from fleet_server.service import FleetServer
 from tests.server_fixtures import (
     DeviceClient,
     ServerHandle,
+    connected,
     make_config,
     shifted_window,
     wait_until,
@@ -30,8 +31,7 @@ AHEAD_S = 3600.0
 
 
 def _fleet(tmp_path, clock=time.time):
-    server = FleetServer(make_config(tmp_path / "server"), clock=clock).start()
-    wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
+    server = connected(FleetServer(make_config(tmp_path / "server"), clock=clock).start())
     return server, ServerHandle(server)
 
 

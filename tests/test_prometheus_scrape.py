@@ -24,7 +24,7 @@ from fleet_server.tls import init_tls
 from tests.agent_fixtures import bundle_bytes, dataset, public_pem
 from tests.arm64_fixtures import MemoryCgroup
 from tests.brokers import free_port, wait_until
-from tests.server_fixtures import DeviceClient, make_config
+from tests.server_fixtures import DeviceClient, connected, make_config
 from tests.test_prometheus_rules import RULES, dashboard_queries, rule_expressions
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -103,8 +103,7 @@ class Prometheus:
 def tls_server(tmp_path):
     data_dir = tmp_path / "server"
     init_tls(data_dir)
-    server = FleetServer(make_config(data_dir, tls=True, broker_tls_listen=f"127.0.0.1:{free_port()}")).start()
-    wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
+    server = connected(FleetServer(make_config(data_dir, tls=True, broker_tls_listen=f"127.0.0.1:{free_port()}")).start())
     yield server
     server.stop()
 

@@ -36,7 +36,7 @@ from tests.agent_fixtures import (
     public_pem,
 )
 from tests.postgres_fixtures import every_backend, server_storage_url  # noqa: F401 - the main paths on every backend
-from tests.server_fixtures import ServerHandle, make_config, wait_until
+from tests.server_fixtures import ServerHandle, connected, make_config, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -175,8 +175,7 @@ class AgentFleet:
 def start_fleet(tmp_path: Path, n: int, *, faults_for: Callable[[int], str | None] = lambda i: None,
                 profile_for: Callable[[int], str] = lambda i: "pi4", **config: Any) -> AgentFleet:
     cfg = make_config(tmp_path / "server", rollout_interval_s=0.1, **config)
-    server = FleetServer(cfg).start()
-    wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
+    server = connected(FleetServer(cfg).start())
     fleet = AgentFleet(server, tmp_path)
     trust_key(fleet.svc, public_pem("trusted"))
     upload_bundle(fleet.svc, bundle_bytes("lr", "1.0.0"))

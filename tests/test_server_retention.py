@@ -16,7 +16,7 @@ from fleet_server.storage import IngestBatch
 from fleet_server.storage.accounting import NEW_INSTALL_JUMP
 from fleet_server.storage.open import open_storage
 from tests.postgres_fixtures import backend_url, db_rows, every_backend, server_storage_url  # noqa: F401
-from tests.server_fixtures import DeviceClient, make_config, shifted_window, wait_until
+from tests.server_fixtures import DeviceClient, connected, make_config, shifted_window, wait_until
 
 pytest_plugins = ["tests.server_fixtures"]
 
@@ -68,8 +68,7 @@ def acked(dev: DeviceClient) -> list[int]:
 
 def started(request, tmp_path, backend: str, clock: Clock, **overrides) -> FleetServer:
     storage_url = server_storage_url(request, backend)
-    server = FleetServer(make_config(tmp_path / "server", storage_url=storage_url, **overrides), clock=clock).start()
-    wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
+    server = connected(FleetServer(make_config(tmp_path / "server", storage_url=storage_url, **overrides), clock=clock).start())
     return server
 
 

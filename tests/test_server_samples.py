@@ -17,6 +17,7 @@ from tests.server_fixtures import (
     FEATURES,
     DeviceClient,
     ServerHandle,
+    connected,
     make_bundle,
     make_config,
     profile_edges,
@@ -34,8 +35,7 @@ KEEP = 20  # samples_per_device of the small fleet
 def small_fleet(request, tmp_path, backend):
     """The whole server keeping only KEEP sampled rows per device."""
     storage_url = server_storage_url(request, backend)
-    server = FleetServer(make_config(tmp_path / "server", samples_per_device=KEEP, storage_url=storage_url)).start()
-    wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
+    server = connected(FleetServer(make_config(tmp_path / "server", samples_per_device=KEEP, storage_url=storage_url)).start())
     yield ServerHandle(server)
     server.stop()
 

@@ -31,7 +31,7 @@ from fleet_server.service import FleetServer
 from fleet_server.tls import cert_pem, generate_ca, init_tls, issue_server_certificate
 from tests.agent_fixtures import bundle_bytes, dataset, public_pem
 from tests.brokers import free_port, wait_until
-from tests.server_fixtures import make_config
+from tests.server_fixtures import connected, make_config
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -42,8 +42,7 @@ def tls_fleet(tmp_path):
     data_dir = tmp_path / "server"
     init_tls(data_dir)
     config = make_config(data_dir, tls=True, broker_tls_listen=f"127.0.0.1:{free_port()}")
-    server = FleetServer(config).start()
-    wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected")
+    server = connected(FleetServer(config).start())
     yield server
     server.stop()
 
