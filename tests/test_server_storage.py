@@ -684,3 +684,35 @@ def test_device_search_takes_like_wildcards_literally(storage):
     assert [d["id"] for d in storage.search_devices(query="dev_")[0]] == ["dev_1"]
     assert [d["id"] for d in storage.search_devices(query="0%")[0]] == ["50%-off"]
     assert storage.search_devices(query="x", limit=1)[1] == 1
+
+
+def test_a_window_stored_while_buckets_compact_is_neither_lost_nor_counted_twice(pg_url, monkeypatch):
+    """On PostgreSQL an ingest process may commit a late window of a bucket while another node
+    compacts that bucket (READ COMMITTED): compaction removes exactly the rows it summed."""
+    import fleet_server.storage.postgres.buckets as pg_buckets
+
+    compacting, ingesting = open_storage(pg_url), open_storage(pg_url)
+    try:
+        for seq in (1, 2):
+            compacting.store_batch(IngestBatch(windows=[(window("a", seq, start=101.0), 1.0, 100)]), 60.0, 1.0)
+        real_sum = pg_buckets.sum_rows
+        late: list[int] = []
+
+        def a_late_window_arrives_then_sum(rows):
+            if not late:  # between compaction's read and its delete
+                ingesting.store_batch(IngestBatch(windows=[(window("a", 3, start=102.0), 1.0, 100)]), 60.0, 1.5)
+                late.append(3)
+            return real_sum(rows)
+
+        monkeypatch.setattr(pg_buckets, "sum_rows", a_late_window_arrives_then_sum)
+        compacting.compact_buckets(before=1e9, now=2.0)
+        assert late == [3]
+        rows = compacting.bucket_rows("m", "1")
+        assert sum(r["windows"] for r in rows) == 3 and len(rows) == 2  # the merged row and the late one
+        monkeypatch.setattr(pg_buckets, "sum_rows", real_sum)
+        compacting.compact_buckets(before=1e9, now=3.0)
+        rows = compacting.bucket_rows("m", "1")
+        assert [r["windows"] for r in rows] == [3]
+    finally:
+        compacting.close()
+        ingesting.close()

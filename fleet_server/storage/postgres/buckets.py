@@ -54,16 +54,20 @@ class BucketsMixin(PostgresConnection):
             removed = 0
             for key in keys:
                 rows = decode(
-                    conn.execute(f"SELECT {', '.join(_BUCKET_COLUMNS)} FROM buckets WHERE {_BUCKET_KEY}", key).fetchall(),
+                    conn.execute(f"SELECT id, {', '.join(_BUCKET_COLUMNS)} FROM buckets WHERE {_BUCKET_KEY}",
+                                 key).fetchall(),
                     *_BUCKET_JSON,
                 )
+                ids = [r.pop("id") for r in rows]
                 try:
                     total = sum_rows(rows)
                 except ShapeMismatch:
                     # Counts of an unregistered model that do not line up: keep them apart.
-                    conn.execute(f"UPDATE buckets SET compacted = 1 WHERE {_BUCKET_KEY}", key)
+                    conn.execute("UPDATE buckets SET compacted = 1 WHERE id = ANY(%s)", (ids,))
                     continue
-                conn.execute(f"DELETE FROM buckets WHERE {_BUCKET_KEY}", key)
+                # Exactly the rows summed: a late window another ingest process committed since the
+                # SELECT (READ COMMITTED) matches the key too, and must stay to be merged next time.
+                conn.execute("DELETE FROM buckets WHERE id = ANY(%s)", (ids,))
                 model, version, start, device = key
                 conn.execute(INSERT_BUCKET, bucket_params(model, version, device, start, total, now, 1))
                 removed += len(rows) - 1
@@ -129,22 +133,23 @@ class BucketsMixin(PostgresConnection):
             total = sum_feedback_rows(rows)
         except FeedbackMismatch:  # counts that do not line up stay as they are
             return 0
-        conn.execute(f"DELETE FROM feedback WHERE {key_sql}", params)
+        conn.execute("DELETE FROM feedback WHERE id = ANY(%s)", ([r["id"] for r in rows],))  # only those summed
         model, version, start, device = into
         conn.execute(INSERT_FEEDBACK, feedback_params(model, version, start, device, total,
                                                       max(r["stored_at"] for r in rows)))
         return len(rows) - 1
 
     def _merge_buckets(self, conn: Any, params: Sequence[Any], key: tuple, now: float) -> int:
-        rows = decode(conn.execute(f"SELECT {', '.join(_BUCKET_COLUMNS)} FROM buckets WHERE {_PERIOD_KEY}",
+        rows = decode(conn.execute(f"SELECT id, {', '.join(_BUCKET_COLUMNS)} FROM buckets WHERE {_PERIOD_KEY}",
                                    params).fetchall(), *_BUCKET_JSON)
         if not rows:
             return 0
+        ids = [r.pop("id") for r in rows]
         try:
             total = sum_rows(rows)
         except ShapeMismatch:
             return 0
-        conn.execute(f"DELETE FROM buckets WHERE {_PERIOD_KEY}", params)
+        conn.execute("DELETE FROM buckets WHERE id = ANY(%s)", (ids,))  # only those summed
         model, version, device, start = key
         conn.execute(INSERT_BUCKET, bucket_params(model, version, device, start, total, now, 1))
         return len(rows) - 1

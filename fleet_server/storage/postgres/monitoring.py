@@ -55,12 +55,13 @@ def _merge(conn: psycopg.Connection, key_sql: str, params: tuple, into: tuple[st
     """Replace the rows matching `key_sql` by their exact sum, one row at `into` (model, version,
     device, bucket start) stored at the newest of their times; 1 if merged, 0 when the rows do not
     line up (kept as they are)."""
-    rows = tuples(conn, f"SELECT stored_at, sums FROM monitoring WHERE {key_sql} ORDER BY bucket_start, id", params)
-    total = merge_monitoring_rows([loads(sums) or {} for _, sums in rows])
+    rows = tuples(conn, f"SELECT id, stored_at, sums FROM monitoring WHERE {key_sql} ORDER BY bucket_start, id", params)
+    total = merge_monitoring_rows([loads(sums) or {} for _, _, sums in rows])
     if total is None or not rows:
         return 0
-    conn.execute(f"DELETE FROM monitoring WHERE {key_sql}", params)
-    conn.execute(INSERT_MONITORING, (*into, max(at for at, _ in rows), dumps(total.to_row())))
+    # Exactly the rows summed: one committed by another process since the SELECT stays for next time.
+    conn.execute("DELETE FROM monitoring WHERE id = ANY(%s)", ([i for i, _, _ in rows],))
+    conn.execute(INSERT_MONITORING, (*into, max(at for _, at, _ in rows), dumps(total.to_row())))
     return 1
 
 
