@@ -15,7 +15,8 @@ from edge_agent.update.states import MAX_ATTEMPTS
 from fleet_server import rollouts
 
 pytest_plugins = ["tests.sim_fixtures"]
-pytestmark = [pytest.mark.broker, pytest.mark.slow]
+# 150 devices through up to 40 simulated minutes: several minutes of CPU on a loaded 2-core machine.
+pytestmark = [pytest.mark.broker, pytest.mark.slow, pytest.mark.timeout(900)]
 
 DEVICES = 150
 INTERVAL_S = 10.0  # simulated seconds between two controller passes
