@@ -48,6 +48,13 @@ class Services:
     leadership: Leadership = field(default_factory=SoleLeader)
     node: Node | None = None  # this node's heartbeat, when it runs as a server node
 
+    def close(self) -> None:
+        """Release what this process holds: the broker-accounts connection (its MQTT thread) and
+        the storage. The root's own parts (broker, publisher) are stopped by whoever started them."""
+        if self.accounts is not None:
+            self.accounts.close()
+        self.storage.close()
+
     def devices_changed(self) -> None:
         """The registry changed: a managed broker reloads its password file at once."""
         if self.broker is not None:

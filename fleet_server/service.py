@@ -269,9 +269,7 @@ class FleetServer:
             self.svc.publisher.stop()
         if self.svc.broker is not None:
             self.svc.broker.stop()
-        if self.svc.accounts is not None:
-            self.svc.accounts.close()
-        self.svc.storage.close()
+        self.svc.close()
 
     def wait(self) -> None:
         self._stopped.wait()

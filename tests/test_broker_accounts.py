@@ -201,7 +201,7 @@ def external_dynsec(tmp_path):
     svc = bootstrap(config)
     pre = provision_device(svc, "ext-pre")  # registered before the broker existed
     material = broker_material(config, svc.storage)
-    svc.storage.close()
+    svc.close()
     dynsec_file = broker_dir / DYNSEC_FILE
     dynsec_file.write_text(material.dynsec_file)
     os.chmod(dynsec_file, 0o600)

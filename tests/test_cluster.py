@@ -68,7 +68,7 @@ def test_a_node_that_stops_heartbeating_is_shown_as_gone(tmp_path):
         view = {n["node_id"]: n for n in cluster_view(svc.storage, now=later)}
         assert view["dead"]["gone"] and view["dead"]["role"] == "gone"
     finally:
-        svc.storage.close()
+        svc.close()
 
 
 def test_sqlite_keeps_the_ingest_session_and_one_leader(tmp_path):

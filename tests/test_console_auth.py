@@ -29,7 +29,7 @@ def svc(request, tmp_path, backend):
     create_operator(services, "olga", "operator", PASSWORD)
     create_operator(services, "vera", "viewer", PASSWORD)
     yield services
-    services.storage.close()
+    services.close()
 
 
 @pytest.fixture

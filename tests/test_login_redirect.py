@@ -56,7 +56,7 @@ def app(tmp_path):
     svc = bootstrap(make_config(tmp_path / "server"))
     create_operator(svc, "olga", "operator", PASSWORD)
     yield create_app(svc.config, services=svc)
-    svc.storage.close()
+    svc.close()
 
 
 def _login(client, next_: str):

@@ -127,4 +127,4 @@ def test_a_real_deployment_moves_to_postgresql_and_a_node_carries_on(deployment,
         assert len(node.storage.rollout_audit(rid)) == before + 1
         assert node.storage.insert_token("after", "viewer", token_hash(new_token()), 0.0) > 1
     finally:
-        node.storage.close()
+        node.close()

@@ -232,7 +232,7 @@ def cluster3(tmp_path, own_pg):
             node.stop()
         if broker_pid is not None and Path(f"/proc/{broker_pid}").exists():  # node 1 was killed: its broker
             os.kill(broker_pid, signal.SIGTERM)
-        admin.storage.close()
+        admin.close()
 
 
 def console_login(node: NodeProc, name: str, password: str) -> requests.Session:
@@ -425,6 +425,9 @@ def test_three_nodes_one_leader_shared_logins_and_a_rollout_that_survives_its_le
         desired = cluster.admin.storage.device_desired()
         assert {(desired[d]["version"], desired[d]["mode"], desired[d]["rollout_id"]) for d in fleet.ids} == \
             {("2.0.0", "live", rid)}
+        # door-1 (offline, never reported) is told by the fleet target in a pass after completion.
+        wait_until(lambda: any(d == "door-1" and not r for _, d, _, r in watcher.seen), 30,
+                   message="door-1 is told the fleet target")
         # No device was told anything but this rollout's version; a repeat of the same document
         # happens only after the takeover (the old leader died between publishing and recording).
         per_device: dict[str, list[tuple[float, tuple[str, str, str | None]]]] = {}

@@ -18,7 +18,7 @@ def test_server_toml_sets_the_quality_policy(tmp_path):
     try:
         assert quality_policy(svc) == QualityPolicy(warn_share=0.02, alert_share=0.1, min_rows=40)
     finally:
-        svc.storage.close()
+        svc.close()
 
 
 def test_defaults_are_the_documented_ones(tmp_path):

@@ -111,7 +111,7 @@ def test_a_pass_with_nothing_to_change_asks_the_same_whatever_the_fleet_size(req
             assert len(members) == devices and {m["status"] for m in members} == {"pending"}
             assert len(svc.publisher.sent) == len(set(svc.publisher.sent)) == devices  # type: ignore[union-attr]
         finally:
-            svc.storage.close()
+            svc.close()
             if database is not None:
                 request.getfixturevalue("pg_cluster").drop_database(database)
         assert not PER_DEVICE_READS & set(stage_one) and not PER_DEVICE_READS & set(last_stage)

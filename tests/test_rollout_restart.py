@@ -98,4 +98,4 @@ def test_kill_9_mid_stage_then_restart_continues_with_the_same_cohorts(request, 
                 proc.kill()
             if broker_pid is not None:
                 wait_until(lambda: not Path(f"/proc/{broker_pid}").exists(), 10, message="broker stopped")
-            svc.storage.close()
+            svc.close()

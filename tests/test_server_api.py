@@ -34,7 +34,7 @@ def client(request, tmp_path, backend):
         svc.storage.insert_token(role, role, token_hash(t), 0.0)
         c.tokens[role] = {"Authorization": f"Bearer {t}"}
     yield c
-    svc.storage.close()
+    svc.close()
 
 
 def flask_path(rule: str) -> str:

@@ -104,4 +104,4 @@ def test_kill_9_and_restart_loses_no_acknowledged_message(request, tmp_path, bac
                 wait_until(lambda: not Path(f"/proc/{broker_pid}").exists(), 10, message="broker stopped")
                 if Path(f"/proc/{broker_pid}").exists():
                     os.kill(broker_pid, signal.SIGKILL)
-            svc.storage.close()
+            svc.close()

@@ -34,7 +34,7 @@ def nodes(tmp_path, pg_url):
     built = [bootstrap(make_config(tmp_path / f"node-{n}", storage_url=pg_url)) for n in "ab"]
     yield built
     for svc in built:
-        svc.storage.close()
+        svc.close()
 
 
 def test_a_bundle_uploaded_on_one_node_downloads_from_the_other_with_range(nodes):
