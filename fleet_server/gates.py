@@ -211,11 +211,19 @@ def _monitoring_gates(add: Any, spec: RolloutSpec, results: list[GateResult], sh
                      f"{_fmt(k_est)} on {control.est_rows}; noise {ESTIMATE_Z} x {_fmt(math.hypot(c_se, k_se))}")
     before = len(results)
     add("estimated_accuracy_delta", delta, min(canary.est_rows, control.est_rows), detail, skip)
-    # Below the threshold but not beyond the sampling noise of the two estimates: not a failure.
+    # Below the threshold but not beyond the sampling noise of the two estimates: not a failure
+    # yet, and not a pass either (a canary whose estimate is below the bar never advances): the
+    # stage waits for more predictions, which shrink the noise until the gate decides.
     if (len(results) > before and results[-1].status == "fail" and delta is not None
             and delta > -ESTIMATE_Z * math.hypot(c_se, k_se)):
-        results[-1].status = "pass"
-        results[-1].detail += " (below the threshold but within sampling noise)"
+        results[-1].status = "pending"
+        results[-1].detail += " (below the threshold, within sampling noise: waiting for more predictions)"
+    # Symmetrically, a pass must clear the threshold by the noise: the controller looks at every
+    # pass, and a noisy look above the bar would otherwise advance a canary that is below it.
+    elif (len(results) > before and results[-1].status == "pass" and delta is not None
+            and delta - ESTIMATE_Z * math.hypot(c_se, k_se) < results[-1].threshold):
+        results[-1].status = "pending"
+        results[-1].detail += " (above the threshold, within sampling noise: waiting for more predictions)"
 
     before = len(results)
     no_profile = (not shadow and not canary.multivariate_rows

@@ -37,12 +37,16 @@ def test_the_demo_canary_is_paused_by_the_estimate(tmp_path):
         wait_until(lambda: rollout()["state"] in ("paused", "completed"), 240, interval=1.0,
                    message=lambda: f"the demo rollout stops: {rollout().get('state')} {rollout().get('waiting_for')}")
         r = rollout()
-        assert r["state"] == "paused" and r["stage"] == 0, r
+        assert r["state"] == "paused" and r["stage"] == 0, (
+            r["state"], r["stage"], r.get("reason"), [(g["name"], g["status"], g["value"], g.get("detail"))
+                                                      for g in r.get("gates", [])], r.get("stages"))
         gates = {g["name"]: g for g in r["gates"]}
         est = gates["estimated_accuracy_delta"]
-        assert est["status"] == "fail" and est["value"] < -0.01, est
+        # The reason records the failed look that paused it; the gate shown now is judged again on
+        # the rows that arrived since (a below-the-bar value within noise is pending, not pass).
+        assert "estimated_accuracy_delta" in r["reason"], r["reason"]
+        assert est["status"] in ("fail", "pending") and est["value"] < -0.01, est
         assert gates["accuracy_delta"]["status"] in ("skipped", "pending")
-        assert "estimated_accuracy_delta" in r["reason"]
         versions = requests.get(f"{api}/performance", headers=headers, timeout=10).json()["versions"]
         assert all(not v.get("labels") for v in versions)  # no ground truth came back
     finally:
