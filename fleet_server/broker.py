@@ -530,7 +530,7 @@ class BrokerSync:
         self.svc = svc
         self._connects_seen: int | None = None
         self.republished = 0  # passes that republished desired states
-        self._generation = -1
+        self.reconciled_generation: int | None = None  # the registry generation last reconciled
         self._missing_reported: set[str] = set()
 
     def _reconcile_external(self, accounts: DynsecAccounts) -> None:
@@ -538,14 +538,14 @@ class BrokerSync:
         without an account (its creator could not reach the broker) is reported: the plugin takes
         only plaintext passwords, which the server does not keep."""
         generation = self.svc.storage.devices_generation()
-        if generation == self._generation:
+        if generation == self.reconciled_generation:
             return
         try:
             result = accounts.reconcile(self.svc.storage.active_device_ids())
         except DynsecError as exc:
             log.warning("broker accounts not reconciled: %s", exc)
             return
-        self._generation = generation
+        self.reconciled_generation = generation
         new = set(result.missing) - self._missing_reported
         if new:
             log.warning("the broker has no account for registered device(s) %s: revoke and provision them "
@@ -559,7 +559,9 @@ class BrokerSync:
             if broker.alive():
                 broker.reload_if_changed()
         elif self.svc.accounts is not None:
-            self._reconcile_external(self.svc.accounts)
+            with self.svc.leadership.leading_pass() as leading:  # one node reconciles a shared broker
+                if leading:
+                    self._reconcile_external(self.svc.accounts)
         publisher = self.svc.publisher
         if publisher is None:
             return

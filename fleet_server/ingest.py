@@ -253,8 +253,13 @@ class IngestWorker:
         *,
         clock: Callable[[], float] = time.time,
         client_id: str | None = None,
+        maintains: Callable[[], bool] = lambda: True,
     ) -> None:
+        """`maintains` says whether this process runs the maintenance pass now (compaction,
+        telemetry purge, retention): singleton work, so a node passes whether it leads and a
+        `server ingest` process, which never leads, passes `lambda: False`."""
         self.config = config
+        self.maintains = maintains
         self.storage = storage
         self.clock = clock
         self.stats = IngestStats()
@@ -347,11 +352,7 @@ class IngestWorker:
             self._send_acks(time.monotonic())
             if time.monotonic() - last_stats > self.config.stats_interval_s:
                 self._flush_stats()
-                self._compact()
-                self._purge()
-                self._retention()
-                with self.stats.lock:
-                    self.stats.counters["maintenance_passes"] += 1
+                self.maintain()
                 last_stats = time.monotonic()
             if self._stop.is_set() and self.queue.empty():
                 return
@@ -418,8 +419,19 @@ class IngestWorker:
             self.stats.counters["acks_sent"] += len(due)
             self.stats.counters["acked_seqs"] += sum(len(s) for _, s in due)
 
+    def maintain(self) -> bool:
+        """One maintenance pass if this process runs them now (the leader's); whether it ran."""
+        if not self.maintains():
+            return False
+        self._compact()
+        self._purge()
+        self._retention()
+        with self.stats.lock:
+            self.stats.counters["maintenance_passes"] += 1
+        return True
+
     def _compact(self) -> None:
-        """Merge partial bucket rows of closed buckets (any ingest process may do it)."""
+        """Merge partial bucket rows of closed buckets."""
         try:
             closed = self.clock() - self.config.bucket_s - self.config.bucket_grace_s
             self.storage.compact_buckets(closed, self.clock(), limit=2000)
@@ -430,7 +442,7 @@ class IngestWorker:
         """Telemetry retention: delete windows (and their seqs) stored more than
         `telemetry_retention_days` ago, PURGE_BATCH rows a transaction so that the write lock is
         never held long, at most PURGE_BATCHES of them a pass (a backlog goes over several passes,
-        between batches of ingest). Any ingest process may do it; they take turns on the lock."""
+        between batches of ingest)."""
         days = self.config.telemetry_retention_days
         if days <= 0:
             return

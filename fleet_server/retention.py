@@ -1,5 +1,6 @@
 """Bounded growth: the maintenance pass that keeps the database's fast-growing tables within
-their retention (docs/fleet-server.md#retention-and-disk-use). Any ingest process runs it.
+their retention (docs/fleet-server.md#retention-and-disk-use). Singleton work: the leading
+node's ingest worker runs it (`IngestWorker.maintain`), never a `server ingest` process.
 
 - Feedback and monitoring rows: the partial rows of a closed bucket are merged into one (as drift
   buckets are) once they have settled (FEEDBACK_SETTLE_S: rollout gates read them by arrival).

@@ -5,8 +5,9 @@ ingest worker, leadership and the node's heartbeat, the background loops and the
 server, and stops them in reverse. Tests and `edgefleet server run` use the same class.
 
 Several nodes may run on one PostgreSQL database (docs/deployment.md): every node serves the API
-and ingests; the singleton loops (rollout controller, alert evaluation) run only on the node that
-holds leadership (`fleet_server.leadership`), which the root builds and hands to them.
+and ingests; the singleton work (rollout controller, alert evaluation, the ingest worker's
+maintenance pass, reconciling an external broker's accounts) runs only on the node that holds
+leadership (`fleet_server.leadership`), which the root builds and hands to them.
 """
 
 from __future__ import annotations
@@ -174,7 +175,11 @@ class FleetServer:
             publisher.start()
             svc.publisher = FencedPublisher(publisher, svc.leadership)  # type: ignore[assignment]
         if self.mqtt and self.ingest_enabled:
-            self.ingest = IngestWorker(ingest_config(self.config), svc.storage, clock=svc.clock)
+            # Maintenance (compaction, purges, retention) is singleton work: a node runs it while it
+            # leads; a `server ingest` process (no HTTP, no loops: not a node) never does.
+            node = self.loops_enabled or self.http
+            self.ingest = IngestWorker(ingest_config(self.config), svc.storage, clock=svc.clock,
+                                       maintains=svc.leadership.is_leader if node else lambda: False)
             self.ingest.start()
         if self.loops_enabled or self.http:
             self._start_node()
@@ -191,8 +196,9 @@ class FleetServer:
                 loops.append(Loop("rollouts", self.config.rollout_interval_s, lambda: reconcile(svc),
                                   leadership=lead))
             if svc.broker is not None or svc.publisher is not None:
-                # Not a singleton: the managed broker is this node's own process (supervised, its
-                # accounts in step); republishing desired states after a broker restart is fenced.
+                # Not a singleton loop: the managed broker is this node's own process (supervised,
+                # its accounts in step). Its singleton parts run inside a leader pass: reconciling an
+                # external broker's accounts, republishing desired states after a broker restart.
                 loops.append(Loop("broker-sync", self.config.broker_sync_interval_s, BrokerSync(svc)))
             for loop in loops:
                 loop.start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ from fleet_server.broker_accounts import find_plugin
 from fleet_server.devices import provision_device, revoke_device
 from fleet_server.service import FleetServer, bootstrap
 from tests.brokers import Broker
-from tests.server_fixtures import DeviceClient, make_config, shifted_window, wait_until
+from tests.server_fixtures import DeviceClient, connected, make_config, shifted_window, wait_until
 
 pytest_plugins = ["tests.server_fixtures"]
 pytestmark = [pytest.mark.broker]
@@ -269,3 +270,56 @@ def test_no_disconnect_race_between_reconcile_and_a_fresh_account(fleet):
     finally:
         for c in clients:
             c.close()
+
+
+def test_on_postgresql_only_the_leader_maintains_and_reconciles_an_external_broker(tmp_path, pg_url):
+    """Two nodes on one database and one external broker with the plugin: the leader runs the
+    maintenance pass and reconciles the broker's accounts, the follower neither; when the leader
+    goes, the other node takes both over."""
+    port = _free_port()
+    configs = [make_config(tmp_path / name, mqtt_url=f"mqtt://127.0.0.1:{port}", storage_url=pg_url)
+               for name in ("node-a", "node-b")]
+    svc = bootstrap(configs[0])
+    provision_device(svc, "ext-pre")
+    material = broker_material(configs[0], svc.storage)
+    svc.close()
+    shutil.copytree(configs[0].secrets_dir, configs[1].secrets_dir)  # one set of secrets per deployment
+    broker_dir = tmp_path / "external"
+    broker_dir.mkdir()
+    dynsec_file = broker_dir / DYNSEC_FILE
+    dynsec_file.write_text(material.dynsec_file)
+    os.chmod(dynsec_file, 0o600)
+    broker = Broker(broker_dir, port=port, extra_config=(
+        f"user {getpass.getuser()}\nallow_anonymous false\nplugin {find_plugin()}\n"
+        f"plugin_opt_config_file {dynsec_file}\n"
+    )).start()
+    servers: list[FleetServer] = []
+
+    def maintained(server: FleetServer) -> int:
+        with server.ingest.stats.lock:
+            return server.ingest.stats.counters["maintenance_passes"]
+
+    def sync(server: FleetServer):
+        return next(loop for loop in server.loops if loop.name == "broker-sync")
+
+    try:
+        leader = connected(FleetServer(configs[0]).start())
+        servers.append(leader)
+        wait_until(leader.svc.leadership.is_leader, 10, message="the first node leads")
+        follower = connected(FleetServer(configs[1]).start())
+        servers.append(follower)
+        wait_until(lambda: maintained(leader) >= 2 and sync(leader).fn.reconciled_generation is not None, 10,
+                   message="the leader maintains and reconciles")
+        passes = sync(follower).passes
+        wait_until(lambda: sync(follower).passes >= passes + 3, 10, message="the follower's broker-sync runs")
+        assert not follower.svc.leadership.is_leader()
+        assert maintained(follower) == 0 and sync(follower).fn.reconciled_generation is None
+
+        leader.stop()  # its database session ends with it, and leadership with the session
+        wait_until(follower.svc.leadership.is_leader, 10, message="the other node leads")
+        wait_until(lambda: maintained(follower) >= 1 and sync(follower).fn.reconciled_generation is not None, 10,
+                   message="the new leader maintains and reconciles")
+    finally:
+        for server in servers:
+            server.stop()
+        broker.stop()
