@@ -190,30 +190,36 @@ def test_password_file_mode_provisions_and_revokes(tmp_path):
         server.stop()
 
 
-@pytest.fixture
-def external_dynsec(tmp_path):
-    """An external Mosquitto with the plugin, seeded with `broker-config`'s file, and a server
-    pointed at it (no managed broker)."""
-    data_dir = tmp_path / "server"
-    broker_dir = tmp_path / "external"
-    broker_dir.mkdir()
-    port = _free_port()
-    config = make_config(data_dir, mqtt_url=f"mqtt://127.0.0.1:{port}")
+def external_broker(config, broker_dir: Path) -> tuple[Broker, str]:
+    """An external Mosquitto with the plugin on `config`'s MQTT port, seeded with `broker-config`'s
+    file for a registry holding one device, `ext-pre` (registered before the broker existed);
+    returns the broker and that device's password."""
     svc = bootstrap(config)
-    pre = provision_device(svc, "ext-pre")  # registered before the broker existed
+    pre = provision_device(svc, "ext-pre")
     material = broker_material(config, svc.storage)
     svc.close()
+    broker_dir.mkdir()
     dynsec_file = broker_dir / DYNSEC_FILE
     dynsec_file.write_text(material.dynsec_file)
     os.chmod(dynsec_file, 0o600)
+    port = int(config.broker_url.rsplit(":", 1)[1])
     broker = Broker(broker_dir, port=port, extra_config=(
         f"user {getpass.getuser()}\nallow_anonymous false\nplugin {find_plugin()}\n"
         f"plugin_opt_config_file {dynsec_file}\n"
     )).start()
+    return broker, pre.password
+
+
+@pytest.fixture
+def external_dynsec(tmp_path):
+    """An external Mosquitto with the plugin, seeded with `broker-config`'s file, and a server
+    pointed at it (no managed broker)."""
+    config = make_config(tmp_path / "server", mqtt_url=f"mqtt://127.0.0.1:{_free_port()}")
+    broker, pre_password = external_broker(config, tmp_path / "external")
     server = FleetServer(config).start()
     try:
         wait_until(lambda: server.ingest.connected.is_set(), 10, message="ingest connected to the external broker")
-        yield server, broker, pre.password
+        yield server, broker, pre_password
     finally:
         server.stop()
         broker.stop()
@@ -279,20 +285,8 @@ def test_on_postgresql_only_the_leader_maintains_and_reconciles_an_external_brok
     port = _free_port()
     configs = [make_config(tmp_path / name, mqtt_url=f"mqtt://127.0.0.1:{port}", storage_url=pg_url)
                for name in ("node-a", "node-b")]
-    svc = bootstrap(configs[0])
-    provision_device(svc, "ext-pre")
-    material = broker_material(configs[0], svc.storage)
-    svc.close()
+    broker, _ = external_broker(configs[0], tmp_path / "external")
     shutil.copytree(configs[0].secrets_dir, configs[1].secrets_dir)  # one set of secrets per deployment
-    broker_dir = tmp_path / "external"
-    broker_dir.mkdir()
-    dynsec_file = broker_dir / DYNSEC_FILE
-    dynsec_file.write_text(material.dynsec_file)
-    os.chmod(dynsec_file, 0o600)
-    broker = Broker(broker_dir, port=port, extra_config=(
-        f"user {getpass.getuser()}\nallow_anonymous false\nplugin {find_plugin()}\n"
-        f"plugin_opt_config_file {dynsec_file}\n"
-    )).start()
     servers: list[FleetServer] = []
 
     def maintained(server: FleetServer) -> int:
