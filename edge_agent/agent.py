@@ -278,7 +278,9 @@ class Agent:
                                       probas[0] if probas is not None else None)
         else:
             self.telemetry.record(values, out.primary, dt, out.probabilities)
-        self._recent_latency.append(dt * 1000.0)
+        # Per row: probation compares it with the replaced model's and with the self-test's
+        # single-row median, so a caller that sends batches is not judged on the batch's size.
+        self._recent_latency.append(dt * 1000.0 / n)
         if self._probation:
             self._prob_predictions += n
         shadow = self._shadow

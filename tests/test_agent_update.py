@@ -176,6 +176,32 @@ def test_first_model(start_agent, broker, collector, bundle_server):
     assert service.agent.predict([[0.0] * 6]).version == "1.0.0"
 
 
+def test_probation_judges_batches_per_row(start_agent, broker, collector, bundle_server):
+    """A first model served in batches of 200 rows: probation compares each call's latency per row
+    with the self-test's single-row median (no floor here), so the batch size alone never fails the
+    update, which for a first model would leave the device with none."""
+    service = start_agent(active=None, update={"probation_latency_floor_ms": 0.0, "probation_predictions": 1000,
+                                               "probation_s": 60.0})
+    X, _ = dataset()
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(Exception):  # no model before the update activates
+                service.agent.predict(X[:200].tolist())
+            stop.wait(0.005)
+
+    threading.Thread(target=run, daemon=True).start()
+    try:
+        publish_desired(broker, "dev-1", bundle_server.desired("dev-1", "first.efb", bundle_bytes("lr", "1.0.0")))
+        wait_until(lambda: collector.outcomes(), 30, message="the first model's update ends")
+    finally:
+        stop.set()
+    failures = [e.reason for e in collector.events("transition") if e.event == "failure"]
+    assert collector.outcomes() == ["success"], failures
+    assert service.agent.active_version() == "1.0.0"
+
+
 def test_shadow_agreement_then_live(start_agent, broker, collector, bundle_server):
     service = start_agent()
     agent = service.agent

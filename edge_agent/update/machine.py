@@ -347,7 +347,7 @@ class UpdateMachine:
         reference = max(getattr(self.host, "baseline_latency_ms", None) or 0.0, self.ctx.selftest_p50_ms or 0.0)
         limit = max(cfg.probation_latency_floor_ms, reference * cfg.probation_latency_factor)
         if p50 is not None and p50 > limit:
-            self.fail(f"probation: median latency {p50:.3f} ms over {limit:.3f} ms")
+            self.fail(f"probation: median latency {p50:.3f} ms per row over {limit:.3f} ms")
             self.post(Event.FAILURE)
             return
         self.post(Event.SUCCESS)
