@@ -99,15 +99,16 @@ def start_agent(tmp_path, broker, bundle_server):
         s.stop()
 
 
-def keep_predicting(agent, stop: threading.Event) -> threading.Thread:
+def keep_predicting(agent, stop: threading.Event, rows: int = 1) -> threading.Thread:
+    """Predict `rows` rows a call every 5 ms until `stop` (refusals, e.g. with no model, ignored)."""
     X, _ = dataset()
 
     def run():
         i = 0
         while not stop.is_set():
             with contextlib.suppress(Exception):  # refusals during rollback are fine here
-                agent.predict([X[i % len(X)].tolist()])
-            i += 1
+                agent.predict(X[np.arange(i, i + rows) % len(X)].tolist())
+            i += rows
             stop.wait(0.005)
 
     t = threading.Thread(target=run, daemon=True)
@@ -182,16 +183,8 @@ def test_probation_judges_batches_per_row(start_agent, broker, collector, bundle
     update, which for a first model would leave the device with none."""
     service = start_agent(active=None, update={"probation_latency_floor_ms": 0.0, "probation_predictions": 1000,
                                                "probation_s": 60.0})
-    X, _ = dataset()
     stop = threading.Event()
-
-    def run() -> None:
-        while not stop.is_set():
-            with contextlib.suppress(Exception):  # no model before the update activates
-                service.agent.predict(X[:200].tolist())
-            stop.wait(0.005)
-
-    threading.Thread(target=run, daemon=True).start()
+    keep_predicting(service.agent, stop, rows=200)
     try:
         publish_desired(broker, "dev-1", bundle_server.desired("dev-1", "first.efb", bundle_bytes("lr", "1.0.0")))
         wait_until(lambda: collector.outcomes(), 30, message="the first model's update ends")
