@@ -43,8 +43,10 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 FAST_GATES = {  # small samples: a handful of devices serve a few thousand predictions a second
     "error_rate_delta": {"min_sample": 100},
     # Agents, broker, server and the test share two cores and one GIL here: identical models
-    # measured up to 2.7x apart under load, so only the slow-model test keeps the default ratio.
-    "p95_latency_ratio": {"max": 5.0, "min_sample": 200},
+    # measured up to 2.7x apart under load, and a good canary's p95 once paused a rollout at
+    # stage 2 (above 5 ms against a control under 1 ms). p95s below 25 ms are not compared, as
+    # in the demo; the slow-model test sets its own floor.
+    "p95_latency_ratio": {"max": 5.0, "min_sample": 200, "floor_ms": 25.0},
     "prediction_js": {"min_sample": 200},
     "shadow_agreement": {"min_sample": 100},
     # The traffic is skewed on purpose (75 % one class, unlike the training reference), so the
