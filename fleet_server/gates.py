@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.protocol import LATENCY_EDGES_MS
-from fleet_server.drift import js_distance, latency_percentile
+from fleet_server.drift import chi2_sf, chi2_statistic, js_distance, latency_percentile
 from fleet_server.rollout_model import RolloutSpec
 
 
@@ -95,6 +95,25 @@ def _ratio(cand: float | None, base: float | None, floor_ms: float) -> float | N
     return max(cand, floor_ms) / max(base, floor_ms)
 
 
+# Live, the canary's and the control's predictions are two samples: a distance above the bar
+# fails only when a chi-square test of homogeneity rules out sampling noise at this level. The
+# gate is judged again at every controller pass, so a level fit for one look fails identical
+# models now and then (seen: 0.102 at 200 predictions of a model under a new version).
+PREDICTION_NOISE_P = 1e-4
+
+
+def _hold_within_noise(result: GateResult, canary: list[int], control: list[int]) -> None:
+    """A failed live `prediction_js` whose difference sampling noise explains waits (pending) for
+    more predictions, which shrink the noise until the gate decides."""
+    width = max(len(canary), len(control))
+    stat, df = chi2_statistic([*canary, *[0] * (width - len(canary))], [*control, *[0] * (width - len(control))])
+    p = chi2_sf(float(stat), int(df)) if df else 1.0
+    if p >= PREDICTION_NOISE_P:
+        result.status = "pending"
+        result.detail += (f" (above the threshold, within sampling noise: chi-square p = {p:.2g} >= "
+                          f"{PREDICTION_NOISE_P:g}; waiting for more predictions)")
+
+
 def evaluate_gates(spec: RolloutSpec, mode: str, canary: CohortStats,
                    control: CohortStats) -> list[GateResult]:
     """Evaluate every enabled gate for a stage in `mode` ("shadow" or "live")."""
@@ -136,8 +155,11 @@ def evaluate_gates(spec: RolloutSpec, mode: str, canary: CohortStats,
             why or f"canary p95 {cand} ms vs control p95 {base} ms (floor {floor:g} ms)", alone)
         a, b = canary.prediction_counts, control.prediction_counts
         sample = min(sum(a), sum(b)) if a and b else 0
+        before = len(results)
         add("prediction_js", js_distance(a, b) if sample else None, sample,
             why or "canary vs control prediction distributions", alone)
+        if len(results) > before and results[-1].status == "fail":
+            _hold_within_noise(results[-1], a, b)
     # In shadow the inputs are counted in the active model's bins, not the candidate's: input
     # drift against the candidate's reference is measured from the first live stage on.
     add("input_drift_psi", canary.max_feature_psi, canary.predictions,

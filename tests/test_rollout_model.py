@@ -135,6 +135,23 @@ def test_small_samples_are_pending_not_passed():
     assert verdict(evaluate_gates(spec, "live", canary, control)) == "pending"
 
 
+def test_prediction_js_above_the_bar_waits_while_sampling_noise_explains_it():
+    spec = parse_spec({"model": "m", "version": "2", "gates": {"prediction_js": {"min_sample": 200}}})
+    control = _stats(devices=90, predictions=3000, lat_bin=3, prediction_counts=[750, 2250])
+
+    def js(counts: list[int]):
+        canary = _stats(devices=10, updated=10, predictions=sum(counts), lat_bin=3, prediction_counts=counts)
+        return {r.name: r for r in evaluate_gates(spec, "live", canary, control)}["prediction_js"]
+
+    noisy = js([28, 172])  # 0.119 above 0.10, but chi-square p = 4.5e-4
+    assert noisy.value > noisy.threshold and noisy.sample >= noisy.min_sample
+    assert noisy.status == "pending" and "within sampling noise" in noisy.detail
+    assert js([25, 175]).status == "fail"  # 0.137, p = 6.5e-5
+    assert js([100, 100]).status == "fail"  # 0.221, p = 9e-15
+    assert js([190, 10]).status == "fail"
+    assert js([40, 160]).status == "pass"
+
+
 def test_shadow_stage_catches_a_slow_candidate():
     spec = parse_spec({"model": "m", "version": "2"})
     canary = _stats(devices=10, updated=10, predictions=1000, lat_bin=3, prediction_counts=[500, 500],
