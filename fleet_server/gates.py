@@ -105,8 +105,7 @@ PREDICTION_NOISE_P = 1e-4
 def _hold_within_noise(result: GateResult, canary: list[int], control: list[int]) -> None:
     """A failed live `prediction_js` whose difference sampling noise explains waits (pending) for
     more predictions, which shrink the noise until the gate decides."""
-    width = max(len(canary), len(control))
-    stat, df = chi2_statistic([*canary, *[0] * (width - len(canary))], [*control, *[0] * (width - len(control))])
+    stat, df = chi2_statistic(canary, control)
     p = chi2_sf(float(stat), int(df)) if df else 1.0
     if p >= PREDICTION_NOISE_P:
         result.status = "pending"
