@@ -65,6 +65,13 @@ class GateResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def waiting(self) -> str:
+        """Why a pending gate waits, in words: a sample still too small, or (with its sample in) a
+        difference that sampling noise still explains."""
+        if self.value is not None and self.sample >= self.min_sample:
+            return f"gate {self.name}: within sampling noise at {self.sample} {self.unit}, waiting for more"
+        return f"gate {self.name}: sample {self.sample} of {self.min_sample} {self.unit}"
+
 
 def _p95(hist: list[int]) -> float | None:
     if sum(hist) == 0:

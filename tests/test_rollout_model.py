@@ -146,6 +146,9 @@ def test_prediction_js_above_the_bar_waits_while_sampling_noise_explains_it():
     noisy = js([28, 172])  # 0.119 above 0.10, but chi-square p = 4.5e-4
     assert noisy.value > noisy.threshold and noisy.sample >= noisy.min_sample
     assert noisy.status == "pending" and "within sampling noise" in noisy.detail
+    assert noisy.waiting() == "gate prediction_js: within sampling noise at 200 predictions, waiting for more"
+    small = js([10, 90])
+    assert small.status == "pending" and small.waiting() == "gate prediction_js: sample 100 of 200 predictions"
     assert js([25, 175]).status == "fail"  # 0.137, p = 6.5e-5
     assert js([100, 100]).status == "fail"  # 0.221, p = 9e-15
     assert js([190, 10]).status == "fail"

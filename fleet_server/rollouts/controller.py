@@ -385,9 +385,7 @@ def _waiting_for(p: _Pass, row: dict[str, Any], spec: RolloutSpec, stage: Stage,
     needed = min(stage.min_reporting, cohort)
     if reporting < needed:
         waiting.append(f"reporting: {reporting} of the {needed} devices needed run the version")
-    for r in results:
-        if r.status == "pending":
-            waiting.append(f"gate {r.name}: sample {r.sample} of {r.min_sample} {r.unit}")
+    waiting += [r.waiting() for r in results if r.status == "pending"]
     if not waiting and result == "pass" and stage.approval:
         waiting.append("approval: gates passed; an operator must advance the rollout")
     return waiting
