@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fleet_server.auth import PasswordChecker
 from fleet_server.config import ServerConfig
@@ -47,6 +47,9 @@ class Services:
     # Which node runs the singleton loops (fleet_server.leadership); one SQLite node always leads.
     leadership: Leadership = field(default_factory=SoleLeader)
     node: Node | None = None  # this node's heartbeat, when it runs as a server node
+    # What the rollout controller keeps between its passes while this node leads
+    # (fleet_server.rollouts.controller.Memory): a steady pass then reads only what changed.
+    rollout_memory: Any = None
 
     def close(self) -> None:
         """Release what this process holds: the broker-accounts connection (its MQTT thread) and

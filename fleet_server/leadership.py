@@ -36,6 +36,8 @@ class NotLeading(RuntimeError):
 class Leadership(Protocol):
     """The seam the loops consult; the composition root builds one per node."""
 
+    terms: int  # how many times this node became leader: what a leader remembers is of one term
+
     def start(self) -> None: ...
     def stop(self) -> None: ...
     def is_leader(self) -> bool: ...
@@ -80,6 +82,8 @@ class _PassGuard:
 
 class SoleLeader(_PassGuard):
     """One node on one SQLite file: it always leads."""
+
+    terms = 1
 
     def start(self) -> None:
         pass

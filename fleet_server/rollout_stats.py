@@ -71,7 +71,7 @@ def canary_feature_psi(svc: Services, model: str, version: str, devices: Collect
     row = svc.storage.get_model(model, version)
     if row is None or not devices:
         return None
-    rows = svc.storage.bucket_rows(model, version, devices=sorted(devices))
+    rows = svc.storage.bucket_rows(model, version, devices=list(devices))
     if not rows:
         return None
     try:

@@ -386,8 +386,16 @@ def test_rollout_status_changes_derive_what_device_status_derives(storage, now):
     assert {d: (s, p) for d, s, p in storage.rollout_status_changes(
         "r1", "2", now, 60.0, failed_outcomes=FAILED_OUTCOMES, probation_states=PROBATION_STATES)} == {
         d: v for d, v in expected.items() if v[1]}  # stored now: only the devices on probation remain
-    assert {d: st for d, _, _, st in storage.rollout_assignments("r1")} == {
+    assert {d: st for d, _, _, st, _ in storage.rollout_assignments("r1")} == {
         m["device"]: expected.get(m["device"], ("pending",))[0] for m in members}
+    # Asked about some devices, the database answers for those only, as it would for all.
+    some = [name for name, *_ in ROLLOUT_STATUS_CASES[::2]]
+    storage.put_rollout_devices(members)
+    assert {d: (s, p) for d, s, p in storage.rollout_status_changes(
+        "r1", "2", now, 60.0, failed_outcomes=FAILED_OUTCOMES, probation_states=PROBATION_STATES,
+        devices=some)} == {d: v for d, v in expected.items() if d in some}
+    assert storage.rollout_status_changes("r1", "2", now, 60.0, failed_outcomes=FAILED_OUTCOMES,
+                                          probation_states=PROBATION_STATES, devices=[]) == []
 
 
 def test_rollout_pass_reads_ids_tags_reports_and_devices_to_tell(storage):
@@ -408,11 +416,13 @@ def test_rollout_pass_reads_ids_tags_reports_and_devices_to_tell(storage):
     storage.put_rollout_devices([{"rollout_id": "r1", "device": d, "stage": 0, "mode": "live", "assigned_at": 6.0,
                                   "desired_at": 6.0, "previous_version": prev, "status": "pending"}
                                  for d, prev in (("a", "1"), ("b", None), ("c", None))])
-    assert sorted(storage.rollout_assignments("r1")) == [(d, 0, "live", "pending") for d in "abc"]
+    assert sorted(storage.rollout_assignments("r1")) == [(d, 0, "live", "pending", 6.0) for d in "abc"]
     assert [m["device"] for m in storage.rollout_devices("r1", devices=["c", "a"])] == ["a", "c"]
     # c has not reported: not told yet. a was never told; b also lacks its previous version.
     tell = storage.rollout_devices_to_tell("r1", "m", "2")
     assert [(m["device"], m["told"], m["active_version"]) for m in tell] == [("a", None, "1"), ("b", None, "1")]
+    assert [m["device"] for m in storage.rollout_devices_to_tell("r1", "m", "2", devices=["b", "c"])] == ["b"]
+    assert storage.rollout_devices_to_tell("r1", "m", "2", devices=[]) == []
     assert storage.devices_without_desired() == ["a", "b", "c"]
     storage.put_device_desired("a", {"model": "m", "version": "2", "mode": "live", "rollout_id": "r1",
                                      "published_at": 7.0})
@@ -431,6 +441,57 @@ def test_rollout_pass_reads_ids_tags_reports_and_devices_to_tell(storage):
     storage.revoke_device("a", 9.0)
     assert sorted(storage.device_ids()) == ["b", "c"] and "a" not in storage.device_tag_map()
     assert storage.rollout_devices_to_tell("r1", "m", "2") == []
+
+
+
+def test_device_changes_name_every_device_whose_rollout_status_or_desired_may_have_changed(storage):
+    """The controller's incremental pass looks only at the devices this names: a report, an
+    online status, a failure event, a new desired state and a revocation each name the device;
+    a progress event and a tag do not; nothing comes back twice unless it changed again."""
+    from edge_agent.protocol import ReportedState, Status
+
+    cursor, none = storage.device_changes(None)
+    assert none == []
+
+    def changes() -> set[str]:
+        nonlocal cursor
+        cursor, devices = storage.device_changes(cursor)
+        return set(devices)
+
+    clock = iter(range(100, 200))
+
+    def report(device: str, **fields) -> None:
+        ts = float(next(clock))
+        storage.store_batch(IngestBatch(reported=[(ReportedState(device=device, ts=ts, model="m", **fields), ts)]),
+                            60.0, ts)
+
+    assert changes() == set()
+    report("a", active_version="1")
+    assert changes() == {"a"}
+    assert changes() == set()  # read once
+    report("a", active_version="1", update_state="Downloading", candidate_version="2")
+    report("b", active_version="1")
+    assert changes() == {"a", "b"}
+    storage.store_batch(IngestBatch(statuses=[(Status(device="c", state="offline", ts=6.0), 6.0, False)]), 60.0, 6.0)
+    assert changes() == {"c"}
+    storage.store_batch(IngestBatch(events=[
+        (UpdateEvent(device="b", seq=1, ts=7.0, kind="transition", version="2", rollout_id="r1"), 7.0)]), 60.0, 7.0)
+    assert changes() == set()  # progress: the reported state says it
+    storage.store_batch(IngestBatch(events=[
+        (UpdateEvent(device="b", seq=2, ts=7.0, kind="outcome", version="2", rollout_id="r1", outcome="failure",
+                     reason="x"), 7.0)]), 60.0, 7.0)
+    assert changes() == {"b"}
+    storage.put_device_desired("c", {"model": "m", "version": "2", "mode": "live", "rollout_id": "r1",
+                                     "published_at": 8.0})
+    assert changes() == {"c"}
+    storage.put_device_desired("c", {"model": "m", "version": "1", "mode": "live", "rollout_id": "r1",
+                                     "published_at": 9.0})
+    assert changes() == {"c"}
+    storage.set_device_tags("a", {"site": "z"})
+    assert changes() == set()
+    storage.revoke_device("a", 10.0)
+    assert changes() == {"a"}
+    assert changes() == set()
 
 
 # ---------------------------------------------------------------- PostgreSQL only

@@ -8,8 +8,15 @@ assignments and continues.
 A pass does not walk the fleet in Python: it reads device ids (one column; the tags only for a
 device group query), the rollout's assignments as tuples, and asks the database for what differs
 (devices to tell, statuses that change, with the device's status derived in SQL as
-`device_status` defines it). A pass with nothing to change runs a fixed number of queries that
-return no rows; cohort ranks are hashed only when a stage takes new devices.
+`device_status` defines it). Cohort ranks are hashed only when a stage takes new devices.
+
+While a node leads it remembers (`Memory`) each rollout's assignments, the registered device ids
+and a cursor into the devices' change numbers (`Storage.device_changes`: reported state, online
+status, update events, what a device was last told). A steady pass then asks the database about
+the devices that changed since the previous pass, those whose timeout has come and those on
+probation, not about every assigned device. The first pass of a leadership term, a pass after one
+that failed and one pass every `FULL_PASS_S` look at every device: what a pass concludes never
+depends on the memory being right for longer than that.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import heapq
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,8 +61,51 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A rollout's assignment as the pass keeps it: device -> (stage, mode, status).
-Members = dict[str, tuple[int, str, str]]
+class Members(dict[str, tuple[int, str, str, float]]):
+    """A rollout's assignments as the pass keeps them: device -> (stage, mode, status, since),
+    `since` being when the device was last told (what its timeout counts from), with the pending
+    devices' timeouts in a heap so that a pass finds those that came without looking at all."""
+
+    def __init__(self, rows: Iterable[tuple[str, int, str, str, float]] = ()) -> None:
+        super().__init__((r[0], r[1:]) for r in rows)
+        self._deadlines = [(since, d) for d, (_, _, status, since) in self.items() if status == "pending"]
+        heapq.heapify(self._deadlines)
+        self.counts = Counter(m[2] for m in self.values())  # devices by status
+        self.settled: tuple[int, int] | None = None  # (stage, devices) when none needed moving (`_take`)
+
+    def __setitem__(self, device: str, value: tuple[int, str, str, float]) -> None:
+        old = self.get(device)
+        if old is not None:
+            self.counts[old[2]] -= 1
+        self.counts[value[2]] += 1
+        super().__setitem__(device, value)
+        if value[2] == "pending":
+            heapq.heappush(self._deadlines, (value[3], device))
+
+    def due(self, before: float) -> set[str]:
+        """The pending devices last told before `before`: their timeout has come."""
+        out = set()
+        while self._deadlines and self._deadlines[0][0] < before:
+            since, device = heapq.heappop(self._deadlines)
+            m = self.get(device)
+            if m is not None and m[2] == "pending" and m[3] == since:
+                out.add(device)
+        return out
+
+FULL_PASS_S = 60.0  # at least this often a pass looks at every device, whatever it remembers
+
+
+@dataclass
+class Memory:
+    """What the leader keeps from one pass to the next (`Services.rollout_memory`)."""
+
+    term: int  # the leadership term it belongs to: a new term starts from nothing
+    cursor: int  # into `Storage.device_changes`
+    full_at: float  # when the last pass that looked at every device ran
+    members: dict[str, Members] = field(default_factory=dict)  # rollout -> its assignments
+    probation: dict[str, set[str]] = field(default_factory=dict)  # rollout -> devices on probation
+    generation: int | None = None  # `Storage.devices_generation` when `ids` was read
+    ids: list[str] | None = None
 
 
 @dataclass
@@ -63,6 +114,8 @@ class _Pass:
 
     svc: Services
     now: float
+    memory: Memory
+    changed: set[str] | None  # devices changed since the previous pass; None: look at every device
     taken: set[str] = field(default_factory=set)  # devices claimed by an older active rollout
     published: int = 0
     _ids: list[str] | None = None
@@ -70,9 +123,13 @@ class _Pass:
     _desired: dict[str, dict[str, Any]] | None = None
 
     def device_ids(self) -> list[str]:
-        """Every registered device (not revoked)."""
+        """Every registered device (not revoked); read again only when the registry changed."""
         if self._ids is None:
-            self._ids = self.svc.storage.device_ids()
+            m = self.memory
+            generation = self.svc.storage.devices_generation()
+            if m.ids is None or m.generation != generation:
+                m.ids, m.generation = self.svc.storage.device_ids(), generation
+            self._ids = m.ids
         return self._ids
 
     def tags(self) -> dict[str, dict[str, str]]:
@@ -91,15 +148,37 @@ class _Pass:
 def reconcile(svc: Services) -> dict[str, int]:
     """One idempotent pass over every active rollout and the fleet targets; returns counters."""
     with svc.rollouts_lock:
-        p = _Pass(svc=svc, now=svc.clock())
-        active = sorted(svc.storage.list_rollouts(states=ACTIVE, limit=10_000), key=lambda r: r["created_at"])
-        for row in active:
-            try:
-                _reconcile_rollout(svc, p, row)
-            except Exception:
-                log.exception("reconcile of rollout %s failed; the next pass retries", row["id"])
-        _converge_fleet_targets(svc, p)
+        try:
+            p = _begin(svc)
+            active = sorted(svc.storage.list_rollouts(states=ACTIVE, limit=10_000), key=lambda r: r["created_at"])
+            for row in active:
+                try:
+                    _reconcile_rollout(svc, p, row)
+                except Exception:
+                    # What it remembers of this rollout may be half updated: the next pass reads it afresh.
+                    p.memory.members.pop(row["id"], None)
+                    log.exception("reconcile of rollout %s failed; the next pass retries", row["id"])
+            ids = {row["id"] for row in active}
+            for gone in set(p.memory.members) - ids:
+                del p.memory.members[gone]
+            _converge_fleet_targets(svc, p)
+        except BaseException:
+            svc.rollout_memory = None
+            raise
         return {"rollouts": len(active), "published": p.published}
+
+
+def _begin(svc: Services) -> _Pass:
+    """A pass, with what the leader remembers and the devices changed since its previous pass,
+    or a pass that looks at every device (a new term, nothing remembered, or time for one)."""
+    now, term = svc.clock(), svc.leadership.terms
+    m: Memory | None = svc.rollout_memory
+    if m is None or m.term != term or not m.full_at <= now < m.full_at + FULL_PASS_S:
+        cursor, _ = svc.storage.device_changes(None)  # before reading anything: no change is missed
+        m = svc.rollout_memory = Memory(term=term, cursor=cursor, full_at=now)
+        return _Pass(svc=svc, now=now, memory=m, changed=None)
+    m.cursor, changed = svc.storage.device_changes(m.cursor)
+    return _Pass(svc=svc, now=now, memory=m, changed=set(changed))
 
 
 def _matching(svc: Services, p: _Pass, target: Target) -> list[str]:
@@ -177,13 +256,19 @@ def _cohort(rollout_id: str, members: Members, everyone: set[str], size: int) ->
 def _reconcile_rollout(svc: Services, p: _Pass, row: dict[str, Any]) -> None:
     spec = spec_of(row)
     rid, state = row["id"], RolloutState(row["state"])
-    members: Members = {r[0]: r[1:] for r in svc.storage.rollout_assignments(rid)}
+    memory = p.memory
+    members = memory.members.get(rid) if p.changed is not None else None
+    changed = p.changed if members is not None else None  # None: look at every assigned device
+    if members is None:
+        members = memory.members[rid] = Members(svc.storage.rollout_assignments(rid))
+    probation = memory.probation.setdefault(rid, set())
     population = _matching(svc, p, spec.target)
     if p.taken:
         population = [d for d in population if d not in p.taken or d in members]
     p.taken.update(population)
     p.taken.update(members)
     if state is RolloutState.ABORTING:
+        memory.members.pop(rid, None)  # an abort reads its devices whole
         _reconcile_abort(svc, p, row, spec)
         return
     stage_i = row["stage"]
@@ -202,26 +287,36 @@ def _reconcile_rollout(svc: Services, p: _Pass, row: dict[str, Any]) -> None:
         cohort = [d for d in cohort if d in members]
     elif schedule is not None and schedule.window is not None:
         row = _open_stage(svc, p, row)
-    if in_window:
-        _take(svc, p, rid, stage_i, stage, members, cohort)
+    touched = _take(svc, p, rid, stage_i, stage, members, cohort) if in_window else set()
     # Publish to every assigned device (a device that came back or was missed converges), once
     # the server knows what it runs: that version is the one an abort sends it back to. A device
     # taken before its first report waits for it (pending, then timed out like any silent one);
     # told at once, an abort could not return it and would leave it on this version.
-    _tell(svc, p, rid, spec, schedule)
+    if changed is not None:
+        touched |= changed & members.keys()
+    _tell(svc, p, rid, spec, schedule, members, None if changed is None else touched)
     # Every assigned device's status, derived afresh from its latest reported state and update
-    # events (a device counted as updated that rolls back moves to failed).
-    changes = svc.storage.rollout_status_changes(rid, spec.version, p.now, spec.device_timeout_s,
-                                                 failed_outcomes=FAILED_OUTCOMES, probation_states=PROBATION_STATES)
+    # events (a device counted as updated that rolls back moves to failed): of the devices that
+    # changed, those whose timeout has come and those on probation, or of every one.
+    look = None
+    if changed is not None:
+        look = touched | probation | members.due(p.now - spec.device_timeout_s)
+    changes = [] if look is not None and not look else svc.storage.rollout_status_changes(
+        rid, spec.version, p.now, spec.device_timeout_s, failed_outcomes=FAILED_OUTCOMES,
+        probation_states=PROBATION_STATES, devices=None if look is None else list(look))
     moved = [(d, status) for d, status, _ in changes if d in members and status != members[d][2]]
     svc.storage.set_rollout_device_statuses(rid, moved, p.now)
     for d, status in moved:
-        members[d] = (members[d][0], members[d][1], status)
+        members[d] = (*members[d][:2], status, members[d][3])
+    if look is None:
+        probation.clear()
+    else:
+        probation -= look
+    probation.update(d for d, _, trial in changes if trial)
 
     in_cohort = set(cohort)
-    counts = Counter(m[2] for m in members.values()) if len(cohort) == len(members) else \
-        Counter(members[d][2] for d in cohort)
-    trying = sum(1 for d, _, probation in changes if probation and d in in_cohort)
+    counts = +members.counts if len(cohort) == len(members) else Counter(members[d][2] for d in cohort)
+    trying = len(probation & in_cohort)
     canary, control = _cohort_stats(svc, row, spec, stage, counts, in_cohort, everyone - members.keys())
     results = evaluate_gates(spec, stage.mode, canary, control)
     result = verdict(results)
@@ -250,15 +345,20 @@ def _reconcile_rollout(svc: Services, p: _Pass, row: dict[str, Any]) -> None:
 
 
 def _take(svc: Services, p: _Pass, rid: str, stage_i: int, stage: Stage, members: Members,
-          cohort: list[str]) -> None:
+          cohort: list[str]) -> set[str]:
     """Assign the cohort's new devices to the stage and move the assigned ones to its mode (live
-    stays live when a later stage is in shadow); `members` follows."""
+    stays live when a later stage is in shadow); `members` follows. Returns the devices taken or moved."""
     whole = len(cohort) == len(members)  # the cohort is exactly the assigned devices (see _cohort)
+    if whole and members.settled == (stage_i, len(members)):
+        return set()  # nothing was new or in another mode at the previous pass, and nothing moved since
     new = [] if whole else [d for d in cohort if d not in members]
-    moving = [d for d, (_, mode, _) in (members.items() if whole else ((d, members[d]) for d in cohort if d in members))
+    moving = [d for d, (_, mode, _, _) in
+              (members.items() if whole else ((d, members[d]) for d in cohort if d in members))
               if mode != stage.mode and not (mode == "live" and stage.mode == "shadow")]
     if not new and not moving:
-        return
+        if whole:
+            members.settled = (stage_i, len(members))
+        return set()
     changed: list[dict[str, Any]] = []
     reports = svc.storage.device_reports(new) if new else {}
     for device in new:
@@ -273,14 +373,22 @@ def _take(svc: Services, p: _Pass, rid: str, stage_i: int, stage: Stage, members
         changed.append(m)
     svc.storage.put_rollout_devices(changed)
     for m in changed:
-        members[m["device"]] = (m["stage"], m["mode"], m["status"])
+        members[m["device"]] = (m["stage"], m["mode"], m["status"], m["desired_at"] or m["assigned_at"])
+    return {m["device"] for m in changed}
 
 
-def _tell(svc: Services, p: _Pass, rid: str, spec: RolloutSpec, schedule: Schedule | None) -> None:
+def _tell(svc: Services, p: _Pass, rid: str, spec: RolloutSpec, schedule: Schedule | None, members: Members,
+          look: set[str] | None) -> None:
     """Publish the rollout's version to the assigned devices whose last desired differs from it
-    (the database picks them), and fill in a previous version learnt from a late first report.
-    With a schedule every reporting device is looked at: its activation windows may be used up."""
-    rows = svc.storage.rollout_devices_to_tell(rid, spec.model, spec.version, every_reported=schedule is not None)
+    (the database picks them, among `look` or all), and fill in a previous version learnt from a
+    late first report. With a schedule every reporting device is looked at: its activation
+    windows may be used up."""
+    if schedule is not None:
+        look = None
+    elif look is not None and not look:
+        return
+    rows = svc.storage.rollout_devices_to_tell(rid, spec.model, spec.version, every_reported=schedule is not None,
+                                               devices=None if look is None else list(look))
     tags = svc.storage.device_tag_map([m["device"] for m in rows]) if schedule is not None and rows else {}
     changed = []
     for m in rows:
@@ -295,6 +403,8 @@ def _tell(svc: Services, p: _Pass, rid: str, spec: RolloutSpec, schedule: Schedu
             intervals = schedule.activate_windows(windows[1], p.now) if m["mode"] == "live" else None  # type: ignore[union-attr]
             if intervals and intervals[0][0] > (m["desired_at"] or 0):
                 m["desired_at"] = intervals[0][0]
+                if device in members:
+                    members[device] = (*members[device][:3], intervals[0][0])
                 touched = True
         if touched:
             changed.append(m)

@@ -359,26 +359,35 @@ class Storage(Protocol):
     def put_rollout_devices(self, rows: Sequence[dict[str, Any]]) -> None: ...
 
     # What the controller's pass asks the database instead of walking the fleet in Python.
-    def rollout_assignments(self, rollout_id: str) -> list[tuple[str, int, str, str]]:
-        """(device, stage, mode, status) of every device the rollout took, in no order."""
+    def rollout_assignments(self, rollout_id: str) -> list[tuple[str, int, str, str, float]]:
+        """(device, stage, mode, status, since) of every device the rollout took, in no order;
+        `since`: when it was last told (desired_at, else assigned_at), what its timeout counts from."""
+        ...
+    def device_changes(self, since: int | None) -> tuple[int, list[str]]:
+        """(cursor, devices): the devices whose reported state, online status, active version,
+        update state or revocation changed, that sent a failure event or were told a new desired
+        state after `cursor` (a value this method returned); `since=None`: no devices, the cursor
+        of now. A device may come back again (never is one missed); pass the cursor next time."""
         ...
     def set_rollout_device_statuses(self, rollout_id: str, statuses: Sequence[tuple[str, str]], now: float) -> None:
         """Set (device, status) pairs of the rollout's devices, with status_at = now."""
         ...
     def rollout_devices_to_tell(self, rollout_id: str, model: str, version: str, *,
-                                every_reported: bool = False) -> list[dict[str, Any]]:
+                                every_reported: bool = False,
+                                devices: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Member rows of registered devices that have reported a state and either were last told
         something other than (model, version, their mode, this rollout) or have no previous
         version while they report another one active (every such device: `every_reported`).
-        Each row adds `active_version` and `told` (what the device was last told, or None)."""
+        Each row adds `active_version` and `told` (what the device was last told, or None).
+        `devices`: look at these members only."""
         ...
     def rollout_status_changes(self, rollout_id: str, version: str, now: float, timeout_s: float, *,
                                failed_outcomes: Sequence[str], probation_states: Sequence[str],
-                               ) -> list[tuple[str, str, bool]]:
+                               devices: Sequence[str] | None = None) -> list[tuple[str, str, bool]]:
         """(device, status, on probation) for the rollout's devices whose status, derived as
         `fleet_server.rollouts.device_status.device_status` derives it (a revoked device counts as
         one that never reported), differs from the stored one, and for those updated live that
-        have not committed the version (on probation: True)."""
+        have not committed the version (on probation: True). `devices`: look at these only."""
         ...
     def device_ids(self, *, tags: dict[str, str] | None = None) -> list[str]:
         """Registered (not revoked) devices carrying every tag given, in no order."""

@@ -13,7 +13,7 @@ from fleet_server.storage.postgres.connection import (
     loads,
     tuples,
     where,
-    within,
+    within_ids,
 )
 from fleet_server.storage.postgres.ingest import (
     INSERT_BUCKET,
@@ -168,7 +168,7 @@ class BucketsMixin(PostgresConnection):
             ("model = %s AND model_version = %s", [model, version]),
             ("bucket_start >= %s", start),
             ("bucket_start < %s", end),
-            within("device", devices),
+            within_ids("device", devices),
         )
         return decode(self._rows(f"SELECT * FROM buckets{clause} ORDER BY bucket_start, device, id", params),
                       *_BUCKET_JSON)
@@ -201,7 +201,7 @@ class BucketsMixin(PostgresConnection):
             ("model_version = %s", version),
             ("bucket_start >= %s", start),
             ("bucket_start < %s", end),
-            within("device", devices),
+            within_ids("device", devices),
         )
         return _feedback_dicts(self._rows(f"SELECT * FROM feedback{clause} ORDER BY bucket_start, device, id", params))
 

@@ -38,6 +38,17 @@ def within(column: str, values: Sequence[Any] | None) -> tuple[str, Any]:
     return f"{column} = ANY(%s)", [list(values)]
 
 
+def within_ids(column: str, ids: Sequence[str] | None) -> tuple[str, Any]:
+    """`within` for device ids, sent as one comma-joined text: a list of 10,000 ids costs psycopg
+    some 15 ms to quote element by element, the text nothing (an id has no comma: ID_PATTERN)."""
+    if ids is None:
+        return "", None
+    joined = ",".join(ids)
+    if not ids or joined.count(",") != len(ids) - 1:
+        return within(column, ids)
+    return f"{column} = ANY(string_to_array(%s, ','))", [joined]
+
+
 def _param(value: Any) -> Any:
     # SQLite stores a bool as 0/1 in an INTEGER column; PostgreSQL refuses bool for bigint.
     return int(value) if isinstance(value, bool) else value

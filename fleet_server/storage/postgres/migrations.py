@@ -411,6 +411,38 @@ CREATE INDEX audit_log_at ON audit_log(at);
 """))
 
 
+# What the rollout controller's incremental pass reads instead of every assigned device: the id
+# of the transaction that last changed something a device's rollout status or desired state
+# depends on (reported state, online status, active version, update state, revocation, a failure
+# event it sent, what it was last told). Readers take every row at or above the oldest
+# transaction their snapshot saw running, so a change committed late is never skipped (a change
+# number from a sequence could commit after a higher one was read).
+SCRIPTS.append(("0008_device_changes", """
+ALTER TABLE devices ADD COLUMN change_seq xid8;
+CREATE INDEX devices_change_seq ON devices(change_seq);
+CREATE FUNCTION edgefleet_device_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.change_seq := pg_current_xact_id();
+    RETURN NEW;
+END $$;
+CREATE TRIGGER devices_changed BEFORE UPDATE ON devices FOR EACH ROW
+    WHEN (OLD.reported IS DISTINCT FROM NEW.reported OR OLD.status IS DISTINCT FROM NEW.status
+          OR OLD.active_version IS DISTINCT FROM NEW.active_version
+          OR OLD.update_state IS DISTINCT FROM NEW.update_state OR OLD.revoked_at IS DISTINCT FROM NEW.revoked_at)
+    EXECUTE FUNCTION edgefleet_device_changed();
+CREATE FUNCTION edgefleet_device_touched() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE devices SET change_seq = pg_current_xact_id() WHERE id = NEW.device;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER device_events_changed AFTER INSERT ON events FOR EACH ROW
+    WHEN (NEW.kind IN ('outcome', 'refused'))
+    EXECUTE FUNCTION edgefleet_device_touched();
+CREATE TRIGGER device_desired_changed AFTER INSERT OR UPDATE ON device_desired FOR EACH ROW
+    EXECUTE FUNCTION edgefleet_device_touched();
+"""))
+
+
 
 def _number(name: str) -> int:
     return int(name.split("_", 1)[0])

@@ -17,7 +17,7 @@ from fleet_server.storage.postgres.connection import (
     loads,
     tuples,
     where,
-    within,
+    within_ids,
 )
 from fleet_server.telemetry import bucket_start
 
@@ -87,7 +87,7 @@ class MonitoringMixin(PostgresConnection):
             ("model_version = %s", version),
             ("bucket_start >= %s", start),
             ("bucket_start < %s", end),
-            within("device", devices),
+            within_ids("device", devices),
         )
         return _dicts(self._rows(f"SELECT * FROM monitoring{clause} ORDER BY bucket_start, device, id", params))
 

@@ -20,6 +20,7 @@ from fleet_server.storage.postgres.connection import (
     update_row,
     where,
     within,
+    within_ids,
 )
 from fleet_server.storage.postgres.devices import device_terms
 
@@ -55,11 +56,11 @@ WITH m AS MATERIALIZED (
                 ELSE d.reported::jsonb END AS r
     FROM rollout_devices rd
     LEFT JOIN devices d ON d.id = rd.device AND d.revoked_at IS NULL AND d.reported IS NOT NULL
-    WHERE rd.rollout_id = %(rid)s
+    WHERE rd.rollout_id = %(rid)s{only_members}
 ),
 f AS (
     SELECT device, kind, outcome, row_number() OVER (PARTITION BY device ORDER BY seq DESC) AS n
-    FROM events WHERE rollout_id = %(rid)s AND version = %(version)s AND kind IN ('outcome', 'refused')
+    FROM events WHERE rollout_id = %(rid)s AND version = %(version)s AND kind IN ('outcome', 'refused'){only_events}
 ),
 x AS (
     SELECT m.device, m.mode, m.status, m.since,
@@ -91,6 +92,10 @@ SELECT device, derived, derived = 'updated' AND mode = 'live' AND probation FROM
 WHERE derived <> status OR (derived = 'updated' AND mode = 'live' AND probation)
 ORDER BY device
 """
+
+
+# A pass that looks at some of a rollout's devices names them in one array parameter.
+_ONLY_MEMBERS = " AND rd.device = ANY(%(only)s::text[])"
 
 
 def _told(row: dict[str, Any]) -> dict[str, Any]:
@@ -152,10 +157,20 @@ class RolloutsMixin(PostgresConnection):
             params,
         )
 
-    def rollout_assignments(self, rollout_id: str) -> list[tuple[str, int, str, str]]:
+    def rollout_assignments(self, rollout_id: str) -> list[tuple[str, int, str, str, float]]:
         with self._transaction() as conn:
-            return tuples(conn, "SELECT device, stage, mode, status FROM rollout_devices WHERE rollout_id = %s",
-                          [rollout_id])
+            return tuples(conn, "SELECT device, stage, mode, status, COALESCE(NULLIF(desired_at, 0), assigned_at) "
+                                "FROM rollout_devices WHERE rollout_id = %s", [rollout_id])
+
+    def device_changes(self, since: int | None) -> tuple[int, list[str]]:
+        # One statement, one snapshot: the rows it sees and the oldest transaction it saw running.
+        with self._transaction() as conn:
+            if since is None:
+                row = tuples(conn, "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, ARRAY[]::text[]", [])[0]
+            else:
+                row = tuples(conn, "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, "
+                                   "ARRAY(SELECT id FROM devices WHERE change_seq >= %s::text::xid8)", [str(since)])[0]
+        return int(row[0]), list(row[1])
 
     def set_rollout_device_statuses(self, rollout_id: str, statuses: Sequence[tuple[str, str]], now: float) -> None:
         if not statuses:
@@ -169,29 +184,35 @@ class RolloutsMixin(PostgresConnection):
             )
 
     def rollout_devices_to_tell(self, rollout_id: str, model: str, version: str, *,
-                                every_reported: bool = False) -> list[dict[str, Any]]:
+                                every_reported: bool = False,
+                                devices: Sequence[str] | None = None) -> list[dict[str, Any]]:
         rows = self._rows(
             "SELECT rd.*, d.active_version AS active_version, dd.model AS told_model, dd.version AS told_version, "
             "dd.mode AS told_mode, dd.rollout_id AS told_rollout_id, dd.published_at AS told_at "
             "FROM rollout_devices rd "
             "JOIN devices d ON d.id = rd.device AND d.revoked_at IS NULL AND d.reported IS NOT NULL "
             "LEFT JOIN device_desired dd ON dd.device = rd.device "
-            "WHERE rd.rollout_id = %(rid)s AND (%(every)s = 1 OR dd.device IS NULL "
+            f"WHERE rd.rollout_id = %(rid)s{_ONLY_MEMBERS if devices is not None else ''} "
+            "AND (%(every)s = 1 OR dd.device IS NULL "
             "OR dd.model IS DISTINCT FROM %(model)s OR dd.version IS DISTINCT FROM %(version)s "
             "OR dd.mode IS DISTINCT FROM rd.mode OR dd.rollout_id IS DISTINCT FROM %(rid)s "
             "OR (rd.previous_version IS NULL AND d.active_version IS NOT NULL AND d.active_version <> %(version)s)) "
             "ORDER BY rd.stage, rd.device",
-            {"rid": rollout_id, "model": model, "version": version, "every": int(every_reported)},
+            {"rid": rollout_id, "model": model, "version": version, "every": int(every_reported),
+             "only": list(devices or ())},
         )
         return [_told(r) for r in rows]
 
     def rollout_status_changes(self, rollout_id: str, version: str, now: float, timeout_s: float, *,
                                failed_outcomes: Sequence[str], probation_states: Sequence[str],
-                               ) -> list[tuple[str, str, bool]]:
+                               devices: Sequence[str] | None = None) -> list[tuple[str, str, bool]]:
+        only = devices is not None
+        sql = _STATUS_SQL.format(only_members=_ONLY_MEMBERS if only else "",
+                                 only_events=" AND device = ANY(%(only)s::text[])" if only else "")
         with self._transaction() as conn:
-            return tuples(conn, _STATUS_SQL, {  # type: ignore[arg-type]
+            return tuples(conn, sql, {  # type: ignore[arg-type]
                 "rid": rollout_id, "version": version, "now": float(now), "timeout": float(timeout_s),
-                "failed": list(failed_outcomes), "probation": list(probation_states)})
+                "failed": list(failed_outcomes), "probation": list(probation_states), "only": list(devices or ())})
 
     def device_ids(self, *, tags: dict[str, str] | None = None) -> list[str]:
         clause, params = where(("revoked_at IS NULL", True), *device_terms(tags, None, None, None, None))
@@ -199,7 +220,7 @@ class RolloutsMixin(PostgresConnection):
             return [r[0] for r in tuples(conn, f"SELECT id FROM devices{clause}", params)]
 
     def device_tag_map(self, devices: Sequence[str] | None = None) -> dict[str, dict[str, str]]:
-        clause, params = where(("d.revoked_at IS NULL", True), within("d.id", devices))
+        clause, params = where(("d.revoked_at IS NULL", True), within_ids("d.id", devices))
         with self._transaction() as conn:
             ids = [r[0] for r in tuples(conn, f"SELECT d.id FROM devices d{clause}", params)]
             rows = tuples(conn, f"SELECT t.device, t.key, t.value FROM device_tags t JOIN devices d ON d.id = t.device"

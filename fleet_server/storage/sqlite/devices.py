@@ -65,7 +65,7 @@ class DevicesMixin(SqliteConnection):
             return True
 
     def _device_dict(self, row: dict[str, Any], tags: dict[str, str]) -> dict[str, Any]:
-        out = {k: v for k, v in row.items() if k not in ("password_hash", "broker_hash")}
+        out = {k: v for k, v in row.items() if k not in ("password_hash", "broker_hash", "change_seq")}
         out["reported"] = loads(row["reported"])
         out["tags"] = tags
         return out

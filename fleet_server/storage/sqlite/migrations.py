@@ -494,6 +494,38 @@ SCRIPTS.append(("0014_login_failures", """
 """))
 
 
+# What the rollout controller's incremental pass reads instead of every assigned device: a change
+# number on each device, raised (from one counter: SQLite has one writer at a time, so numbers
+# commit in order) whenever something a device's rollout status or desired state depends on
+# changes: its reported state, online status, active version, update state or revocation, a
+# failure event it sent, or what it was last told.
+SCRIPTS.append(("0015_device_changes", """
+        ALTER TABLE devices ADD COLUMN change_seq INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX devices_change_seq ON devices(change_seq);
+        CREATE TRIGGER devices_changed AFTER UPDATE OF reported, status, active_version, update_state, revoked_at
+            ON devices
+            WHEN OLD.reported IS NOT NEW.reported OR OLD.status IS NOT NEW.status
+                 OR OLD.active_version IS NOT NEW.active_version OR OLD.update_state IS NOT NEW.update_state
+                 OR OLD.revoked_at IS NOT NEW.revoked_at
+        BEGIN
+            UPDATE devices SET change_seq = (SELECT MAX(change_seq) FROM devices) + 1 WHERE id = NEW.id;
+        END;
+        CREATE TRIGGER device_events_changed AFTER INSERT ON events
+            WHEN NEW.kind IN ('outcome', 'refused')
+        BEGIN
+            UPDATE devices SET change_seq = (SELECT MAX(change_seq) FROM devices) + 1 WHERE id = NEW.device;
+        END;
+        CREATE TRIGGER device_desired_inserted AFTER INSERT ON device_desired
+        BEGIN
+            UPDATE devices SET change_seq = (SELECT MAX(change_seq) FROM devices) + 1 WHERE id = NEW.device;
+        END;
+        CREATE TRIGGER device_desired_updated AFTER UPDATE ON device_desired
+        BEGIN
+            UPDATE devices SET change_seq = (SELECT MAX(change_seq) FROM devices) + 1 WHERE id = NEW.device;
+        END;
+"""))
+
+
 def _runner(script: str) -> Callable[[Database], None]:
     def run(db: Database) -> None:
         db.executescript(script)

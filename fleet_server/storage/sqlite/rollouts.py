@@ -49,7 +49,7 @@ def _audit(conn: sqlite3.Connection, rollout_id: str, entries: Sequence[tuple[st
 _STATUS_SQL = """
 WITH f AS (
     SELECT device, kind, outcome, row_number() OVER (PARTITION BY device ORDER BY seq DESC) AS n
-    FROM events WHERE rollout_id = :rid AND version = :version AND kind IN ('outcome', 'refused')
+    FROM events WHERE rollout_id = :rid AND version = :version AND kind IN ('outcome', 'refused'){only_events}
 ),
 y AS MATERIALIZED (
     SELECT rd.device, rd.status,
@@ -82,12 +82,16 @@ y AS MATERIALIZED (
     FROM rollout_devices rd
     LEFT JOIN devices d ON d.id = rd.device AND d.revoked_at IS NULL AND d.reported IS NOT NULL
     LEFT JOIN f ON f.device = rd.device AND f.n = 1
-    WHERE rd.rollout_id = :rid
+    WHERE rd.rollout_id = :rid{only_members}
 )
 SELECT device, derived, derived = 'updated' AND probation FROM y
 WHERE derived <> status OR (derived = 'updated' AND probation)
 ORDER BY device
 """
+
+
+# A pass that looks at some of a rollout's devices names them in one JSON parameter.
+_ONLY_MEMBERS = " AND rd.device IN (SELECT value FROM json_each(:only))"
 
 
 def _told(row: dict[str, Any]) -> dict[str, Any]:
@@ -151,10 +155,17 @@ class RolloutsMixin(SqliteConnection):
             params,
         )
 
-    def rollout_assignments(self, rollout_id: str) -> list[tuple[str, int, str, str]]:
+    def rollout_assignments(self, rollout_id: str) -> list[tuple[str, int, str, str, float]]:
         return self.db.conn.execute(
-            "SELECT device, stage, mode, status FROM rollout_devices WHERE rollout_id = ?", (rollout_id,)
+            "SELECT device, stage, mode, status, COALESCE(NULLIF(desired_at, 0), assigned_at) "
+            "FROM rollout_devices WHERE rollout_id = ?", (rollout_id,)
         ).fetchall()
+
+    def device_changes(self, since: int | None) -> tuple[int, list[str]]:
+        if since is None:
+            return int(self._scalar("SELECT IFNULL(MAX(change_seq), 0) FROM devices")), []
+        rows = self.db.conn.execute("SELECT id, change_seq FROM devices WHERE change_seq > ?", (since,)).fetchall()
+        return max([since, *(seq for _, seq in rows)]), [device for device, _ in rows]
 
     def set_rollout_device_statuses(self, rollout_id: str, statuses: Sequence[tuple[str, str]], now: float) -> None:
         if not statuses:
@@ -166,14 +177,16 @@ class RolloutsMixin(SqliteConnection):
             )
 
     def rollout_devices_to_tell(self, rollout_id: str, model: str, version: str, *,
-                                every_reported: bool = False) -> list[dict[str, Any]]:
+                                every_reported: bool = False,
+                                devices: Sequence[str] | None = None) -> list[dict[str, Any]]:
         rows = self._rows(
             "SELECT rd.*, d.active_version AS active_version, dd.model AS told_model, dd.version AS told_version, "
             "dd.mode AS told_mode, dd.rollout_id AS told_rollout_id, dd.published_at AS told_at "
             # CROSS JOIN keeps this loop order: a device told the version already, with its
             # previous version known, is passed over without reading its devices row.
             "FROM rollout_devices rd LEFT JOIN device_desired dd ON dd.device = rd.device CROSS JOIN devices d "
-            "WHERE rd.rollout_id = :rid AND (:every OR dd.device IS NULL OR dd.model IS NOT :model "
+            f"WHERE rd.rollout_id = :rid{_ONLY_MEMBERS if devices is not None else ''} "
+            "AND (:every OR dd.device IS NULL OR dd.model IS NOT :model "
             "OR dd.version IS NOT :version OR dd.mode IS NOT rd.mode OR dd.rollout_id IS NOT :rid "
             "OR rd.previous_version IS NULL) "
             "AND d.id = rd.device AND d.revoked_at IS NULL AND d.reported IS NOT NULL "
@@ -181,19 +194,23 @@ class RolloutsMixin(SqliteConnection):
             "OR dd.version IS NOT :version OR dd.mode IS NOT rd.mode OR dd.rollout_id IS NOT :rid "
             "OR (rd.previous_version IS NULL AND d.active_version IS NOT NULL AND d.active_version <> :version)) "
             "ORDER BY rd.stage, rd.device",
-            {"rid": rollout_id, "model": model, "version": version, "every": int(every_reported)},
+            {"rid": rollout_id, "model": model, "version": version, "every": int(every_reported),
+             "only": dumps(list(devices or ()))},
         )
         return [_told(r) for r in rows]
 
     def rollout_status_changes(self, rollout_id: str, version: str, now: float, timeout_s: float, *,
                                failed_outcomes: Sequence[str], probation_states: Sequence[str],
-                               ) -> list[tuple[str, str, bool]]:
+                               devices: Sequence[str] | None = None) -> list[tuple[str, str, bool]]:
         failed = {f"f{i}": v for i, v in enumerate(failed_outcomes)}
         probation = {f"p{i}": v for i, v in enumerate(probation_states)}
+        only = devices is not None
         sql = _STATUS_SQL.format(failed=",".join(f":{k}" for k in failed) or "NULL",
-                                 probation=",".join(f":{k}" for k in probation) or "NULL")
+                                 probation=",".join(f":{k}" for k in probation) or "NULL",
+                                 only_events=" AND device IN (SELECT value FROM json_each(:only))" if only else "",
+                                 only_members=_ONLY_MEMBERS if only else "")
         rows = self.db.conn.execute(sql, {"rid": rollout_id, "version": version, "now": now, "timeout": timeout_s,
-                                          **failed, **probation}).fetchall()
+                                          "only": dumps(list(devices or ())), **failed, **probation}).fetchall()
         return [(device, status, bool(probation_flag)) for device, status, probation_flag in rows]
 
     def device_ids(self, *, tags: dict[str, str] | None = None) -> list[str]:
