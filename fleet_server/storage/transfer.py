@@ -27,6 +27,9 @@ POSTGRES_OWN = ("schema_migrations",)
 SEEDED = ("meta",)
 # Referenced by foreign keys: copied first.
 PARENTS = ("devices", "operators", "rollouts")
+# Columns each backend keeps for itself, never copied: a device's change number is a counter on
+# SQLite and a transaction id on PostgreSQL (`Storage.device_changes`).
+OWN_COLUMNS = {"devices": ("change_seq",)}
 
 
 @dataclass
@@ -88,8 +91,8 @@ class TableSum:
 
 def _sqlite_tables(conn: sqlite3.Connection) -> dict[str, list[str]]:
     names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-    return {n: [c[1] for c in conn.execute(f'PRAGMA table_info("{n}")')] for n in names
-            if n not in SQLITE_OWN and not n.startswith("sqlite_")}
+    return {n: [c[1] for c in conn.execute(f'PRAGMA table_info("{n}")') if c[1] not in OWN_COLUMNS.get(n, ())]
+            for n in names if n not in SQLITE_OWN and not n.startswith("sqlite_")}
 
 
 def _postgres_tables(conn: Any) -> dict[str, list[str]]:
@@ -99,7 +102,7 @@ def _postgres_tables(conn: Any) -> dict[str, list[str]]:
     ).fetchall()
     out: dict[str, list[str]] = {}
     for table, column in rows:
-        if table not in POSTGRES_OWN:
+        if table not in POSTGRES_OWN and column not in OWN_COLUMNS.get(table, ()):
             out.setdefault(table, []).append(column)
     return out
 

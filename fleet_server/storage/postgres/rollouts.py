@@ -166,6 +166,10 @@ class RolloutsMixin(PostgresConnection):
         # One statement, one snapshot: the rows it sees and the oldest transaction it saw running.
         with self._transaction() as conn:
             if since is None:
+                # A change number above any transaction id this cluster has given out came with a
+                # dump of another cluster: it would name its device at every pass until then.
+                conn.execute("UPDATE devices SET change_seq = NULL "
+                             "WHERE change_seq >= pg_snapshot_xmax(pg_current_snapshot())")
                 row = tuples(conn, "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, ARRAY[]::text[]", [])[0]
             else:
                 row = tuples(conn, "SELECT pg_snapshot_xmin(pg_current_snapshot())::text, "
