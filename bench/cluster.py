@@ -190,7 +190,10 @@ def rollout_pass(storage_url: str, devices: int, work: Path, cluster=None) -> di
 
         churn = _steady(svc, rollouts, cluster, before=reports)
         # A pass that looks at every device: a new leader's first, and one a minute.
-        full = _steady(svc, rollouts, cluster, before=lambda: setattr(svc, "rollout_memory", None))
+        def full_pass_due() -> None:
+            svc.rollout_memory.full_at -= 60.0  # as a minute after the previous full pass
+
+        full = _steady(svc, rollouts, cluster, before=full_pass_due)
         assert svc.storage.get_rollout(rid)["stage"] == 2
         assert len(svc.storage.rollout_assignments(rid)) == devices
         return {"first_cpu": first[0], "first_wall": first[1], "published": published, "cpu": steady["cpu"],

@@ -67,10 +67,11 @@ class Members(dict[str, tuple[int, str, str, float]]):
     devices' timeouts in a heap so that a pass finds those that came without looking at all."""
 
     def __init__(self, rows: Iterable[tuple[str, int, str, str, float]] = ()) -> None:
-        super().__init__((r[0], r[1:]) for r in rows)
-        self._deadlines = [(since, d) for d, (_, _, status, since) in self.items() if status == "pending"]
+        rows = list(rows)
+        super().__init__({r[0]: r[1:] for r in rows})
+        self._deadlines = [(r[4], r[0]) for r in rows if r[3] == "pending"]
         heapq.heapify(self._deadlines)
-        self.counts = Counter(m[2] for m in self.values())  # devices by status
+        self.counts = Counter(r[3] for r in rows)  # devices by status
         self.settled: tuple[int, int] | None = None  # (stage, devices) when none needed moving (`_take`)
 
     def __setitem__(self, device: str, value: tuple[int, str, str, float]) -> None:
@@ -175,8 +176,11 @@ def _begin(svc: Services) -> _Pass:
     m: Memory | None = svc.rollout_memory
     if m is None or m.term != term or not m.full_at <= now < m.full_at + FULL_PASS_S:
         cursor, _ = svc.storage.device_changes(None)  # before reading anything: no change is missed
-        m = svc.rollout_memory = Memory(term=term, cursor=cursor, full_at=now)
-        return _Pass(svc=svc, now=now, memory=m, changed=None)
+        fresh = Memory(term=term, cursor=cursor, full_at=now)
+        if m is not None and m.term == term:  # the device ids stay good while the registry's generation does
+            fresh.ids, fresh.generation = m.ids, m.generation
+        svc.rollout_memory = fresh
+        return _Pass(svc=svc, now=now, memory=fresh, changed=None)
     m.cursor, changed = svc.storage.device_changes(m.cursor)
     return _Pass(svc=svc, now=now, memory=m, changed=set(changed))
 
