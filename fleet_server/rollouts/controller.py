@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 class Members(dict[str, tuple[int, str, str, float]]):
     """A rollout's assignments as the pass keeps them: device -> (stage, mode, status, since),
     `since` being when the device was last told (what its timeout counts from), with the pending
@@ -92,6 +93,7 @@ class Members(dict[str, tuple[int, str, str, float]]):
             if m is not None and m[2] == "pending" and m[3] == since:
                 out.add(device)
         return out
+
 
 FULL_PASS_S = 60.0  # at least this often a pass looks at every device, whatever it remembers
 
@@ -160,8 +162,9 @@ def reconcile(svc: Services) -> dict[str, int]:
                     p.memory.members.pop(row["id"], None)
                     log.exception("reconcile of rollout %s failed; the next pass retries", row["id"])
             ids = {row["id"] for row in active}
-            for gone in set(p.memory.members) - ids:
-                del p.memory.members[gone]
+            for kept in (p.memory.members, p.memory.probation):
+                for gone in set(kept) - ids:
+                    del kept[gone]
             _converge_fleet_targets(svc, p)
         except BaseException:
             svc.rollout_memory = None
