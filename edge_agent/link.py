@@ -39,6 +39,10 @@ PUBLISH_OVERHEAD = 8
 PUBACK_BYTES = 4
 
 
+def _loop_writes(client: object, userdata: object, sock: object) -> None:
+    """paho's write callback in thread mode: nothing to do, the loop thread writes what is queued."""
+
+
 class MqttLink:
     """One device's MQTT connection."""
 
@@ -223,7 +227,13 @@ class MqttLink:
             self._schedule_retry()
 
     def start(self) -> None:
-        """Run the network loop in a background thread (the real agent's mode)."""
+        """Run the network loop in a background thread (the real agent's mode).
+
+        Only that thread touches the socket. paho writes a message at once from the thread that
+        publishes it unless its own loop thread or a write callback is set. With TLS, two threads
+        on one SSL object can crash the process (OpenSSL's objects are not thread-safe). The
+        callback below makes a publish only queue its packet and wake the loop."""
+        self.client.on_socket_register_write = _loop_writes
         self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.config.device_id}", daemon=True)
         self._thread.start()
 
@@ -251,6 +261,7 @@ class MqttLink:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.client.on_socket_register_write = None  # the loop has stopped: DISCONNECT goes out from here
         self.client.disconnect()
         self.connected = False
 
