@@ -177,6 +177,8 @@ class DynsecClient:
         self._ready = threading.Event()
         self._refused: str | None = None
         self._lock = threading.Lock()
+        # The sync loop and a request thread may start the client at the same moment: one connects.
+        self._start_lock = threading.Lock()
         self._waiting: dict[str, dict[str, Any] | None] = {}
         self._arrived = threading.Condition()
         self._ids = itertools.count()
@@ -207,15 +209,16 @@ class DynsecClient:
             self._arrived.notify_all()
 
     def start(self) -> DynsecClient:
-        if not self._started:
-            self.client.on_subscribe = self._on_subscribe
-            try:  # connect now, so that a broker that is not running fails at once
-                self.client.connect(**self._connect)
-            except OSError as exc:
-                raise DynsecError(f"cannot reach the broker at {self._connect['host']}:{self._connect['port']}: "
-                                  f"{exc.strerror or exc}") from exc
-            self.client.loop_start()
-            self._started = True
+        with self._start_lock:
+            if not self._started:
+                self.client.on_subscribe = self._on_subscribe
+                try:  # connect now, so that a broker that is not running fails at once
+                    self.client.connect(**self._connect)
+                except OSError as exc:
+                    raise DynsecError(f"cannot reach the broker at {self._connect['host']}:"
+                                      f"{self._connect['port']}: {exc.strerror or exc}") from exc
+                self.client.loop_start()
+                self._started = True
         if not self._ready.wait(self.timeout):
             raise DynsecError(
                 f"cannot reach the broker's dynamic-security plugin ({self._refused or 'no connection'}"
@@ -224,10 +227,11 @@ class DynsecClient:
         return self
 
     def close(self) -> None:
-        if self._started:
-            self.client.disconnect()
-            self.client.loop_stop()
-            self._started = False
+        with self._start_lock:
+            if self._started:
+                self.client.disconnect()
+                self.client.loop_stop()
+                self._started = False
 
     def run(self, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Send commands (in order, in as few messages as fit) and return one response each."""

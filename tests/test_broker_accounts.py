@@ -252,6 +252,45 @@ def _free_port() -> int:
     return free_port()
 
 
+def test_threads_starting_the_accounts_client_together_connect_it_once(fleet):
+    """The sync loop and a request thread may both be first to use the plugin's client: it
+    connects once (two connects on one paho client left it unconnected for 15 s), and every
+    thread gets the plugin's answer."""
+    import threading
+
+    from fleet_server.broker_accounts import DynsecClient
+
+    client = DynsecClient(fleet.config)
+    connects: list[str] = []
+    connect = client.client.connect
+
+    def counting_connect(*args, **kwargs):
+        connects.append(threading.current_thread().name)
+        return connect(*args, **kwargs)
+
+    client.client.connect = counting_connect  # type: ignore[method-assign]
+    together = threading.Barrier(6)
+    answers, errors = [], []
+
+    def use() -> None:
+        together.wait(10)
+        try:
+            answers.append(client.run([{"command": "listClients", "verbose": False, "count": -1}])[0])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=use) for _ in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == [] and len(connects) == 1
+        assert len(answers) == 6 and all("error" not in a for a in answers), answers
+    finally:
+        client.close()
+
+
 def test_no_disconnect_race_between_reconcile_and_a_fresh_account(fleet):
     """Many devices added at once while the sync loop reconciles: none is reported missing long
     enough to restart the broker, and all connect."""
